@@ -1,0 +1,106 @@
+"""The prompt KV cache written by the encoder pass and read (never written) by the decoder pass.
+
+Design (see docs/architecture.md):
+- Each layer keeps its keys/values in a preallocated buffer that grows in steps of `STEP` rows,
+  so an encoder `extend` writes new rows in place instead of concatenating the whole prefix.
+- Sliding layers keep only the last `sliding_window - 1` rows visible (what the reference keeps);
+  the buffer is compacted only when it runs out of room, copying at most that many rows.
+- The decoder never writes here: it attends to `layer.view()` (a slice, no copy) and to the
+  canvas K/V separately, merging the two softmax parts (see `model.split_attention`). So a
+  denoising step copies zero bytes of cached prefix.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+STEP = 256
+
+
+class LayerKV:
+    """Keys/values of one layer, `[batch, kv_heads, rows, head_dim]`, rows in position order."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep  # rows a sliding layer keeps after each pass; None keeps all
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.start = 0  # first visible row in the buffer
+        self.end = 0  # one past the last written row
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def view(self) -> tuple[mx.array, mx.array] | tuple[None, None]:
+        if self.keys is None or self.rows == 0:
+            return None, None
+        return self.keys[..., self.start : self.end, :], self.values[..., self.start : self.end, :]
+
+    def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `k`, `v` after the held rows; return every held row plus the new ones.
+
+        The returned view is what the new queries may attend to (the caller masks sliding
+        windows); afterwards a sliding layer drops rows that no later query can see.
+        """
+        n = k.shape[2]
+        if self.keys is None or self.end + n > self.keys.shape[2]:
+            self._reallocate(k, v, n)
+        self.keys[..., self.end : self.end + n, :] = k
+        self.values[..., self.end : self.end + n, :] = v
+        self.end += n
+        keys, values = self.view()
+        if self.keep is not None:
+            self.start = max(self.start, self.end - self.keep)
+        return keys, values
+
+    def _reallocate(self, k: mx.array, v: mx.array, n: int) -> None:
+        held_k, held_v = self.view()
+        held = self.rows
+        capacity = ((held + n + STEP - 1) // STEP + 1) * STEP
+        b, h, _, d = k.shape
+        new_k = mx.zeros((b, h, capacity, d), dtype=k.dtype)
+        new_v = mx.zeros((b, h, capacity, v.shape[-1]), dtype=v.dtype)
+        if held:
+            new_k[..., :held, :] = held_k
+            new_v[..., :held, :] = held_v
+        self.keys, self.values = new_k, new_v
+        self.start, self.end = 0, held
+
+    def trim(self, n: int) -> None:
+        """Forget the last `n` rows (full layers only: a sliding window cannot grow back)."""
+        self.end = max(self.start, self.end - n)
+
+    def copy(self) -> "LayerKV":
+        other = LayerKV(self.keep)
+        other.keys, other.values, other.start, other.end = self.keys, self.values, self.start, self.end
+        return other
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class PromptCache:
+    """The encoder's cache for every layer plus the number of tokens encoded so far."""
+
+    def __init__(self, layers: list[LayerKV]):
+        self.layers = layers
+        self.length = 0  # tokens encoded; the next token's position
+
+    def state(self) -> list[mx.array]:
+        """Arrays to pass to `mx.eval` so the cache is materialised."""
+        out = []
+        for layer in self.layers:
+            if layer.keys is not None:
+                out += [layer.keys, layer.values]
+        return out
+
+    def copy(self) -> "PromptCache":
+        """A cheap fork: buffers are shared until one side writes (MLX arrays are values)."""
+        other = PromptCache([layer.copy() for layer in self.layers])
+        other.length = self.length
+        return other
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)

@@ -1,0 +1,13 @@
+"""Errors the user can act on. The CLI prints their message in one line and exits non-zero."""
+
+
+class DiffusionGemmaError(Exception):
+    """Base class for every error this package raises on bad input."""
+
+
+class CheckpointError(DiffusionGemmaError):
+    """A checkpoint folder is missing, incomplete, of another model, or inconsistent."""
+
+
+class ContextLengthError(DiffusionGemmaError):
+    """A request cannot fit the model's context."""

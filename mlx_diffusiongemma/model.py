@@ -1,0 +1,443 @@
+"""DiffusionGemma in MLX: one set of layer weights, two passes.
+
+- encoder pass (causal): prompt and committed canvases -> KV cache; each layer ends with the
+  ENCODER's own `layer_scalar` (`model.encoder.language_model.layers.N.layer_scalar`);
+- decoder pass (bidirectional over the canvas, reads the cache, never writes it): canvas ids plus
+  self-conditioning -> float32 softcapped logits; each layer ends with the DECODER's `layer_scalar`.
+
+Parameter paths follow the Hugging Face checkpoint (`model.decoder.*`), with routed experts held
+as fused `SwitchLinear` tensors (`experts.gate_up_proj.weight` `[E, 2I, D]`, gate rows first), the
+layout the other MLX port's conversions also use, so one loader serves every layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .cache import LayerKV, PromptCache
+from .config import ModelArgs, TextArgs
+
+# Rows of prompt encoded per encoder call in `prefill`: bounds the score/mask memory of long
+# prompts to chunk x (window or prefix) instead of N x N.
+PREFILL_CHUNK = 512
+_NEG_INF = -1e30
+
+
+def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, None, eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TextArgs, layer: int):
+        super().__init__()
+        self.is_sliding = args.is_sliding(layer)
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.kv_heads[layer]
+        self.head_dim = args.head_dims[layer]
+        self.eps = args.rms_norm_eps
+        d = args.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        # Full-attention layers have no v_proj: values are v_norm(k_proj(x)) (K=V), whatever the
+        # config says about `attention_k_eq_v`.
+        if self.is_sliding:
+            self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        kind = "sliding_attention" if self.is_sliding else "full_attention"
+        rope = dict(args.rope_parameters.get(kind) or {})
+        self.rope = initialize_rope(
+            dims=self.head_dim,
+            base=float(rope.get("rope_theta", 10_000.0)),
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def qkv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Projected, normalised, rotated q/k/v, each `[B, heads, L, head_dim]`."""
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, self.head_dim))
+        k = self.k_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim) if self.is_sliding else k
+        k = self.k_norm(k)
+        v = rms_norm_no_scale(v, self.eps)  # taken before k_norm and RoPE when K=V
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
+        return q, k, v.transpose(0, 2, 1, 3)
+
+    def out(self, o: mx.array) -> mx.array:
+        b, _, n, _ = o.shape
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
+def split_attention(
+    q: mx.array,
+    parts: list[tuple[mx.array, mx.array, mx.array | None]],
+) -> mx.array:
+    """Exact softmax attention (scale 1.0) over several key/value sets without concatenating them.
+
+    `q` is `[B, Hq, L, D]`; each part is `(k, v, mask)` with k/v `[B, Hkv, S_i, D]` and an optional
+    boolean mask broadcastable to `[L, S_i]`. The parts' scores are combined with one shared
+    maximum, which is how the decoder reads the cached prefix in place (zero bytes copied) and the
+    canvas K/V that never enter the cache. Grouped-query heads are folded into the query rows
+    instead of repeating K/V.
+    """
+    b, hq, n, d = q.shape
+    hkv = parts[0][0].shape[1]
+    rep = hq // hkv
+    qg = q.reshape(b, hkv, rep * n, d)
+    scores = []
+    for k, _, mask in parts:
+        s = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
+        if mask is not None:
+            s = s.reshape(b, hkv, rep, n, -1)
+            s = mx.where(mask, s, _NEG_INF)
+            s = s.reshape(b, hkv, rep * n, -1)
+        scores.append(s)
+    m = scores[0].max(axis=-1, keepdims=True)
+    for s in scores[1:]:
+        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
+    num = None
+    den = None
+    for s, (_, v, _) in zip(scores, parts):
+        p = mx.exp(s - m)
+        part = p.astype(v.dtype) @ v if v.dtype != mx.float32 else p @ v
+        num = part.astype(mx.float32) if num is None else num + part.astype(mx.float32)
+        den = p.sum(axis=-1, keepdims=True) if den is None else den + p.sum(axis=-1, keepdims=True)
+    o = (num / den).astype(q.dtype)
+    return o.reshape(b, hq, n, d)
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward (dense MLP and the self-conditioning block)."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Weightless RMSNorm * scale * hidden**-0.5 -> logits -> softmax -> top-k -> renormalise."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        x = rms_norm_no_scale(h, self.eps) * (self.scale * self.root).astype(h.dtype)
+        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
+        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        w = w * self.per_expert_scale[idx].astype(mx.float32)
+        return mx.stop_gradient(idx), w
+
+
+def _sort_by_expert(x: mx.array, idx: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Order (token, slot) pairs by expert so the gather matmuls read each expert contiguously."""
+    k = idx.shape[-1]
+    flat = idx.flatten()
+    order = mx.argsort(flat)
+    return x.flatten(0, -3)[order // k], flat[order], mx.argsort(order)
+
+
+class Experts(nn.Module):
+    """Routed GeGLU experts with gather-based selection (`gather_mm` / `gather_qmm`).
+
+    `gate_up_proj` stays fused (`[E, 2I, D]`, gate rows first) as on disk: one gather matmul
+    instead of two, and no lazy split feeding `gather_qmm` (a reported source of nondeterminism).
+    """
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        d, i, e = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_up_proj = SwitchLinear(d, 2 * i, e, bias=False)
+        self.down_proj = SwitchLinear(i, d, e, bias=False)
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        shape = idx.shape
+        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
+        sort = idx.size >= 64
+        if sort:
+            x, sidx, inv = _sort_by_expert(x, idx)
+        else:
+            sidx = idx
+        gu = self.gate_up_proj(x, sidx, sorted_indices=sort)
+        gate, up = mx.split(gu, 2, axis=-1)
+        y = self.down_proj(nn.gelu_approx(gate) * up, sidx, sorted_indices=sort)
+        if sort:
+            y = mx.unflatten(y[inv], 0, shape)
+        y = y.squeeze(-2)  # [..., K, D]
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class Layer(nn.Module):
+    def __init__(self, args: TextArgs, layer: int):
+        super().__init__()
+        d, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(d, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(d, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(d, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(d, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(d, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(d, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(d, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(d, eps=eps)
+        self.layer_scalar = mx.ones((1,))  # the decoder's; the encoder's lives in the encoder
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        idx, w = self.router(h)  # routed on the raw residual
+        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), idx, w))
+        return h + self.post_feedforward_layernorm(dense + moe)
+
+    def __call__(
+        self,
+        x: mx.array,
+        offset: int,
+        attend: Callable[[mx.array, mx.array, mx.array], mx.array],
+        layer_scalar: mx.array,
+    ) -> mx.array:
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), offset)
+        h = x + self.post_attention_layernorm(self.self_attn.out(attend(q, k, v)))
+        return self.feed_forward(h) * layer_scalar.astype(h.dtype)
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=self.eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, embeds: mx.array, soft: mx.array) -> mx.array:
+        n = self.pre_norm(soft)
+        signal = self.down_proj(nn.gelu_approx(self.gate_proj(n)) * self.up_proj(n))
+        return rms_norm_no_scale(embeds + signal, self.eps)  # post_norm has no weight
+
+
+class Decoder(nn.Module):
+    """Holds every text weight (`model.decoder.*` on disk); both passes use these layers."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class EncoderLayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.layers = [EncoderLayerScalar() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+
+
+def _encoder_mask(q_start: int, n: int, k_start: int, k_rows: int, window: int | None) -> mx.array:
+    """Causal (and sliding-window) mask for `n` queries at positions `q_start...` over `k_rows`
+    keys at positions `k_start...`: `[n, k_rows]`, built once per chunk and layer type."""
+    qpos = mx.arange(q_start, q_start + n)[:, None]
+    kpos = mx.arange(k_start, k_start + k_rows)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask = mask & (qpos - kpos < window)
+    return mask
+
+
+class Model(nn.Module):
+    """DiffusionGemma text model: `prefill`, `extend` (encoder) and `denoise` (decoder)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.text = args.text
+        self.model = Backbone(args.text)
+        self.embed_scale = math.sqrt(args.text.hidden_size)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[Layer]:
+        return self.model.decoder.layers
+
+    @property
+    def canvas_length(self) -> int:
+        return self.args.canvas_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def embed_dtype(self) -> mx.Dtype:
+        e = self.model.decoder.embed_tokens
+        return e.scales.dtype if hasattr(e, "scales") else e.weight.dtype
+
+    def make_cache(self) -> PromptCache:
+        keep = self.text.sliding_window - 1
+        return PromptCache(
+            [LayerKV(keep if self.text.is_sliding(i) else None) for i in range(self.text.num_hidden_layers)]
+        )
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        h = self.model.decoder.embed_tokens(ids)
+        # The reference casts the scale to the weight dtype (sqrt(2816) -> 53.0 in bfloat16).
+        return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    # -- encoder pass --------------------------------------------------------------------------
+    def prefill(self, token_ids: Any, chunk_size: int = PREFILL_CHUNK) -> PromptCache:
+        """Encode a prompt (causal) into a new cache; long prompts go through in chunks."""
+        cache = self.make_cache()
+        self.extend(cache, token_ids, chunk_size=chunk_size)
+        return cache
+
+    def extend(self, cache: PromptCache, token_ids: Any, chunk_size: int = PREFILL_CHUNK) -> PromptCache:
+        """Encode `token_ids` (causal) after what `cache` holds, appending their K/V to it."""
+        ids = _as_ids(token_ids)
+        for start in range(0, ids.shape[1], chunk_size):
+            self._encode_chunk(cache, ids[:, start : start + chunk_size])
+            mx.eval(cache.state())  # bound the lazy graph (and memory) to one chunk
+        return cache
+
+    def _encode_chunk(self, cache: PromptCache, ids: mx.array) -> None:
+        n = ids.shape[1]
+        pos = cache.length
+        h = self._embed(ids)
+        masks: dict[bool, mx.array] = {}
+        scalars = self.model.encoder.language_model.layers
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            kv = cache.layers[i]
+            sliding = self.text.is_sliding(i)
+            rows_before = kv.rows
+
+            def attend(q, k, v, kv=kv, sliding=sliding, rows_before=rows_before):
+                keys, values = kv.append(k, v)
+                if sliding not in masks:
+                    window = self.text.sliding_window if sliding else None
+                    masks[sliding] = _encoder_mask(pos, n, pos - rows_before, rows_before + n, window)
+                return split_attention(q, [(keys, values, masks[sliding])])
+
+            if i == last:
+                # The encoder's output is never read: the last layer only has to write its K/V.
+                attn = layer.self_attn
+                _, k, v = attn.qkv(layer.input_layernorm(h), pos)
+                kv.append(k, v)
+                break
+            h = layer(h, pos, attend, scalars[i].layer_scalar)
+        cache.length += n
+
+    # -- decoder pass --------------------------------------------------------------------------
+    def soft_embeddings(self, self_conditioning: mx.array) -> mx.array:
+        """softmax(previous processed logits) @ E * sqrt(hidden), in the embedding dtype."""
+        dtype = self.embed_dtype
+        probs = mx.softmax(self_conditioning.astype(mx.float32), axis=-1).astype(dtype)
+        e = self.model.decoder.embed_tokens
+        if hasattr(e, "scales"):  # quantized embedding: probs @ dequant(W) without dequantizing
+            soft = mx.quantized_matmul(
+                probs, e.weight, e.scales, e.get("biases"), transpose=False,
+                group_size=e.group_size, bits=e.bits, mode=getattr(e, "mode", "affine"),
+            )
+        else:
+            soft = probs @ e.weight
+        return soft * mx.array(self.embed_scale, dtype=dtype)
+
+    def denoise(
+        self,
+        canvas_ids: Any,
+        cache: PromptCache,
+        self_conditioning: mx.array | None = None,
+    ) -> mx.array:
+        """One decoder pass: float32 softcapped logits `[batch, canvas, vocab]`.
+
+        `self_conditioning` is the previous denoising step's PROCESSED logits (the raw logits
+        divided by that step's temperature), shape `[batch, canvas, vocab]`, any float dtype; they
+        are softmaxed in float32 and cast to the embedding dtype, as in the reference. `None` at
+        the first step of a canvas (the block then runs on zeros). The cache is only read.
+        """
+        ids = _as_ids(canvas_ids)
+        n = ids.shape[1]
+        pos = cache.length
+        embeds = self._embed(ids)
+        if self_conditioning is None:
+            soft = mx.zeros_like(embeds)
+        else:
+            soft = self.soft_embeddings(self_conditioning).astype(embeds.dtype)
+        h = self.model.decoder.self_conditioning(embeds, soft)
+        for i, layer in enumerate(self.layers):
+            prefix_k, prefix_v = cache.layers[i].view()
+
+            def attend(q, k, v, pk=prefix_k, pv=prefix_v):
+                parts = [(k, v, None)] if pk is None else [(pk, pv, None), (k, v, None)]
+                return split_attention(q, parts)
+
+            h = layer(h, pos, attend, layer.layer_scalar)
+        h = self.model.decoder.norm(h)
+        return self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        cap = self.text.final_logit_softcapping
+        out = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        return mx.tanh(out / cap) * cap
+
+    # -- weights -------------------------------------------------------------------------------
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        from .weights import sanitize
+
+        return sanitize(weights, self.text.num_hidden_layers)
+
+    @property
+    def quant_predicate(self):
+        from .weights import default_quant_predicate
+
+        return default_quant_predicate
+
+
+def _as_ids(token_ids: Any) -> mx.array:
+    ids = token_ids if isinstance(token_ids, mx.array) else mx.array(token_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must be [tokens] or [batch, tokens], got shape {ids.shape}")
+    return ids.astype(mx.int32)
