@@ -159,6 +159,20 @@ def _sort_by_expert(x: mx.array, idx: mx.array) -> tuple[mx.array, mx.array, mx.
     return x.flatten(0, -3)[order // k], flat[order], mx.argsort(order)
 
 
+class ExpertLinear(SwitchLinear):
+    """mlx_lm's SwitchLinear (so `nn.quantize` turns it into a `gather_qmm` layer), except that
+    unquantized half-precision weights run through `gather_mm` in float32 on the CPU backend,
+    whose GatherMM kernel only supports float32 (MLX 0.32). On a GPU nothing changes."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self["weight"]
+        if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
+                             rhs_indices=indices, sorted_indices=sorted_indices)
+            return y.astype(x.dtype)
+        return super().__call__(x, indices, sorted_indices=sorted_indices)
+
+
 class Experts(nn.Module):
     """Routed GeGLU experts with gather-based selection (`gather_mm` / `gather_qmm`).
 
@@ -169,8 +183,8 @@ class Experts(nn.Module):
     def __init__(self, args: TextArgs):
         super().__init__()
         d, i, e = args.hidden_size, args.moe_intermediate_size, args.num_experts
-        self.gate_up_proj = SwitchLinear(d, 2 * i, e, bias=False)
-        self.down_proj = SwitchLinear(i, d, e, bias=False)
+        self.gate_up_proj = ExpertLinear(d, 2 * i, e, bias=False)
+        self.down_proj = ExpertLinear(i, d, e, bias=False)
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         shape = idx.shape

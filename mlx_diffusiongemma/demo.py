@@ -1,0 +1,163 @@
+"""`--model demo`: a small random-weight DiffusionGemma generated on first use, without network.
+
+Its output is noise (the weights are random); it exists so that `dgemma chat --model demo` shows
+the live view on any machine, and so tests have a tokenizer with the Gemma 4 chat format.
+The folder is written deterministically (fixed seed) into the user's cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+DEMO_NAME = "demo"
+DEMO_VERSION = 1
+
+# Special tokens of the Gemma 4 chat format, at fixed ids (pad 0, eos 1, bos 2 as in Gemma).
+SPECIAL_TOKENS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+    "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|think|>",
+]
+TURN_END = "<turn|>"
+
+# Jinja chat template in the Gemma 4 format: <bos><|turn>user\n...<turn|>\n<|turn>model\n.
+# Thinking is switched on by `enable_thinking`, which puts <|think|> in a system turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}"
+    "{%- if enable_thinking or sys is not none -%}"
+    "<|turn>system\n{% if enable_thinking %}<|think|>{% endif %}{{ sys if sys is not none else '' }}<turn|>\n"
+    "{%- endif -%}"
+    "{%- for m in messages -%}{%- if m['role'] != 'system' -%}"
+    "<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<turn|>\n"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+)
+
+
+def build_tokenizer(folder: Path) -> dict[str, int]:
+    """Write a byte-level BPE tokenizer (specials + 256 byte symbols, no merges) and its config.
+
+    Returns the special-token ids. Every string round-trips (one token per byte).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "model_max_length": 1_000_000,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {t: vocab[t] for t in SPECIAL_TOKENS}
+
+
+def tokenizer_vocab_size() -> int:
+    from tokenizers import pre_tokenizers
+
+    return len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+
+
+def demo_text_config() -> dict:
+    """Small widths (fast on a CPU), every architectural feature present."""
+    return {
+        "model_type": "diffusion_gemma_text",
+        "vocab_size": tokenizer_vocab_size(),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "per_layer_config": {"3": {"head_dim": 64, "num_key_value_heads": 1}},
+        "num_experts": 8,
+        "top_k_experts": 2,
+        "sliding_window": 64,
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+
+
+def demo_dir() -> Path:
+    base = os.environ.get("MLX_DIFFUSIONGEMMA_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-diffusiongemma"
+    )
+    return Path(base) / f"demo-v{DEMO_VERSION}"
+
+
+def ensure_demo(folder: Path | None = None, seed: int = 0) -> Path:
+    """Create the demo checkpoint if it is not there yet (atomically); return its folder."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from .config import parse_model_args
+    from .model import Model
+
+    folder = Path(folder) if folder else demo_dir()
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        specials = build_tokenizer(tmp)
+        config = {
+            "model_type": "diffusion_gemma",
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "canvas_length": 32,
+            "text_config": demo_text_config(),
+            "tie_word_embeddings": True,
+            "mlx_diffusiongemma_demo": True,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {
+            "max_denoising_steps": 16,
+            "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+            "t_min": 0.4,
+            "t_max": 0.8,
+            "stability_threshold": 1,
+            "confidence_threshold": 0.005,
+            "eos_token_id": [specials["<eos>"], specials[TURN_END]],
+            "pad_token_id": 0,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        model = Model(parse_model_args(config))
+        rng = np.random.default_rng(seed)
+        weights = {}
+        for name, p in tree_flatten(model.parameters()):
+            if name.endswith("layer_scalar") or "norm" in name or name.endswith("scale"):
+                value = 1.0 + 0.1 * rng.standard_normal(p.shape)
+            else:
+                value = 0.08 * rng.standard_normal(p.shape)
+            weights[name] = mx.array(value.astype(np.float32)).astype(mx.bfloat16)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,100 @@
+"""Tiny DiffusionGemma checkpoints built with the reference classes (never downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16)
+
+
+def tiny_text_config(**overrides) -> dict:
+    from mlx_diffusiongemma.demo import tokenizer_vocab_size
+
+    cfg = dict(
+        vocab_size=tokenizer_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, sliding_window=8, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+        initializer_range=0.08,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def build_reference(text: dict, canvas_length: int = 8, seed: int = 0, vision: bool = True):
+    """A reference DiffusionGemmaForBlockDiffusion with randomised norms, scales and layer scalars
+    (the defaults are ones, which would hide mix-ups between them)."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION if vision else None,
+                               canvas_length=canvas_length)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("scale"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        # Sharper logits (|logits| of several units) so that parity checks have signal.
+        model.model.decoder.embed_tokens.weight.mul_(4.0)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand_like(b))
+    return model
+
+
+def save_checkpoint(model, folder: Path, *, legacy_config: bool = False, zero_pad_keys: bool = False,
+                    eos_ids=None, max_shard_size=None, dtype=None) -> Path:
+    """save_pretrained + our tiny byte-level tokenizer with the Gemma 4 chat template.
+
+    legacy_config rewrites config.json the way the released checkpoint has it (global_head_dim /
+    num_global_key_value_heads, no per_layer_config); zero_pad_keys writes per_layer_config keys
+    as zero-padded strings.
+    """
+    import torch
+
+    from mlx_diffusiongemma.demo import TURN_END, build_tokenizer
+
+    folder = Path(folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    if dtype is not None:
+        model.to(torch.float32)
+    specials = build_tokenizer(folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    if legacy_config:
+        per = text.pop("per_layer_config")
+        full = next(iter(per.values()))
+        text["global_head_dim"] = full["head_dim"]
+        text["num_global_key_value_heads"] = full.get("num_key_value_heads", text["num_key_value_heads"])
+        text["use_bidirectional_attention"] = "vision"
+    elif zero_pad_keys:
+        text["per_layer_config"] = {f"{int(k):02d}": v for k, v in text["per_layer_config"].items()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {
+        "max_denoising_steps": 12, "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"}, "t_min": 0.4, "t_max": 0.8,
+        "stability_threshold": 1, "confidence_threshold": 0.005,
+        "eos_token_id": eos_ids or [specials["<eos>"], specials[TURN_END]], "pad_token_id": 0,
+    }
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(reference model, folder) for the default tiny config, float32 on disk."""
+    model = build_reference(tiny_text_config())
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "ckpt")
+    return model, folder
