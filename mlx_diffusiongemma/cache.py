@@ -45,8 +45,11 @@ class LayerKV:
         n = k.shape[2]
         if self.keys is None or self.end + n > self.keys.shape[2]:
             self._reallocate(k, v, n)
-        self.keys[..., self.end : self.end + n, :] = k
-        self.values[..., self.end : self.end + n, :] = v
+        # slice_update returns a new array (in place when MLX can donate the buffer) and rebinds
+        # only this layer's attribute: `a[...] = x` would mutate an array a forked cache shares.
+        at = mx.array([self.end])
+        self.keys = mx.slice_update(self.keys, k, at, axes=(2,))
+        self.values = mx.slice_update(self.values, v, at, axes=(2,))
         self.end += n
         keys, values = self.view()
         if self.keep is not None:
@@ -61,7 +64,7 @@ class LayerKV:
         new_k = mx.zeros((b, h, capacity, d), dtype=k.dtype)
         new_v = mx.zeros((b, h, capacity, v.shape[-1]), dtype=v.dtype)
         if held:
-            new_k[..., :held, :] = held_k
+            new_k[..., :held, :] = held_k  # new_k is not shared yet, so in-place is safe here
             new_v[..., :held, :] = held_v
         self.keys, self.values = new_k, new_v
         self.start, self.end = 0, held

@@ -37,21 +37,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(folder: Path) -> dict[str, int]:
-    """Write a byte-level BPE tokenizer (specials + 256 byte symbols, no merges) and its config.
+# Character-level vocabulary: every token decodes to whole characters, so a decoded reply
+# re-encodes to the same ids (chat sessions can then reuse their cache across turns).
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + list("éèàüöäçñ–—…’“”•€£°")
 
-    Returns the special-token ids. Every string round-trips (one token per byte).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+def build_tokenizer(folder: Path) -> dict[str, int]:
+    """Write a character-level tokenizer (specials + characters, BPE without merges) and its
+    config, with the Gemma 4 chat template. Returns the special-token ids."""
+    from tokenizers import Tokenizer, decoders, models
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.save(str(folder / "tokenizer.json"))
     config = {
@@ -69,9 +69,7 @@ def build_tokenizer(folder: Path) -> dict[str, int]:
 
 
 def tokenizer_vocab_size() -> int:
-    from tokenizers import pre_tokenizers
-
-    return len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    return len(SPECIAL_TOKENS) + len(CHARACTERS)
 
 
 def demo_text_config() -> dict:

@@ -193,7 +193,7 @@ def load_tokenizer(folder: Path, generation: GenerationDefaults):
     from mlx_lm.tokenizer_utils import load as load_tok
 
     try:
-        return load_tok(folder, eos_token_ids=list(generation.eos_token_ids))
+        return load_tok(Path(folder), eos_token_ids=list(generation.eos_token_ids))
     except Exception as e:  # transformers raises many kinds for a missing/broken tokenizer
         raise CheckpointError(f"{folder}: could not load the tokenizer ({type(e).__name__}: {e})") from None
 
