@@ -99,7 +99,10 @@ def _layer_overrides(text: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def parse_text_args(text: dict[str, Any]) -> TextArgs:
-    """Resolve the text sub-config of a DiffusionGemma config.json into `TextArgs`."""
+    """Resolve the text sub-config of a DiffusionGemma config.json into `TextArgs`.
+
+    Absent fields take the reference class defaults (`DiffusionGemmaTextConfig`), not the
+    released model's values, so a hand-written config means what it means to transformers."""
     n_layers = int(text.get("num_hidden_layers", 30))
     layer_types = list(text.get("layer_types") or [])
     if not layer_types:
@@ -112,10 +115,10 @@ def parse_text_args(text: dict[str, Any]) -> TextArgs:
     layer_types[-1] = "full_attention"
 
     head_dim = int(text.get("head_dim", 256))
-    kv_heads = int(text.get("num_key_value_heads", 8))
+    kv_heads = int(text.get("num_key_value_heads", 4))
     overrides = _layer_overrides(text)
-    if overrides:
-        full_overrides: dict[str, Any] = {}
+    if "per_layer_config" in text:
+        pass  # present, even empty: the legacy fields are ignored (as in transformers 5.23)
     else:
         # Legacy fields of the released config.json (no per_layer_config).
         full_overrides = {"head_dim": int(text.get("global_head_dim", 512) or 512)}
@@ -134,15 +137,15 @@ def parse_text_args(text: dict[str, Any]) -> TextArgs:
 
     args = TextArgs(
         vocab_size=int(text.get("vocab_size", 262_144)),
-        hidden_size=int(text.get("hidden_size", 2816)),
-        intermediate_size=int(text.get("intermediate_size", 2112)),
+        hidden_size=int(text.get("hidden_size", 2304)),
+        intermediate_size=int(text.get("intermediate_size", 9216)),
         moe_intermediate_size=int(text.get("moe_intermediate_size") or 704),
         num_hidden_layers=n_layers,
-        num_attention_heads=int(text.get("num_attention_heads", 16)),
+        num_attention_heads=int(text.get("num_attention_heads", 8)),
         num_experts=int(text.get("num_experts") or 128),
         top_k_experts=int(text.get("top_k_experts") or 8),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        sliding_window=int(text.get("sliding_window", 1024)),
+        sliding_window=int(text.get("sliding_window", 512)),
         final_logit_softcapping=float(text.get("final_logit_softcapping") or 30.0),
         hidden_activation=str(text.get("hidden_activation", "gelu_pytorch_tanh")),
         max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
