@@ -26,14 +26,16 @@ TURN_END = "<turn|>"
 # Thinking is switched on by `enable_thinking`, which puts <|think|> in a system turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}"
-    "{%- if enable_thinking or sys is not none -%}"
-    "<|turn>system\n{% if enable_thinking %}<|think|>{% endif %}{{ sys if sys is not none else '' }}<turn|>\n"
-    "{%- endif -%}"
-    "{%- for m in messages -%}{%- if m['role'] != 'system' -%}"
-    "<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<turn|>\n"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+    "{% set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+    "{% set think = enable_thinking is defined and enable_thinking %}"
+    "{% if think or sys is not none %}"
+    "{{ '<|turn>system\\n' }}{% if think %}{{ '<|think|>' }}{% endif %}"
+    "{{ sys if sys is not none else '' }}{{ '<turn|>\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] + '<turn|>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
 )
 
 
