@@ -123,8 +123,9 @@ def draw_tokens(processed_logits: mx.array, u: mx.array) -> mx.array:
     `u` in [0, 1) inside the support). This is the distribution `torch.multinomial(probs, 1)` samples, but
     as a deterministic function of `u`, so the same uniforms can be replayed through the reference.
     A zero-probability token is never returned: its cdf equals its predecessor's, so it can never be the
-    first index past the target; the final `minimum` only guards the case where `u * total` rounds up
-    to `total`, clamping to the last token that still increased the cdf.
+    first index past the target. For float32 `u < 1`, `u * total < total` always holds, so the final
+    `minimum` only matters for `u == 1.0` (uniforms from an inclusive generator): it clamps to the last
+    token that still increased the cdf instead of running off the end or onto a zero-probability tail.
 
     Args:
         processed_logits: `[B, C, V]` temperature-scaled logits.
