@@ -185,7 +185,9 @@ def load_model(
 
 
 def _castable(name: str, value: mx.array) -> bool:
-    return mx.issubdtype(value.dtype, mx.floating) and not name.endswith((".scales", ".biases"))
+    # Quantization scales/biases are cast too: a float32 request on a quantized checkpoint then
+    # computes in float32 (bf16 -> f32 is exact), instead of silently producing bf16 outputs.
+    return mx.issubdtype(value.dtype, mx.floating)
 
 
 def load_tokenizer(folder: Path, generation: GenerationDefaults):
