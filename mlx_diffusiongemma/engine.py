@@ -9,6 +9,7 @@ so a test can replay the same stream through the reference.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator
@@ -20,6 +21,10 @@ from .cache import PromptCache
 from .config import GenerationDefaults
 from .errors import ContextLengthError
 from .events import BlockEvent, GenerationResult, StepEvent
+
+
+_MAX_BLOCKS = 4096
+_MAX_STEPS = 1024
 
 
 @dataclass(frozen=True)
@@ -36,38 +41,47 @@ class SamplerOptions:
     def resolve(self, defaults: GenerationDefaults) -> "SamplerOptions":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         out = {k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()}
-        if out["max_denoising_steps"] < 1:
-            raise ValueError("max_denoising_steps must be at least 1")
+        if not 1 <= out["max_denoising_steps"] <= _MAX_STEPS:
+            raise ValueError(f"max_denoising_steps must be between 1 and {_MAX_STEPS}")
         if out["entropy_bound"] <= 0:
             raise ValueError("entropy_bound must be > 0")
         if out["stability_threshold"] < 0:
             raise ValueError("stability_threshold must be >= 0")
-        if not 0 < out["t_min"] and 0 < out["t_max"]:
-            raise ValueError("temperatures must be > 0")
+        if not (out["t_min"] > 0 and out["t_max"] > 0):
+            raise ValueError("temperatures t_min and t_max must be > 0")
         return SamplerOptions(**out)
 
 
 class NoiseSource:
-    """All randomness of a generation, from one seed: a fresh key for every draw."""
+    """All randomness of a generation from one seed, with a key per (block, step).
+
+    Keys are derived from their position, not from a running chain, so steps computed and then
+    discarded (see `Request.stop_check_interval`) never shift the noise of later steps.
+    Consumption order matches the reference: the canvas init, then per step the draw's uniforms
+    and the renoise ids.
+    """
 
     def __init__(self, seed: int | None = None):
         if seed is None:
-            seed = int.from_bytes(__import__("os").urandom(4), "little")
+            seed = int.from_bytes(os.urandom(4), "little")
         self.seed = seed
-        self._key = mx.random.key(seed)
+        self._base = mx.random.key(seed)
+        self._block_keys: dict[int, mx.array] = {}
 
-    def _next(self) -> mx.array:
-        self._key, sub = mx.random.split(self._key)
-        return sub
+    def _key(self, block: int, index: int) -> mx.array:
+        # Blocks and steps per block are bounded (max_tokens / canvas, max_denoising_steps), so
+        # fixed-size splits give every position its own key.
+        if block not in self._block_keys:
+            self._block_keys[block] = mx.random.split(self._base, _MAX_BLOCKS)[block % _MAX_BLOCKS]
+        return mx.random.split(self._block_keys[block], _MAX_STEPS + 1)[index]
 
-    def canvas(self, batch: int, length: int, vocab: int) -> mx.array:
-        return sampler.random_canvas(self._next(), batch, length, vocab)
+    def canvas(self, block: int, batch: int, length: int, vocab: int) -> mx.array:
+        return sampler.random_canvas(self._key(block, 0), batch, length, vocab)
 
-    def uniforms(self, batch: int, length: int) -> mx.array:
-        return sampler.sample_uniforms(self._next(), (batch, length))
-
-    def renoise_ids(self, batch: int, length: int, vocab: int) -> mx.array:
-        return sampler.random_canvas(self._next(), batch, length, vocab)
+    def step(self, block: int, step: int, batch: int, length: int, vocab: int) -> tuple[mx.array, mx.array]:
+        """(uniforms for the draw, renoise ids) of 1-based `step` of `block`."""
+        k_draw, k_renoise = mx.random.split(self._key(block, step))
+        return sampler.sample_uniforms(k_draw, (batch, length)), sampler.random_canvas(k_renoise, batch, length, vocab)
 
 
 @dataclass
@@ -77,6 +91,14 @@ class Request:
     sampler: SamplerOptions = SamplerOptions()
     seed: int | None = None
     prefill_chunk: int = 512
+    # Read the stop decision from the device every k steps (1: every step, as the reference).
+    # With k > 1, steps after a stop are computed with the block's state frozen on the device
+    # (as the reference does for finished batch rows) and then discarded: identical tokens,
+    # 1/k host synchronisations per step, up to k - 1 wasted decoder passes per block.
+    stop_check_interval: int = 1
+    # None: exact self-conditioning (softmax over the whole vocabulary @ E). k: the top-k
+    # probabilities only, by an embedding gather (error bounded by the uncaptured mass).
+    self_conditioning_top_k: int | None = None
 
 
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
@@ -138,30 +160,52 @@ def run(
     finish = "length"
     n_blocks = math.ceil(request.max_tokens / c)
     n = opts.max_denoising_steps
+    interval = request.stop_check_interval
+    if interval < 1:
+        raise ValueError("stop_check_interval must be at least 1")
+    syncs = 0
     for block in range(n_blocks):
-        canvas = noise.canvas(1, c, vocab)
+        canvas = noise.canvas(block, 1, c, vocab)
         history = sampler.init_history(opts.stability_threshold, 1, c)
         self_cond = None
+        argmax = canvas
+        stopped = mx.zeros((1,), dtype=mx.bool_)
         converged = False
         steps = 0
-        for cur_step in range(n, 0, -1):
-            logits = model.denoise(canvas, cache, self_cond)
+        pending: list[tuple] = []
+        for index, cur_step in enumerate(range(n, 0, -1), start=1):
+            logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
             t = sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max)
-            u = noise.uniforms(1, c)
-            r = noise.renoise_ids(1, c, vocab)
+            u, r = noise.step(block, index, 1, c, vocab)
             res = step_fn(logits, canvas, mx.array(t, dtype=mx.float32), u, r, opts.entropy_bound)
-            stop, history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
-            mean_entropy = res.token_entropy.mean()
-            mx.eval(stop, mean_entropy, res.next_canvas, res.argmax, res.accepted, history)  # the one sync
-            steps += 1
-            passes += 1
-            yield StepEvent(block, steps, n, res.next_canvas[0], res.argmax[0], res.accepted[0],
-                            mean_entropy.item(), decode)
-            self_cond = res.processed_logits.astype(embed_dtype)
-            canvas = res.next_canvas
-            argmax = res.argmax
-            if stop.item():
-                converged = True
+            stop, new_history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
+            processed = res.processed_logits.astype(embed_dtype)
+            if interval > 1 and self_cond is not None:
+                # Freeze on the device once the block has stopped (no host round trip needed).
+                frozen = stopped[:, None]
+                argmax = mx.where(frozen, argmax, res.argmax)
+                canvas = mx.where(frozen, canvas, res.next_canvas)
+                history = mx.where(stopped[None, :, None], history, new_history)
+                processed = mx.where(stopped[:, None, None], self_cond, processed)
+            else:
+                argmax, canvas, history = res.argmax, res.next_canvas, new_history
+            stopped = stopped | stop
+            self_cond = processed
+            pending.append((res.next_canvas, res.argmax, res.accepted, res.token_entropy.mean(), stop))
+            if len(pending) < interval and cur_step > 1:
+                continue
+            mx.eval([x for p in pending for x in p], argmax, canvas, history, self_cond)  # the one sync
+            syncs += 1
+            for next_canvas, step_argmax, accepted, mean_entropy, step_stop in pending:
+                steps += 1
+                passes += 1
+                yield StepEvent(block, steps, n, next_canvas[0], step_argmax[0], accepted[0],
+                                mean_entropy.item(), decode)
+                if step_stop.item():
+                    converged = True
+                    break
+            pending = []
+            if converged:
                 break
         steps_per_block.append(steps)
         keep, finished = sampler.commit(argmax, eos)
@@ -183,7 +227,7 @@ def run(
             if last:
                 detokenizer.finalize()
             delta = detokenizer.last_segment
-        reason = "eos" if finished else ("converged" if converged else "step_cap")
+        reason = "eos" if finish == "stop" else ("converged" if converged else "step_cap")
         yield BlockEvent(block, new, delta, steps, reason, converged)
         if last:
             break
@@ -206,5 +250,6 @@ def run(
         generation_tps=ntok / gen_time if gen_time > 0 else 0.0,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         encoded_tokens=len(request.prompt_ids),
-        extra={"seed": noise.seed, "decoder_passes": passes, "sampler": opts, "encoded_canvases": encoded},
+        extra={"seed": noise.seed, "decoder_passes": passes, "host_syncs": syncs,
+               "sampler": opts, "encoded_canvases": encoded},
     )

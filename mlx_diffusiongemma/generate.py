@@ -57,17 +57,23 @@ def stream_generate(
     seed: int | None = None,
     thinking: bool = False,
     prefill_chunk: int = 512,
+    stop_check_interval: int = 1,
+    self_conditioning_top_k: int | None = None,
     **sampler_options: Any,
 ) -> Iterator[Event]:
     """Generate and yield a `StepEvent` per denoising step, a `BlockEvent` per committed block and
     finally one `GenerationResult`. Sampler knobs (`max_denoising_steps`, `entropy_bound`,
     `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`) override the checkpoint's
-    generation_config.json for this call. Close the generator to cancel."""
+    generation_config.json for this call. `stop_check_interval` k > 1 reads the stop decision
+    every k steps (same tokens, fewer host synchronisations, up to k - 1 wasted passes per
+    block); `self_conditioning_top_k` selects the cheaper approximate self-conditioning.
+    Close the generator to cancel."""
     opts, rest = _split_options(dict(sampler_options))
     if rest:
         raise TypeError(f"unknown option(s): {', '.join(sorted(rest))}")
     ids = prompt_ids(tokenizer, prompt, thinking)
-    request = Request(ids, max_tokens=max_tokens, sampler=opts, seed=seed, prefill_chunk=prefill_chunk)
+    request = Request(ids, max_tokens=max_tokens, sampler=opts, seed=seed, prefill_chunk=prefill_chunk,
+                      stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k)
     yield from run(model, request, decode=tokenizer.decode, detokenizer=tokenizer.detokenizer)
 
 
@@ -124,6 +130,9 @@ class ChatSession:
         max_tokens = merged.pop("max_tokens", self.max_tokens)
         seed = merged.pop("seed", self.seed)
         thinking = merged.pop("thinking", self.thinking)
+        prefill_chunk = merged.pop("prefill_chunk", 512)
+        interval = merged.pop("stop_check_interval", 1)
+        top_k = merged.pop("self_conditioning_top_k", None)
         opts, rest = _split_options(merged)
         if rest:
             raise TypeError(f"unknown option(s): {', '.join(sorted(rest))}")
@@ -134,21 +143,22 @@ class ChatSession:
             cache, new_ids, base = None, full, []
         else:
             cache, new_ids, base = self.cache.copy(), full[keep:], self.cached_ids
-        request = Request(new_ids, max_tokens=max_tokens, sampler=opts, seed=seed)
+        request = Request(new_ids, max_tokens=max_tokens, sampler=opts, seed=seed, prefill_chunk=prefill_chunk,
+                          stop_check_interval=interval, self_conditioning_top_k=top_k)
         # Work on a fork so that a cancelled turn leaves the session's cache as it was.
         work_cache = cache if cache is not None else self.model.make_cache()
-        result = None
         for event in run(self.model, request, cache=work_cache, decode=self.tokenizer.decode,
                          detokenizer=self.tokenizer.detokenizer, noise=NoiseSource(seed)):
             if isinstance(event, GenerationResult):
-                result = event
+                # The turn is complete: record it before handing the result out, so a caller that
+                # stops reading at the result still has the reply in the history. The cache holds
+                # the prompt and every committed canvas but the last.
+                encoded = [t for canvas in event.extra["encoded_canvases"] for t in canvas]
+                self.cache = work_cache
+                self.cached_ids = list(base) + list(new_ids) + encoded
+                self.messages = history + [{"role": "assistant", "content": event.text}]
+                self.last_result = event
             yield event
-        # The turn completed: the cache holds the prompt and every committed canvas but the last.
-        encoded = [t for canvas in result.extra["encoded_canvases"] for t in canvas]
-        self.cache = work_cache
-        self.cached_ids = list(base) + list(new_ids) + encoded
-        self.messages = history + [{"role": "assistant", "content": result.text}]
-        self.last_result = result
 
     def send(self, message: str, **options: Any) -> GenerationResult:
         for event in self.stream(message, **options):

@@ -383,11 +383,23 @@ class Model(nn.Module):
         cache.length += n
 
     # -- decoder pass --------------------------------------------------------------------------
-    def soft_embeddings(self, self_conditioning: mx.array) -> mx.array:
-        """softmax(previous processed logits) @ E * sqrt(hidden), in the embedding dtype."""
+    def soft_embeddings(self, self_conditioning: mx.array, top_k: int | None = None) -> mx.array:
+        """softmax(previous processed logits) @ E * sqrt(hidden), in the embedding dtype.
+
+        With `top_k`, only the k most probable tokens contribute: their exact probabilities
+        (not renormalised) times their embedding rows, gathered instead of a `[V, D]` matmul.
+        The error is at most (1 - captured mass) * max_v ||E_v|| * sqrt(hidden).
+        """
         dtype = self.embed_dtype
-        probs = mx.softmax(self_conditioning.astype(mx.float32), axis=-1).astype(dtype)
+        scale = mx.array(self.embed_scale, dtype=dtype)
+        x = self_conditioning.astype(mx.float32)
         e = self.model.decoder.embed_tokens
+        if top_k is not None and top_k < x.shape[-1]:
+            idx = mx.argpartition(-x, kth=top_k - 1, axis=-1)[..., :top_k]
+            p = mx.exp(mx.take_along_axis(x, idx, axis=-1) - mx.logsumexp(x, axis=-1, keepdims=True))
+            rows = e(idx)  # [B, C, k, D], dequantized rows when the embedding is quantized
+            return (p.astype(dtype)[..., None] * rows).sum(axis=-2) * scale
+        probs = mx.softmax(x, axis=-1).astype(dtype)
         if hasattr(e, "scales"):  # quantized embedding: probs @ dequant(W) without dequantizing
             soft = mx.quantized_matmul(
                 probs, e.weight, e.scales, e.get("biases"), transpose=False,
@@ -395,13 +407,15 @@ class Model(nn.Module):
             )
         else:
             soft = probs @ e.weight
-        return soft * mx.array(self.embed_scale, dtype=dtype)
+        return soft * scale
 
     def denoise(
         self,
         canvas_ids: Any,
         cache: PromptCache,
         self_conditioning: mx.array | None = None,
+        *,
+        self_conditioning_top_k: int | None = None,
     ) -> mx.array:
         """One decoder pass: float32 softcapped logits `[batch, canvas, vocab]`.
 
@@ -409,6 +423,8 @@ class Model(nn.Module):
         divided by that step's temperature), shape `[batch, canvas, vocab]`, any float dtype; they
         are softmaxed in float32 and cast to the embedding dtype, as in the reference. `None` at
         the first step of a canvas (the block then runs on zeros). The cache is only read.
+        `self_conditioning_top_k` selects the cheaper top-k self-conditioning (see
+        `soft_embeddings`); the default is the exact one, as in the reference.
         """
         ids = _as_ids(canvas_ids)
         n = ids.shape[1]
@@ -417,7 +433,7 @@ class Model(nn.Module):
         if self_conditioning is None:
             soft = mx.zeros_like(embeds)
         else:
-            soft = self.soft_embeddings(self_conditioning).astype(embeds.dtype)
+            soft = self.soft_embeddings(self_conditioning, self_conditioning_top_k).astype(embeds.dtype)
         h = self.model.decoder.self_conditioning(embeds, soft)
         for i, layer in enumerate(self.layers):
             prefix_k, prefix_v = cache.layers[i].view()

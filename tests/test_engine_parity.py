@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from conftest import build_reference, save_checkpoint, tiny_text_config
+from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
 from mlx_diffusiongemma.engine import NoiseSource, Request, SamplerOptions, run
 from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent
 from mlx_diffusiongemma.loading import load_model
@@ -24,24 +24,21 @@ from mlx_diffusiongemma.config import load_generation_defaults
 
 
 class RecordingNoise(NoiseSource):
+    """Records every draw in the order the engine consumes it."""
+
     def __init__(self, seed):
         super().__init__(seed)
         self.log: list[tuple[str, np.ndarray]] = []
 
-    def canvas(self, batch, length, vocab):
-        out = super().canvas(batch, length, vocab)
+    def canvas(self, block, batch, length, vocab):
+        out = super().canvas(block, batch, length, vocab)
         self.log.append(("randint", np.array(out)))
         return out
 
-    def uniforms(self, batch, length):
-        out = super().uniforms(batch, length)
-        self.log.append(("uniform", np.array(out)))
-        return out
-
-    def renoise_ids(self, batch, length, vocab):
-        out = super().renoise_ids(batch, length, vocab)
-        self.log.append(("randint", np.array(out)))
-        return out
+    def step(self, block, step, batch, length, vocab):
+        u, r = super().step(block, step, batch, length, vocab)
+        self.log += [("uniform", np.array(u)), ("randint", np.array(r))]
+        return u, r
 
 
 def run_reference(ref, prompt, stream, monkeypatch, **gen_kwargs):
@@ -147,17 +144,10 @@ def test_eos_in_the_middle_of_a_canvas(tiny, monkeypatch):
 
 
 def test_adaptive_stop_fires(tmp_path, monkeypatch):
-    """Sharpen a random checkpoint until the denoiser is confident and stable, so the
-    stable-and-confident stop fires: shrink what the layers and self-conditioning add to the
-    residual (their post-norm weights) and widen the embedding, so each output is close to a
-    confident copy of the canvas token it sees (measured: stops after 5-8 steps)."""
+    """A sharpened checkpoint (conftest.sharpen) where the stable-and-confident stop fires
+    (measured: after 5-8 steps)."""
     built = build_reference(tiny_text_config(), canvas_length=8, seed=4)
-    with torch.no_grad():
-        for name, p in built.named_parameters():
-            if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight",
-                              "self_conditioning.down_proj.weight")):
-                p.mul_(0.1)
-        built.model.decoder.embed_tokens.weight.mul_(2.0)
+    sharpen(built)
     folder = save_checkpoint(built, tmp_path / "sharp")
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32).eval()
     ours, _ = load_model(folder, dtype=mx.float32)
