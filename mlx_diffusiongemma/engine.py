@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import mlx.core as mx
 
@@ -113,6 +113,57 @@ def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None
         )
 
 
+@dataclass
+class _BlockOutcome:
+    argmax: mx.array  # [1, C] the canvas to commit
+    steps: int
+    converged: bool
+    syncs: int
+
+
+def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, request: Request,
+                   noise: NoiseSource, decode) -> Generator[StepEvent, None, _BlockOutcome]:
+    """Denoise one canvas until the stop fires or the step cap; yields a StepEvent per step."""
+    c, vocab, n = model.canvas_length, model.vocab_size, opts.max_denoising_steps
+    interval = request.stop_check_interval
+    canvas = noise.canvas(block, 1, c, vocab)
+    history = sampler.init_history(opts.stability_threshold, 1, c)
+    self_cond = None
+    argmax = canvas
+    stopped = mx.zeros((1,), dtype=mx.bool_)
+    steps = syncs = 0
+    pending: list[tuple] = []
+    for index, cur_step in enumerate(range(n, 0, -1), start=1):
+        logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
+        t = sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max)
+        u, r = noise.step(block, index, 1, c, vocab)
+        res = sampler.compiled_step(logits, canvas, mx.array(t, dtype=mx.float32), u, r, opts.entropy_bound)
+        stop, new_history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
+        processed = res.processed_logits.astype(model.embed_dtype)  # next step's self-conditioning
+        if interval > 1 and self_cond is not None:
+            # Freeze on the device once the block has stopped (no host round trip needed).
+            argmax = mx.where(stopped[:, None], argmax, res.argmax)
+            canvas = mx.where(stopped[:, None], canvas, res.next_canvas)
+            history = mx.where(stopped[None, :, None], history, new_history)
+            processed = mx.where(stopped[:, None, None], self_cond, processed)
+        else:
+            argmax, canvas, history = res.argmax, res.next_canvas, new_history
+        stopped = stopped | stop
+        self_cond = processed
+        pending.append((res.next_canvas, res.argmax, res.accepted, res.token_entropy.mean(), stop))
+        if len(pending) < interval and cur_step > 1:
+            continue
+        mx.eval([x for p in pending for x in p], argmax, canvas, history, self_cond)  # the one sync
+        syncs += 1
+        for next_canvas, step_argmax, accepted, mean_entropy, step_stop in pending:
+            steps += 1
+            yield StepEvent(block, steps, n, next_canvas[0], step_argmax[0], accepted[0], mean_entropy.item(), decode)
+            if step_stop.item():
+                return _BlockOutcome(argmax, steps, True, syncs)
+        pending = []
+    return _BlockOutcome(argmax, steps, False, syncs)
+
+
 def run(
     model,
     request: Request,
@@ -135,9 +186,9 @@ def run(
     if not request.prompt_ids and (cache is None or cache.length == 0):
         raise ValueError("empty prompt")
     check_fits(model, len(request.prompt_ids), request.max_tokens, cache.length if cache else 0)
+    if request.stop_check_interval < 1:
+        raise ValueError("stop_check_interval must be at least 1")
     noise = noise or NoiseSource(request.seed)
-    embed_dtype = model.embed_dtype
-    step_fn = sampler.compiled_step
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -159,54 +210,12 @@ def run(
     valid = 0  # generated non-pad tokens up to the first EOS: the reference's tokens_per_forward numerator
     finish = "length"
     n_blocks = math.ceil(request.max_tokens / c)
-    n = opts.max_denoising_steps
-    interval = request.stop_check_interval
-    if interval < 1:
-        raise ValueError("stop_check_interval must be at least 1")
     syncs = 0
     for block in range(n_blocks):
-        canvas = noise.canvas(block, 1, c, vocab)
-        history = sampler.init_history(opts.stability_threshold, 1, c)
-        self_cond = None
-        argmax = canvas
-        stopped = mx.zeros((1,), dtype=mx.bool_)
-        converged = False
-        steps = 0
-        pending: list[tuple] = []
-        for index, cur_step in enumerate(range(n, 0, -1), start=1):
-            logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
-            t = sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max)
-            u, r = noise.step(block, index, 1, c, vocab)
-            res = step_fn(logits, canvas, mx.array(t, dtype=mx.float32), u, r, opts.entropy_bound)
-            stop, new_history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
-            processed = res.processed_logits.astype(embed_dtype)
-            if interval > 1 and self_cond is not None:
-                # Freeze on the device once the block has stopped (no host round trip needed).
-                frozen = stopped[:, None]
-                argmax = mx.where(frozen, argmax, res.argmax)
-                canvas = mx.where(frozen, canvas, res.next_canvas)
-                history = mx.where(stopped[None, :, None], history, new_history)
-                processed = mx.where(stopped[:, None, None], self_cond, processed)
-            else:
-                argmax, canvas, history = res.argmax, res.next_canvas, new_history
-            stopped = stopped | stop
-            self_cond = processed
-            pending.append((res.next_canvas, res.argmax, res.accepted, res.token_entropy.mean(), stop))
-            if len(pending) < interval and cur_step > 1:
-                continue
-            mx.eval([x for p in pending for x in p], argmax, canvas, history, self_cond)  # the one sync
-            syncs += 1
-            for next_canvas, step_argmax, accepted, mean_entropy, step_stop in pending:
-                steps += 1
-                passes += 1
-                yield StepEvent(block, steps, n, next_canvas[0], step_argmax[0], accepted[0],
-                                mean_entropy.item(), decode)
-                if step_stop.item():
-                    converged = True
-                    break
-            pending = []
-            if converged:
-                break
+        outcome = yield from _denoise_block(model, cache, block, opts, request, noise, decode)
+        argmax, steps, converged = outcome.argmax, outcome.steps, outcome.converged
+        passes += steps
+        syncs += outcome.syncs
         steps_per_block.append(steps)
         keep, finished = sampler.commit(argmax, eos)
         committed = argmax[0].tolist()
