@@ -1,0 +1,272 @@
+"""`dgemma`: chat, generate and convert. Commands, options and error handling.
+
+Errors the user can act on (`DiffusionGemmaError`, bad values) print one line `error: ...` on
+stderr and exit 1; typer's usage errors keep code 2; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"  # == loading.DEFAULT_MODEL (kept import-free)
+RECIPES = ("mixed-4bit", "8bit", "bf16")  # == weights.RECIPES
+
+app = typer.Typer(
+    name="dgemma",
+    help="Run Google's DiffusionGemma block-diffusion LM with MLX.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# -- options shared by chat and generate -------------------------------------------------------
+
+
+
+def _positive(value):
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
+def _recipe(value: str) -> str:
+    if value not in RECIPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RECIPES)}")
+    return value
+
+
+Model = Annotated[str, typer.Option(
+    "--model", "-m", help="Hub repo id or local folder; 'demo' is a tiny random model (offline, noise).")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per reply.")]
+Steps = Annotated[Optional[int], typer.Option(
+    "--steps", min=1, help="Max denoising steps per block (default: the checkpoint's).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: fresh each run).")]
+System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+Think = Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (thought channel shown dimmed).")]
+NoLive = Annotated[bool, typer.Option("--no-live", help="No redrawn view of the block being refined.")]
+EntropyBound = Annotated[Optional[float], typer.Option(
+    "--entropy-bound", callback=_positive, help="Sampler: entropy budget accepted per step.")]
+TMin = Annotated[Optional[float], typer.Option("--t-min", callback=_positive, help="Sampler: final temperature.")]
+TMax = Annotated[Optional[float], typer.Option("--t-max", callback=_positive, help="Sampler: first temperature.")]
+Stability = Annotated[Optional[int], typer.Option(
+    "--stability-threshold", min=0, help="Sampler: steps the draft must stay unchanged to stop.")]
+Confidence = Annotated[Optional[float], typer.Option(
+    "--confidence-threshold", min=0, help="Sampler: mean entropy under which a stable block stops.")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold) -> dict:
+    values = dict(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+                  stability_threshold=stability_threshold, confidence_threshold=confidence_threshold)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1):
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def handle_errors(debug: bool):
+    """One line on stderr and exit 1 for errors; the traceback too with --debug."""
+    from mlx_diffusiongemma.errors import DiffusionGemmaError
+
+    try:
+        yield
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130)
+    except (DiffusionGemmaError, ValueError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        _fail(str(e))
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+            _fail(f"{type(e).__name__}: {e}")
+        _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
+
+
+def _is_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _load(name: str, offline: bool, ui: Console):
+    """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use."""
+    from mlx_diffusiongemma.loading import load
+
+    if name == "demo":
+        from mlx_diffusiongemma.demo import demo_dir, ensure_demo
+
+        if not (demo_dir() / "config.json").exists():
+            ui.print(f"[dim]creating the demo model in {demo_dir()}…[/]")
+        folder = ensure_demo()
+        ui.print("[yellow]demo model: random weights, its output is noise.[/]")
+        return load(folder)
+    t0 = time.perf_counter()
+    if ui.is_terminal:  # piped: errors stay one line on stderr
+        ui.print(f"[dim]loading {name}…[/]")
+    model, tokenizer = load(name, offline=offline or None)
+    if ui.is_terminal:
+        ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
+    return model, tokenizer
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    model: Model = DEFAULT_MODEL,
+    max_tokens: MaxTokens = 1024,
+    steps: Steps = None,
+    seed: Seed = None,
+    system: System = None,
+    think: Think = False,
+    no_live: NoLive = False,
+    entropy_bound: EntropyBound = None,
+    t_min: TMin = None,
+    t_max: TMax = None,
+    stability_threshold: Stability = None,
+    confidence_threshold: Confidence = None,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Chat with the model (multi-turn; /help lists the slash commands)."""
+    from .chat import ChatLoop
+
+    interactive = _is_terminal()
+    ui = Console(stderr=not interactive, highlight=False)
+    with handle_errors(debug):
+        from mlx_diffusiongemma.generate import ChatSession
+
+        sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
+        llm, tokenizer = _load(model, offline, ui)
+        session = ChatSession(llm, tokenizer, system=system, thinking=think, max_tokens=max_tokens,
+                              seed=seed, **sampler)
+        if interactive:
+            ui.print("[bold]DiffusionGemma chat[/] [dim]· /help for commands · Ctrl-D to quit[/]")
+        code = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui).run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; '-' reads it from stdin.")],
+    model: Model = DEFAULT_MODEL,
+    max_tokens: MaxTokens = 1024,
+    steps: Steps = None,
+    seed: Seed = None,
+    system: System = None,
+    think: Think = False,
+    no_live: NoLive = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print text, finish reason and stats as JSON.")] = False,
+    entropy_bound: EntropyBound = None,
+    t_min: TMin = None,
+    t_max: TMax = None,
+    stability_threshold: Stability = None,
+    confidence_threshold: Confidence = None,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Generate one reply to a prompt."""
+    from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line
+
+    terminal = _is_terminal() and not as_json
+    err = Console(stderr=True, highlight=False)
+    with handle_errors(debug):
+        from mlx_diffusiongemma.generate import stream_generate
+
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        if not prompt.strip():
+            _fail("empty prompt")
+        sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
+        llm, tokenizer = _load(model, offline, err)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,
+                                 thinking=think, **sampler)
+        if as_json:
+            view = PlainView(io.StringIO())  # the text goes into the JSON object
+        elif not terminal:
+            view = PlainView(sys.stdout, sys.stderr if think else None)
+        elif no_live:
+            view = ConsoleView(Console(highlight=False))
+        else:
+            gen = llm.generation
+            view = LiveView(Console(highlight=False), TokenLabels(tokenizer, gen.eos_token_ids, gen.pad_token_id))
+        try:
+            result = render(events, view)
+        finally:
+            events.close()
+        if as_json:
+            print(json.dumps(result_json(result), ensure_ascii=False))
+        elif terminal:
+            err.print(f"[dim]{stats_line(result)}[/]")
+
+
+def result_json(result) -> dict:
+    return {
+        "text": result.text,
+        "thinking": result.thinking,
+        "answer": result.answer,
+        "finish_reason": result.finish_reason,
+        "tokens": result.generation_tokens,
+        "token_ids": list(result.tokens),
+        "prompt_tokens": result.prompt_tokens,
+        "prefill_time": result.prefill_time,
+        "prefill_tps": result.prefill_tps,
+        "steps_per_block": list(result.steps_per_block),
+        "tokens_per_forward": result.tokens_per_forward,
+        "generation_time": result.generation_time,
+        "generation_tps": result.generation_tps,
+        "peak_memory_gb": result.peak_memory_gb,
+        "seed": result.extra.get("seed"),
+    }
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],
+    recipe: Annotated[str, typer.Option(
+        "--recipe", callback=_recipe, help=f"Weights precision: {', '.join(RECIPES)}.")] = "mixed-4bit",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
+    shard_size: Annotated[float, typer.Option(
+        "--shard-size", callback=_positive, help="Largest shard, in GB (2^30 bytes).")] = 5.0,
+    debug: Debug = False,
+):
+    """Convert a Hugging Face DiffusionGemma checkpoint into an MLX folder."""
+    from .convert_view import run_convert
+
+    with handle_errors(debug):
+        run_convert(src, output, recipe=recipe, force=force, shard_size_bytes=int(shard_size * 2**30),
+                    out=Console(highlight=False), err=Console(stderr=True, highlight=False))
+
+
+def main() -> None:
+    app(prog_name="dgemma")
+
+
+if __name__ == "__main__":
+    main()

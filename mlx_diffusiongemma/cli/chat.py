@@ -1,0 +1,197 @@
+"""The `dgemma chat` loop: read a line, run a slash command or send it to the `ChatSession`.
+
+In a terminal replies are drawn live and followed by a stats line; Ctrl-C during a reply stops
+it (the session only records completed turns), Ctrl-C or Ctrl-D at the prompt quits. Piped, the
+loop reads stdin line by line and prints only the replies' text on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mlx_diffusiongemma.errors import DiffusionGemmaError
+from mlx_diffusiongemma.events import split_thinking
+
+from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line, stats_rows
+
+PROMPT = ">>> "
+
+HELP = """\
+/help            this help
+/reset           forget the conversation
+/stats           numbers of the last reply
+/steps N         max denoising steps per block (no N: show it)
+/think on|off    thinking mode (the thought channel is shown dimmed)
+/save FILE       save the conversation (.json: the messages; otherwise markdown)
+/quit            leave (also Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
+
+
+class Quit(Exception):
+    pass
+
+
+class ChatLoop:
+    def __init__(self, session, *, interactive: bool, live: bool, ui: Console, out: Console | None = None):
+        self.session = session
+        self.interactive = interactive
+        self.live = live and interactive
+        self.ui = ui  # messages (stdout in a terminal, stderr when piped)
+        self.out = out or ui  # replies in a terminal
+        gen = getattr(session.model, "generation", None)
+        self.labels = TokenLabels(session.tokenizer, getattr(gen, "eos_token_ids", ()),
+                                  getattr(gen, "pad_token_id", None))
+        self.failed = False
+
+    # -- input ------------------------------------------------------------------------------
+
+    def _read(self) -> str | None:
+        """The next line, or None at the end of input."""
+        if self.interactive:
+            try:
+                return input(PROMPT)
+            except EOFError:
+                self.ui.print()
+                return None
+        if sys.stdin.isatty():  # typing, with stdout redirected: the prompt goes to stderr
+            sys.stderr.write(PROMPT)
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+
+    def run(self) -> int:
+        if self.interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                self.ui.print()
+                break
+            if line is None:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.startswith("/"):
+                    self.command(line)
+                else:
+                    self.reply(line)
+            except Quit:
+                break
+        return 1 if self.failed and not self.interactive else 0
+
+    # -- a reply ----------------------------------------------------------------------------
+
+    def _view(self):
+        if not self.interactive:
+            return PlainView(sys.stdout, sys.stderr if self.session.thinking else None)
+        if self.live:
+            return LiveView(self.out, self.labels)
+        return ConsoleView(self.out)
+
+    def reply(self, message: str) -> None:
+        events = self.session.stream(message)
+        try:
+            result = render(events, self._view())
+        except KeyboardInterrupt:
+            self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
+            return
+        except DiffusionGemmaError as e:
+            self.failed = True
+            print(f"error: {e}", file=sys.stderr)
+            return
+        finally:
+            events.close()
+        if self.interactive and result is not None:
+            self.ui.print(f"[dim]{escape(stats_line(result))}[/]")
+
+    # -- slash commands ---------------------------------------------------------------------
+
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        handler = getattr(self, "cmd_" + name[1:].lower(), None)
+        if handler is None:
+            self.ui.print(f"unknown command {escape(name)}; /help lists them")
+            return
+        handler(arg)
+
+    def cmd_help(self, arg: str) -> None:
+        self.ui.print(escape(HELP), highlight=False)
+
+    def cmd_quit(self, arg: str) -> None:
+        raise Quit
+
+    cmd_exit = cmd_quit
+
+    def cmd_reset(self, arg: str) -> None:
+        self.session.reset()
+        self.ui.print("conversation cleared")
+
+    def cmd_stats(self, arg: str) -> None:
+        result = self.session.last_result
+        if result is None:
+            self.ui.print("no reply yet")
+            return
+        table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+        for key, value in stats_rows(result):
+            table.add_row(key, value)
+        self.ui.print(table)
+
+    def cmd_steps(self, arg: str) -> None:
+        opts = self.session.sampler_options
+        if not arg:
+            current = opts.get("max_denoising_steps") or self.session.model.generation.max_denoising_steps
+            self.ui.print(f"max denoising steps per block: {current}")
+            return
+        if not arg.isdigit() or int(arg) < 1:
+            self.ui.print("usage: /steps N (a whole number, at least 1)")
+            return
+        opts["max_denoising_steps"] = int(arg)
+        self.ui.print(f"max denoising steps per block: {int(arg)}")
+
+    def cmd_think(self, arg: str) -> None:
+        if arg.lower() not in ("on", "off"):
+            self.ui.print(f"thinking is {'on' if self.session.thinking else 'off'}; usage: /think on|off")
+            return
+        self.session.thinking = arg.lower() == "on"
+        self.ui.print(f"thinking {arg.lower()}")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            self.ui.print("usage: /save FILE (.json for the messages, otherwise markdown)")
+            return
+        path = Path(arg).expanduser()
+        messages = self.session.messages
+        try:
+            if path.suffix.lower() == ".json":
+                path.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            else:
+                path.write_text(transcript_markdown(messages), encoding="utf-8")
+        except OSError as e:
+            print(f"error: could not write {path}: {e.strerror or e}", file=sys.stderr)
+            return
+        self.ui.print(f"saved {len(messages)} messages to {escape(str(path))}")
+
+
+def transcript_markdown(messages) -> str:
+    parts = []
+    for m in messages:
+        role, content = m.get("role", "?"), str(m.get("content", ""))
+        if role == "assistant":
+            thought, content = split_thinking(content)
+            if thought:
+                parts.append("## assistant (thinking)\n\n" + "\n".join("> " + l for l in thought.splitlines()))
+        parts.append(f"## {role}\n\n{content.strip()}")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,80 @@
+"""`dgemma convert`: a progress bar over tensors and bytes, then a summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
+from rich.table import Table
+
+_PRECISION = {4: "4-bit", 8: "8-bit", 16: "bfloat16", 32: "float32"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if not unit else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}B"
+
+
+def run_convert(src: str, dst: Path, *, recipe: str, force: bool, shard_size_bytes: int,
+                out: Console, err: Console):
+    from mlx_diffusiongemma.convert import convert
+
+    progress = Progress(
+        TextColumn("[bold]converting"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"),
+        DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+    )
+    task = None
+
+    def on_progress(done_tensors: int, total_tensors: int, done_bytes: int, total_bytes: int):
+        nonlocal task
+        if task is None:  # shown once the checks have passed and the writing starts
+            progress.start()
+            task = progress.add_task("convert", total=total_bytes, tensors="")
+        progress.update(task, completed=done_bytes, tensors=f"{done_tensors}/{total_tensors}")
+
+    try:
+        report = convert(src, dst, recipe=recipe, force=force, shard_size_bytes=shard_size_bytes,
+                         progress=on_progress)
+    finally:
+        progress.stop()
+    out.print(summary_table(report))
+    for message in report.messages:
+        out.print(f"[dim]note:[/] {escape(message)}")
+    return report
+
+
+def summary_table(report) -> Table:
+    table = Table(title=f"converted to {escape(str(report.destination))}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("recipe", report.recipe)
+    table.add_row("size on disk", f"{human_bytes(report.bytes_on_disk)} ({len(report.shards)} shard(s))")
+    table.add_row("bits per weight", f"{report.bits_per_weight:.2f}")
+    total = sum(report.parameters_by_bits.values()) or 1
+    for bits, count in report.parameters_by_bits.items():
+        label = _PRECISION.get(bits, f"{bits}-bit")
+        table.add_row(f"parameters, {label}", f"{human_count(count)} ({100 * count / total:.1f}%)")
+    table.add_row("tensors written", str(report.tensors_written))
+    vision = str(report.vision_tensors_skipped)
+    if report.vision_tensors_skipped:
+        vision += f" ({human_bytes(report.vision_bytes_skipped)})"
+    table.add_row("vision tensors skipped", vision)
+    if report.replaced_existing:
+        table.add_row("replaced", "the previous folder")
+    return table

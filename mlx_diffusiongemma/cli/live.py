@@ -1,0 +1,293 @@
+"""Rendering engine events: committed text goes to the scrollback, the block being refined is
+redrawn in place (rich `Live`, transient, refreshed at each event, never by a timer).
+
+Three views share one interface (a context manager with `handle(event)` and `.result`):
+- `LiveView`: a terminal; draft canvas and status line redrawn at every `StepEvent`;
+- `ConsoleView`: a terminal without redraws (`--no-live`): committed text only, styled;
+- `PlainView`: not a terminal: the answer's text only, on stdout, no escape sequences
+  (the thought channel, if any, goes to stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import unicodedata
+from typing import Iterable, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from mlx_diffusiongemma.events import (
+    THOUGHT_CLOSE, THOUGHT_OPEN, BlockEvent, GenerationResult, StepEvent, split_thinking,
+)
+
+THOUGHT_STYLE = "dim italic"
+ACCEPTED_STYLE = "bold"  # positions the sampler accepted this step
+NOISY_STYLE = "dim cyan"  # positions still being denoised
+STATUS_STYLE = "dim"
+
+_SYMBOLS = {"\n": "↵", "\t": "→", "\r": "␍"}
+
+
+def visible(text: str) -> str:
+    """Control characters and line breaks as visible one-cell symbols (a stable live region)."""
+    out = []
+    for ch in text:
+        if ch in _SYMBOLS:
+            out.append(_SYMBOLS[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(chr(0x2400 + ord(ch)) if ord(ch) < 32 else "·")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class TokenLabels:
+    """Token id -> how the draft shows it (decoded alone, made visible), cached."""
+
+    def __init__(self, tokenizer, eos_ids: Iterable[int] = (), pad_id: int | None = None):
+        self._decode = tokenizer.decode
+        self._cache: dict[int, str] = {i: "■" for i in eos_ids}
+        if pad_id is not None:
+            self._cache[pad_id] = "·"
+
+    def __call__(self, token: int) -> str:
+        label = self._cache.get(token)
+        if label is None:
+            label = self._cache[token] = visible(self._decode([token]))
+        return label
+
+
+def _partial_marker(text: str) -> int:
+    """Length of the longest end of `text` that could be the start of a channel marker."""
+    for n in range(max(len(THOUGHT_OPEN), len(THOUGHT_CLOSE)) - 1, 0, -1):
+        tail = text[-n:]
+        if len(tail) == n and (THOUGHT_OPEN.startswith(tail) or THOUGHT_CLOSE.startswith(tail)):
+            return n
+    return 0
+
+
+class ChannelSplitter:
+    """Committed text deltas -> ("thought" | "answer", text) pieces, each printed once.
+
+    A marker cut between two blocks is held back until the next block shows what it is."""
+
+    def __init__(self):
+        self.text = ""
+        self._shown = {"thought": "", "answer": ""}
+
+    def feed(self, delta: str, final: bool = False) -> list[tuple[str, str]]:
+        self.text += delta
+        text = self.text if final else self.text[: len(self.text) - _partial_marker(self.text)]
+        thought, answer = split_thinking(text)
+        pieces = []
+        for kind, now in (("thought", thought), ("answer", answer)):
+            shown = self._shown[kind]
+            if now is not None and len(now) > len(shown) and now.startswith(shown):
+                pieces.append((kind, now[len(shown):]))
+                self._shown[kind] = now
+        return pieces
+
+
+def stats_line(result: GenerationResult) -> str:
+    spb = result.steps_per_block
+    mean_steps = sum(spb) / len(spb) if spb else 0.0
+    return (
+        f"{result.generation_tokens} tokens · {result.generation_tps:.1f} tok/s · "
+        f"{mean_steps:.1f} steps/block · {result.tokens_per_forward:.2f} tokens/forward · "
+        f"prefill {result.prefill_time:.2f} s"
+    )
+
+
+def stats_rows(result: GenerationResult) -> list[tuple[str, str]]:
+    """Every number of a result, for `/stats`."""
+    spb = result.steps_per_block
+    return [
+        ("tokens", f"{result.generation_tokens} ({result.finish_reason})"),
+        ("generation", f"{result.generation_time:.2f} s, {result.generation_tps:.1f} tok/s"),
+        ("steps per block", ", ".join(map(str, spb)) or "-"),
+        ("tokens per forward", f"{result.tokens_per_forward:.2f}"),
+        ("prompt", f"{result.prompt_tokens} tokens, {result.encoded_tokens} encoded this turn"),
+        ("prefill", f"{result.prefill_time:.3f} s, {result.prefill_tps:.0f} tok/s"),
+        ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
+        ("seed", str(result.extra.get("seed", "-"))),
+    ]
+
+
+class _View:
+    """Common event handling; subclasses say how committed pieces are written."""
+
+    def __init__(self):
+        self.splitter = ChannelSplitter()
+        self.result: GenerationResult | None = None
+        self._last_kind: str | None = None  # kind of the last piece written
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        self._write(self.splitter.feed("", final=True))
+        if exc_type is None or self._last_kind is not None:  # no stray newline after a failed start
+            self._end()
+        return False
+
+    def handle(self, event) -> None:
+        if isinstance(event, BlockEvent):
+            self._write(self.splitter.feed(event.text))
+            self._block(event)
+        elif isinstance(event, StepEvent):
+            self._step(event)
+        elif isinstance(event, GenerationResult):
+            self.result = event
+
+    def _step(self, event: StepEvent) -> None:
+        pass
+
+    def _block(self, event: BlockEvent) -> None:
+        pass
+
+    def _write(self, pieces: list[tuple[str, str]]) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        raise NotImplementedError
+
+
+class PlainView(_View):
+    """Not a terminal: the answer on `out`, the thought channel (if any) on `err`."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
+        super().__init__()
+        self.out = out or sys.stdout
+        self.err = err
+        self._thought = False
+
+    def _write(self, pieces):
+        for kind, text in pieces:
+            stream = self.out if kind == "answer" else self.err
+            if stream is not None:
+                stream.write(text)
+                stream.flush()
+            self._thought |= kind == "thought"
+            self._last_kind = kind
+
+    def _end(self):
+        if self._thought and self.err is not None:
+            self.err.write("\n")
+        self.out.write("\n")
+        self.out.flush()
+
+
+class ConsoleView(_View):
+    """A terminal without redraws: committed text as it comes, the thought channel dimmed."""
+
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+
+    def _styled(self, pieces) -> Text:
+        text = Text()
+        for kind, piece in pieces:
+            if self._last_kind == "thought" and kind == "answer":
+                text.append("\n\n")
+            text.append(piece, THOUGHT_STYLE if kind == "thought" else "")
+            self._last_kind = kind
+        return text
+
+    def _write(self, pieces):
+        if pieces:
+            self.console.print(self._styled(pieces), end="", soft_wrap=True)
+
+    def _end(self):
+        self.console.print(soft_wrap=True)
+
+
+class LiveView(ConsoleView):
+    """The block being refined, redrawn in place after the committed text, plus a status line.
+
+    Committed text is printed above the live region one whole line at a time; the unfinished
+    last line (`tail`) is drawn inside the region, with the draft canvas continuing it."""
+
+    def __init__(self, console: Console, labels: TokenLabels):
+        super().__init__(console)
+        self.labels = labels
+        self.tail = Text()
+        self.draft = Text()
+        self.status = Text("encoding the prompt…", style=STATUS_STYLE)
+        self.tokens = 0
+        self._start: float | None = None
+        self.live = Live(console=console, transient=True, auto_refresh=False,
+                         vertical_overflow="ellipsis", redirect_stdout=False, redirect_stderr=False)
+
+    def __enter__(self):
+        self.live.start()
+        self._refresh()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.live.stop()  # transient: the draft and the status line vanish
+        self.draft = Text()
+        return super().__exit__(*exc)
+
+    def _refresh(self) -> None:
+        self.live.update(Group(Text.assemble(self.tail, self.draft), self.status), refresh=True)
+
+    def _step(self, event: StepEvent) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+        ids, accepted = event.argmax.tolist(), event.accepted.tolist()
+        self.draft = Text()
+        run, run_ok = [], None
+        for token, ok in zip(ids, accepted):  # runs of one style: short escape sequences
+            if ok != run_ok and run:
+                self.draft.append("".join(run), ACCEPTED_STYLE if run_ok else NOISY_STYLE)
+                run = []
+            run.append(self.labels(token))
+            run_ok = ok
+        self.draft.append("".join(run), ACCEPTED_STYLE if run_ok else NOISY_STYLE)
+        elapsed = time.perf_counter() - self._start
+        rate = f"{self.tokens / elapsed:.1f} tok/s" if self.tokens and elapsed > 0 else "- tok/s"
+        self.status = Text(
+            f"block {event.block + 1} · step {event.step}/{event.max_steps} · "
+            f"accepted {sum(accepted)}/{len(ids)} · entropy {event.mean_entropy:.2f} · {rate}",
+            style=STATUS_STYLE, no_wrap=True, overflow="ellipsis",
+        )
+        self._refresh()
+
+    def _block(self, event: BlockEvent) -> None:
+        self.tokens += len(event.tokens)
+        self.draft = Text()
+        self._refresh()
+
+    def _write(self, pieces):
+        if not pieces:
+            return
+        self.tail.append_text(self._styled(pieces))
+        if not self.live.is_started:  # after the region is gone: plain printing
+            self.console.print(self.tail, end="", soft_wrap=True)
+            self.tail = Text()
+            return
+        # Whole lines, and rows the terminal would wrap anyway, go to the scrollback.
+        cut = self.tail.plain.rfind("\n") + 1
+        if cut:
+            head, self.tail = self.tail[:cut], self.tail[cut:]
+            self.console.print(head, end="", soft_wrap=True)
+        rows = self.tail.wrap(self.console, self.console.width)
+        if len(rows) > 1:
+            for row in rows[:-1]:
+                self.console.print(row, soft_wrap=True)
+            self.tail = rows[-1]
+
+    def _end(self):
+        self.console.print(self.tail, soft_wrap=True)
+        self.tail = Text()
+
+
+def render(events, view: _View) -> GenerationResult | None:
+    """Run the events through a view; returns the final result (None if there was none)."""
+    with view:
+        for event in events:
+            view.handle(event)
+    return view.result
