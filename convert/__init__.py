@@ -47,7 +47,7 @@ import mlx.core as mx
 from mlx_diffusiongemma import weights as W
 from mlx_diffusiongemma.config import parse_model_args, read_json
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import check_safetensors, resolve, safetensors_files
+from mlx_diffusiongemma.loading import check_safetensors, check_tensors, resolve, safetensors_files
 
 from .plan import Plan, SizeEstimate, TensorPlan, projected_size
 from .writer import ShardWriter, put_in_place, remove
@@ -241,25 +241,12 @@ def _validate(folder: Path, inventory: list[_SourceTensor], plan: Plan) -> None:
                 f"{folder}: tensor {t.target!r} appears twice ({seen[t.target].file.name}, {t.file.name})"
             )
         seen[t.target] = t
-    unexpected = sorted(set(seen) - set(plan.tensors))
-    missing = sorted(set(plan.tensors) - set(seen))
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: unexpected tensor {seen[unexpected[0]].key!r}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            + "; is this a DiffusionGemma checkpoint matching its config.json?"
-        )
-    if missing:
-        raise CheckpointError(
-            f"{folder}: missing tensor {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    for name, t in seen.items():
-        if t.shape != plan.tensors[name].shape:
-            raise CheckpointError(
-                f"{folder}: tensor {t.key!r} has shape {t.shape}, "
-                f"config.json implies {plan.tensors[name].shape}"
-            )
+    check_tensors(
+        {name: tuple(t.shape) for name, t in plan.tensors.items()},
+        {name: tuple(t.shape) for name, t in seen.items()},
+        str(folder),
+        label=lambda name: seen[name].key if name in seen else name,
+    )
 
 
 def _check_disk_space(dst: Path, needed: int) -> None:

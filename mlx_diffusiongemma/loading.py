@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -120,14 +120,19 @@ def _quantize_from_config(model: Model, quantization: dict[str, Any], names: set
     nn.quantize(model, class_predicate=predicate)
 
 
-def load_weights_into(model: Model, weights: dict[str, mx.array], source: str) -> None:
-    """Check names and shapes against the model, then load; errors name the first problem."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+def check_tensors(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    source: str,
+    label: Callable[[str], str] = lambda name: name,
+) -> None:
+    """Compare a checkpoint's (mapped) tensor names and shapes with what the model expects;
+    raise a CheckpointError naming the first problem (`label` gives the name to show)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise CheckpointError(
-            f"{source}: unexpected tensor {unexpected[0]!r}"
+            f"{source}: unexpected tensor {label(unexpected[0])!r}"
             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
             + "; is this a DiffusionGemma checkpoint matching its config.json?"
         )
@@ -136,12 +141,18 @@ def load_weights_into(model: Model, weights: dict[str, mx.array], source: str) -
             f"{source}: missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    for name, value in weights.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
-                f"config.json implies {tuple(expected[name].shape)}"
+                f"{source}: tensor {label(name)!r} has shape {tuple(shape)}, "
+                f"config.json implies {tuple(expected[name])}"
             )
+
+
+def load_weights_into(model: Model, weights: dict[str, mx.array], source: str) -> None:
+    """Check names and shapes against the model, then load."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    check_tensors(expected, {k: tuple(v.shape) for k, v in weights.items()}, source)
     model.load_weights(list(weights.items()), strict=True)
 
 
