@@ -54,6 +54,10 @@ class LayerKV:
         keys, values = self.view()
         if self.keep is not None:
             self.start = max(self.start, self.end - self.keep)
+            if self.keys.shape[2] > 2 * (self.keep + STEP):
+                # A long append (an unchunked prompt) left a buffer far larger than the window:
+                # keep only the visible rows (the views returned above still hold the old buffer).
+                self._reallocate(k, v, 0)
         return keys, values
 
     def _reallocate(self, k: mx.array, v: mx.array, n: int) -> None:

@@ -101,3 +101,26 @@ def test_top_k_option_reaches_the_decoder(demo):
     assert first_exact[0].argmax.tolist() == first_topk[0].argmax.tolist()
     assert any(a.argmax.tolist() != b.argmax.tolist() for a, b in zip(first_exact[1:], first_topk[1:]))
     assert isinstance(topk[-1], GenerationResult)
+
+
+def test_prefill_chunks_bound_memory_and_agree(demo):
+    """Chunked prefill gives the same decoder logits as one pass, holds only window - 1 rows in
+    sliding layers, and keeps their buffers bounded even after an unchunked prompt."""
+    model, _ = demo
+    ids = mx.array(np.random.default_rng(1).integers(0, model.vocab_size, (1, 700)))
+    canvas = mx.arange(model.canvas_length)[None] % model.vocab_size
+    keep = model.text.sliding_window - 1
+    outs = []
+    for chunk in (64, 700):
+        mx.reset_peak_memory()
+        cache = model.prefill(ids, chunk_size=chunk)
+        mx.eval(cache.state())
+        peak = mx.get_peak_memory()
+        for i, layer in enumerate(cache.layers):
+            if model.text.is_sliding(i):
+                assert layer.rows == keep and layer.keys.shape[2] <= 2 * (keep + 256)
+            else:
+                assert layer.rows == 700
+        outs.append(model.denoise(canvas, cache))
+        print(f"\nchunk {chunk}: prefill peak {peak / 1e6:.1f} MB, cache {cache.nbytes / 1e6:.2f} MB")
+    np.testing.assert_allclose(np.array(outs[0]), np.array(outs[1]), atol=1e-3)
