@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Generator, Iterator
 
 import mlx.core as mx
@@ -180,7 +180,7 @@ def run(
     opts = request.sampler.resolve(defaults)
     eos = mx.array(list(defaults.eos_token_ids), dtype=mx.int32)
     pad = defaults.pad_token_id
-    c, vocab = model.canvas_length, model.vocab_size
+    c = model.canvas_length
     if request.max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     if not request.prompt_ids and (cache is None or cache.length == 0):

@@ -427,7 +427,6 @@ class Model(nn.Module):
         `soft_embeddings`); the default is the exact one, as in the reference.
         """
         ids = _as_ids(canvas_ids)
-        n = ids.shape[1]
         pos = cache.length
         embeds = self._embed(ids)
         if self_conditioning is None:

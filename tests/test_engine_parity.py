@@ -18,7 +18,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
 from mlx_diffusiongemma.engine import NoiseSource, Request, SamplerOptions, run
-from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent
+from mlx_diffusiongemma.events import BlockEvent, GenerationResult
 from mlx_diffusiongemma.loading import load_model
 from mlx_diffusiongemma.config import load_generation_defaults
 
