@@ -162,13 +162,19 @@ def _sort_by_expert(x: mx.array, idx: mx.array) -> tuple[mx.array, mx.array, mx.
 class ExpertLinear(SwitchLinear):
     """mlx_lm's SwitchLinear (so `nn.quantize` turns it into a `gather_qmm` layer), except that
     unquantized half-precision weights run through `gather_mm` in float32 on the CPU backend,
-    whose GatherMM kernel only supports float32 (MLX 0.32). On a GPU nothing changes."""
+    whose GatherMM kernel only supports float32 (MLX 0.32). The float32 copy is made once per
+    weight array and kept (CPU only: tests and benchmarks); on a GPU nothing changes."""
+
+    _f32: tuple[mx.array, mx.array] | None = None  # (source weight, its float32 copy)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         w = self["weight"]
         if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
-            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
-                             rhs_indices=indices, sorted_indices=sorted_indices)
+            if self._f32 is None or self._f32[0] is not w:
+                wt = w.astype(mx.float32).swapaxes(-1, -2)
+                mx.eval(wt)
+                object.__setattr__(self, "_f32", (w, wt))  # not a parameter: kept out of the tree
+            y = mx.gather_mm(x.astype(mx.float32), self._f32[1], rhs_indices=indices, sorted_indices=sorted_indices)
             return y.astype(x.dtype)
         return super().__call__(x, indices, sorted_indices=sorted_indices)
 
