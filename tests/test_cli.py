@@ -324,3 +324,13 @@ def test_thought_channel_is_shown_apart_and_dimmed():
     out, err = io.StringIO(), io.StringIO()
     render(iter(_thinking_events()), PlainView(out, err))
     assert out.getvalue() == "Blue.\nDone\n" and err.getvalue() == "weigh it\n"
+
+
+def test_bench_command_forwards_to_the_benchmark_script():
+    from typer.testing import CliRunner
+
+    from mlx_diffusiongemma.cli.app import app
+
+    result = CliRunner().invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "--presets" in result.output and "mlx-vlm" in result.output

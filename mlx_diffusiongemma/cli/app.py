@@ -264,6 +264,21 @@ def convert(
                     out=Console(highlight=False), err=Console(stderr=True, highlight=False))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context):
+    """Run the benchmark against the other MLX port (scripts/bench.py; --help for its options)."""
+    # The benchmark lives in the source repository's scripts/ (it builds venvs and checkpoints
+    # of its own), so it is run from there rather than shipped inside the package.
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+    if not script.exists():
+        _fail("the benchmark ships with the source repository: clone it and run "
+              "`python scripts/bench.py` (or install it editable, then `dgemma bench`)")
+    import runpy
+
+    module = runpy.run_path(str(script), run_name="dgemma_bench")
+    raise typer.Exit(module["main"](list(ctx.args)) or 0)
+
+
 def main() -> None:
     app(prog_name="dgemma")
 
