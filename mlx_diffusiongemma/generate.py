@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .engine import NoiseSource, Request, SamplerOptions, run
+from .engine import Request, SamplerOptions, run
 from .events import BlockEvent, GenerationResult, StepEvent
 
 Event = StepEvent | BlockEvent | GenerationResult
@@ -43,9 +43,17 @@ def prompt_ids(tokenizer, prompt: str | Messages | Sequence[int] | mx.array, thi
     return [int(i) for i in prompt]
 
 
-def _split_options(options: dict[str, Any]) -> tuple[SamplerOptions, dict[str, Any]]:
-    sampler = {k: options.pop(k) for k in list(options) if k in _SAMPLER_KEYS}
-    return SamplerOptions(**sampler), options
+_REQUEST_KEYS = ("max_tokens", "seed", "prefill_chunk", "stop_check_interval", "self_conditioning_top_k")
+
+
+def make_request(ids: list[int], options: dict[str, Any]) -> Request:
+    """A Request from keyword options: request fields and sampler knobs; anything else is an error."""
+    options = dict(options)
+    fields = {k: options.pop(k) for k in _REQUEST_KEYS if k in options}
+    sampler = SamplerOptions(**{k: options.pop(k) for k in list(options) if k in _SAMPLER_KEYS})
+    if options:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
+    return Request(ids, sampler=sampler, **fields)
 
 
 def stream_generate(
@@ -68,12 +76,9 @@ def stream_generate(
     every k steps (same tokens, fewer host synchronisations, up to k - 1 wasted passes per
     block); `self_conditioning_top_k` selects the cheaper approximate self-conditioning.
     Close the generator to cancel."""
-    opts, rest = _split_options(dict(sampler_options))
-    if rest:
-        raise TypeError(f"unknown option(s): {', '.join(sorted(rest))}")
-    ids = prompt_ids(tokenizer, prompt, thinking)
-    request = Request(ids, max_tokens=max_tokens, sampler=opts, seed=seed, prefill_chunk=prefill_chunk,
-                      stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k)
+    request = make_request(prompt_ids(tokenizer, prompt, thinking), dict(
+        sampler_options, max_tokens=max_tokens, seed=seed, prefill_chunk=prefill_chunk,
+        stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k))
     yield from run(model, request, decode=tokenizer.decode, detokenizer=tokenizer.detokenizer)
 
 
@@ -126,16 +131,8 @@ class ChatSession:
     def stream(self, message: str, **options: Any) -> Iterator[Event]:
         """Send a user message; yields the turn's events. The reply joins the history only when
         the turn completes (closing the generator early leaves the history as it was)."""
-        merged = {**self.sampler_options, **options}
-        max_tokens = merged.pop("max_tokens", self.max_tokens)
-        seed = merged.pop("seed", self.seed)
+        merged = {"max_tokens": self.max_tokens, "seed": self.seed, **self.sampler_options, **options}
         thinking = merged.pop("thinking", self.thinking)
-        prefill_chunk = merged.pop("prefill_chunk", 512)
-        interval = merged.pop("stop_check_interval", 1)
-        top_k = merged.pop("self_conditioning_top_k", None)
-        opts, rest = _split_options(merged)
-        if rest:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(rest))}")
         history = self.messages + [{"role": "user", "content": message}]
         full = render_messages(self.tokenizer, history, thinking)
         keep = _common_prefix(self.cached_ids, full)
@@ -143,12 +140,11 @@ class ChatSession:
             cache, new_ids, base = None, full, []
         else:
             cache, new_ids, base = self.cache.copy(), full[keep:], self.cached_ids
-        request = Request(new_ids, max_tokens=max_tokens, sampler=opts, seed=seed, prefill_chunk=prefill_chunk,
-                          stop_check_interval=interval, self_conditioning_top_k=top_k)
+        request = make_request(new_ids, merged)
         # Work on a fork so that a cancelled turn leaves the session's cache as it was.
         work_cache = cache if cache is not None else self.model.make_cache()
         for event in run(self.model, request, cache=work_cache, decode=self.tokenizer.decode,
-                         detokenizer=self.tokenizer.detokenizer, noise=NoiseSource(seed)):
+                         detokenizer=self.tokenizer.detokenizer):
             if isinstance(event, GenerationResult):
                 # The turn is complete: record it before handing the result out, so a caller that
                 # stops reading at the result still has the reply in the history. The cache holds
