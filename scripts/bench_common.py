@@ -77,6 +77,31 @@ class Memory:
         return self.mx.get_active_memory() / 1e9
 
 
+def measure_prefill(mx, prefill: Callable[[Any], Any], plan: dict[str, Any], vocab: int, mem: "Memory") -> dict[str, Any]:
+    """Time `prefill(ids)` (which must return with its cache evaluated) at each planned prompt
+    length: the same protocol for every port."""
+    out: dict[str, Any] = {}
+    lengths = sorted(plan["prompt_lengths"])
+    for _ in range(plan["prefill_warmup"] if lengths else 0):
+        prefill(random_ids(mx, lengths[0], vocab, seed=1))
+    for n in lengths:
+        ids = random_ids(mx, n, vocab, seed=n)
+        samples, peaks = [], []
+        for _ in range(plan["prefill_repeats"]):
+            mem.reset()
+            t = time.perf_counter()
+            cache = prefill(ids)
+            samples.append(time.perf_counter() - t)
+            peaks.append(mem.peak_gb())
+            del cache
+        s = summarize(samples)
+        s["tokens_per_s"] = n / s["median"]
+        s["peak_memory_gb"] = max(peaks)
+        out[str(n)] = s
+        log(f"  prefill {n}: {s['median']*1e3:.0f} ms ({s['tokens_per_s']:.0f} tok/s)")
+    return out
+
+
 def worker_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True, help="model folder")

@@ -45,27 +45,12 @@ def main() -> None:
     C.log(f"ours {plan['preset']}/{precision}: loaded in {result['load_s']:.1f}s")
 
     # -- prefill ---------------------------------------------------------------------------------
-    prefill = {}
-    lengths = sorted(plan["prompt_lengths"])
-    for _ in range(plan["prefill_warmup"] if lengths else 0):
-        mx.eval(model.prefill(C.random_ids(mx, lengths[0], vocab, seed=1)).state())
-    for n in lengths:
-        ids = C.random_ids(mx, n, vocab, seed=n)
-        samples, peaks = [], []
-        for _ in range(plan["prefill_repeats"]):
-            mem.reset()
-            t = time.perf_counter()
-            cache = model.prefill(ids)
-            mx.eval(cache.state())
-            samples.append(time.perf_counter() - t)
-            peaks.append(mem.peak_gb())
-            del cache
-        s = C.summarize(samples)
-        s["tokens_per_s"] = n / s["median"]
-        s["peak_memory_gb"] = max(peaks)
-        prefill[str(n)] = s
-        C.log(f"  prefill {n}: {s['median']*1e3:.0f} ms ({s['tokens_per_s']:.0f} tok/s)")
-    result["prefill"] = prefill
+    def prefill(ids):
+        cache = model.prefill(ids)
+        mx.eval(cache.state())
+        return cache
+
+    result["prefill"] = C.measure_prefill(mx, prefill, plan, vocab, mem)
 
     # The decoder's timing does not depend on the cached values, only on the cache's shape and
     # layout: fill the cache through its own append path, in the prefill's chunk size, with

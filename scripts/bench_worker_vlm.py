@@ -104,26 +104,7 @@ def main() -> None:
         return
 
     # -- prefill ---------------------------------------------------------------------------------
-    prefill_res = {}
-    lengths = sorted(plan["prompt_lengths"])
-    for _ in range(plan["prefill_warmup"] if lengths else 0):
-        prefill(C.random_ids(mx, lengths[0], vocab, seed=1))
-    for n in lengths:
-        ids = C.random_ids(mx, n, vocab, seed=n)
-        samples, peaks = [], []
-        for _ in range(plan["prefill_repeats"]):
-            mem.reset()
-            t = time.perf_counter()
-            cache = prefill(ids)
-            samples.append(time.perf_counter() - t)
-            peaks.append(mem.peak_gb())
-            del cache
-        s = C.summarize(samples)
-        s["tokens_per_s"] = n / s["median"]
-        s["peak_memory_gb"] = max(peaks)
-        prefill_res[str(n)] = s
-        C.log(f"  prefill {n}: {s['median']*1e3:.0f} ms ({s['tokens_per_s']:.0f} tok/s)")
-    result["prefill"] = prefill_res
+    result["prefill"] = C.measure_prefill(mx, prefill, plan, vocab, mem)
 
     # Decoder caches: random K/V written through the caches' own update path in the prefill's
     # chunks (same layout as a real prefill, no encoder cost).
