@@ -26,8 +26,13 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt
 
 
 def resolve(path_or_repo: str | Path, *, offline: bool | None = None) -> Path:
-    """A local folder as is; otherwise a hub repo id fetched (or found in the cache) by huggingface_hub."""
+    """A local folder as is; "demo" the random demo model (built on first use, offline);
+    otherwise a hub repo id fetched (or found in the cache) by huggingface_hub."""
     p = Path(path_or_repo).expanduser()
+    if str(path_or_repo) == "demo" and not p.exists():
+        from .demo import ensure_demo
+
+        return ensure_demo()
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{p} is a file; give the checkpoint's folder")
