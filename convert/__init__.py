@@ -159,6 +159,7 @@ def convert(
 
     report = ConvertReport(source=folder, destination=dst, recipe=recipe)
     tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+    report.messages += _remove_stale_partials(dst)
     remove(tmp)  # a leftover of an earlier run of a process with our pid
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -187,6 +188,29 @@ def convert(
 
 
 # -- checks before anything is written ---------------------------------------------------------
+
+
+def _remove_stale_partials(dst: Path) -> list[str]:
+    """Delete `DST.partial-<pid>` folders left by conversions that were killed (their process
+    is gone); a running conversion's folder is left alone."""
+    notes = []
+    for old in dst.parent.glob(f"{dst.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        remove(old)
+        notes.append(f"removed {old.name}, left by an interrupted conversion")
+    return notes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_destination(folder: Path, dst: Path, force: bool) -> None:

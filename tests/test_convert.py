@@ -460,3 +460,16 @@ def test_peak_memory_is_bounded_by_the_shard_size(work):
         model, _ = load_model(dst)  # and the result loads
         assert model.text.num_hidden_layers == 12
         shutil.rmtree(dst)
+
+
+def test_stale_partial_folder_of_a_killed_run_is_removed(tmp_path):
+    """A conversion killed with SIGKILL leaves DST.partial-<pid>; the next run removes it."""
+    src = build_hf_checkpoint(tmp_path / "src")
+    dst = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"out.partial-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    report = convert(src, dst, recipe="bf16")
+    assert not stale.exists() and (dst / "config.json").exists()
+    assert any("interrupted conversion" in m for m in report.messages)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 import traceback
@@ -95,6 +96,11 @@ def handle_errors(debug: bool):
             traceback.print_exc()
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130)
+    except BrokenPipeError:
+        # The reader went away (`dgemma generate ... | head`): stop quietly, like other CLI tools.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0)
     except (DiffusionGemmaError, ValueError, OSError) as e:
         if debug:
             traceback.print_exc()

@@ -95,7 +95,8 @@ def stats_line(result: GenerationResult) -> str:
     spb = result.steps_per_block
     mean_steps = sum(spb) / len(spb) if spb else 0.0
     return (
-        f"{result.generation_tokens} tokens · {result.generation_tps:.1f} tok/s · "
+        f"{result.generation_tokens} token{'s' if result.generation_tokens != 1 else ''} · "
+        f"{result.generation_tps:.1f} tok/s · "
         f"{mean_steps:.1f} steps/block · {result.tokens_per_forward:.2f} tokens/forward · "
         f"prefill {result.prefill_time:.2f} s"
     )
