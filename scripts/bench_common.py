@@ -59,6 +59,16 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, before: Call
     return summarize(samples)
 
 
+def measure(fn: Callable[[], Any], mem: "Memory", label: str, *, warmup: int, repeats: int) -> dict[str, Any]:
+    """`time_calls` plus the MLX peak memory of the timed calls, logged: the protocol every worker
+    uses for one measured piece (a forward at a cache length, a sampler step)."""
+    mem.reset()
+    s = time_calls(fn, warmup=warmup, repeats=repeats)
+    s["peak_memory_gb"] = mem.peak_gb()
+    log(f"  {label}: {s['median']*1e3:.2f} ms")
+    return s
+
+
 class Memory:
     """Peak of MLX's allocator around a measured piece."""
 

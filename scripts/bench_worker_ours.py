@@ -89,11 +89,7 @@ def main() -> None:
         def fwd(cache=cache, sc=sc):
             mx.eval(model.denoise(canvas, cache, sc))
 
-        mem.reset()
-        s = C.time_calls(fwd, warmup=warmup, repeats=repeats)
-        s["peak_memory_gb"] = mem.peak_gb()
-        forward[str(n)] = s
-        C.log(f"  forward @ cache {n}: {s['median']*1e3:.1f} ms")
+        forward[str(n)] = C.measure(fwd, mem, f"forward @ cache {n}", warmup=warmup, repeats=repeats)
     result["forward"] = forward
 
     # The sampler does not depend on the cache: measured once, on real logits.
@@ -113,11 +109,7 @@ def main() -> None:
         stop.item()
         mean.item()
 
-    mem.reset()
-    s = C.time_calls(sampler_step, warmup=max(warmup, 2), repeats=repeats)
-    s["peak_memory_gb"] = mem.peak_gb()
-    result["sampler"] = s
-    C.log(f"  sampler: {s['median']*1e3:.2f} ms")
+    result["sampler"] = C.measure(sampler_step, mem, "sampler", warmup=max(warmup, 2), repeats=repeats)
 
     # -- our optional fast path: top-k self-conditioning (an approximation; off by default) --------
     topk = plan.get("ours_topk_self_conditioning")

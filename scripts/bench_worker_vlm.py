@@ -145,11 +145,7 @@ def main() -> None:
             mx.eval(model.diffusion_decoder_logits(canvas, cache=cache, self_conditioning=sc, decoder_attention_mask=masks))
 
         fwd_fns[n] = fwd
-        mem.reset()
-        s = C.time_calls(fwd, warmup=warmup, repeats=repeats)
-        s["peak_memory_gb"] = mem.peak_gb()
-        forward[str(n)] = s
-        C.log(f"  forward @ cache {n}: {s['median']*1e3:.1f} ms")
+        forward[str(n)] = C.measure(fwd, mem, f"forward @ cache {n}", warmup=warmup, repeats=repeats)
     result["forward"] = forward
 
     n0 = plan["cache_lengths"][0]
@@ -179,11 +175,7 @@ def main() -> None:
         D._diffusion_stable_and_confident(argmax, proc, hist, stopping)
         mx.eval(nxt, argmax)
 
-    mem.reset()
-    s = C.time_calls(sampler_step, warmup=max(warmup, 2), repeats=repeats)
-    s["peak_memory_gb"] = mem.peak_gb()
-    result["sampler"] = s
-    C.log(f"  sampler: {s['median']*1e3:.2f} ms")
+    result["sampler"] = C.measure(sampler_step, mem, "sampler", warmup=max(warmup, 2), repeats=repeats)
 
     # -- breakdown -----------------------------------------------------------------------------
     nb = plan.get("breakdown_cache_length")
