@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import weights as W
-from .config import GenerationDefaults, ModelArgs, load_generation_defaults, parse_model_args, read_json
+from .config import GenerationDefaults, load_generation_defaults, parse_model_args, read_json
 from .errors import CheckpointError
 from .model import Model
 
@@ -107,10 +107,6 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
             raise CheckpointError(f"could not read {f.name}: {e}") from None
 
 
-def build_model(args: ModelArgs) -> Model:
-    return Model(args)
-
-
 def _quantize_from_config(model: Model, quantization: dict[str, Any], names: set[str]) -> None:
     """Quantize the modules the checkpoint stores quantized, with per-module overrides."""
     default = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
@@ -177,7 +173,7 @@ def load_model(
         raise CheckpointError(f"{folder}: no such folder")
     config = read_json(folder / "config.json")
     args = parse_model_args(config, source=str(folder / "config.json"))
-    model = build_model(args)
+    model = Model(args)
     weights: dict[str, mx.array] = {}
     for _, shard in iter_checkpoint(folder):
         weights.update(W.sanitize(shard))
@@ -189,7 +185,9 @@ def load_model(
             raise CheckpointError(f"{folder} is already quantized; drop the quantize option")
         _quantize_from_config(model, args.quantization, set(weights))
     if dtype is not None:
-        weights = {k: v.astype(dtype) if _castable(k, v) else v for k, v in weights.items()}
+        # Quantization scales/biases are cast too: a float32 request on a quantized checkpoint
+        # then computes in float32 (bf16 -> f32 is exact) instead of silently producing bf16.
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_weights_into(model, weights, str(folder))
     if quantize and quantize != "bf16":
         nn.quantize(model, class_predicate=W.quant_predicate(quantize))
@@ -198,12 +196,6 @@ def load_model(
     mx.eval(model.parameters())
     model.eval()
     return model, config
-
-
-def _castable(name: str, value: mx.array) -> bool:
-    # Quantization scales/biases are cast too: a float32 request on a quantized checkpoint then
-    # computes in float32 (bf16 -> f32 is exact), instead of silently producing bf16 outputs.
-    return mx.issubdtype(value.dtype, mx.floating)
 
 
 def load_tokenizer(folder: Path, generation: GenerationDefaults):

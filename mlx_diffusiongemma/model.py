@@ -460,7 +460,7 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         from .weights import sanitize
 
-        return sanitize(weights, self.text.num_hidden_layers)
+        return sanitize(weights)
 
     @property
     def quant_predicate(self):

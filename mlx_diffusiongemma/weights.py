@@ -47,7 +47,7 @@ def map_key(key: str) -> str | None:
     return key
 
 
-def sanitize(weights: dict[str, Any], num_layers: int | None = None) -> dict[str, Any]:
+def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
     """Map a checkpoint's tensors (any supported layout) to MLX parameter paths."""
     out = {}
     for key, value in weights.items():
