@@ -93,6 +93,17 @@ class PromptCache:
     def __init__(self, layers: list[LayerKV]):
         self.layers = layers
         self.length = 0  # tokens encoded; the next token's position
+        # `[batch, length]` bool, False at padding positions (left-padded batches of prompts of
+        # different lengths, as in training); None when every encoded position is a real token.
+        self.valid: mx.array | None = None
+
+    def key_mask(self, rows: int, end: int | None = None) -> mx.array | None:
+        """`[batch, 1, 1, 1, rows]` validity of the `rows` positions before `end` (default: the
+        cache length), shaped for `model.split_attention`'s grouped scores; None without padding."""
+        if self.valid is None:
+            return None
+        end = self.length if end is None else end
+        return self.valid[:, end - rows : end][:, None, None, None, :]
 
     def state(self) -> list[mx.array]:
         """Arrays to pass to `mx.eval` so the cache is materialised."""
@@ -106,6 +117,7 @@ class PromptCache:
         """A cheap fork: buffers are shared until one side writes (MLX arrays are values)."""
         other = PromptCache([layer.copy() for layer in self.layers])
         other.length = self.length
+        other.valid = self.valid
         return other
 
     @property

@@ -144,11 +144,12 @@ class Router(nn.Module):
     def __call__(self, h: mx.array) -> tuple[mx.array, mx.array]:
         x = rms_norm_no_scale(h, self.eps) * (self.scale * self.root).astype(h.dtype)
         probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
-        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # Indices carry no gradient (training differentiates through the weights only).
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         w = w * self.per_expert_scale[idx].astype(mx.float32)
-        return mx.stop_gradient(idx), w
+        return idx, w
 
 
 def _sort_by_expert(x: mx.array, idx: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -192,7 +193,15 @@ class Experts(nn.Module):
         self.gate_up_proj = ExpertLinear(d, 2 * i, e, bias=False)
         self.down_proj = ExpertLinear(i, d, e, bias=False)
 
+    # Training switch: run every expert on every row and weight by the router's (sparse) top-k
+    # weights. The same function as the gather path (zero weight outside the top-k), but plain
+    # matmuls: on MLX's CPU backend `gather_mm` runs ~30x slower than a BLAS matmul, so for a
+    # handful of experts the dense form is the faster one. Unquantized weights only.
+    dense: bool = False
+
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        if self.dense:
+            return self._dense(x, idx, weights)
         shape = idx.shape
         x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         sort = idx.size >= 64
@@ -207,6 +216,20 @@ class Experts(nn.Module):
             y = mx.unflatten(y[inv], 0, shape)
         y = y.squeeze(-2)  # [..., K, D]
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+    def _dense(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        e = self.gate_up_proj.weight.shape[0]
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])  # [N, D]
+        # [N, E]: the router's weight for each expert, zero outside the top-k (differentiable in w).
+        onehot = (idx.reshape(-1, idx.shape[-1])[..., None] == mx.arange(e)).astype(weights.dtype)
+        w = (onehot * weights.reshape(-1, weights.shape[-1])[..., None]).sum(axis=1)
+        gu = rows[None] @ self.gate_up_proj.weight.swapaxes(-1, -2)  # [E, N, 2I]
+        gate, up = mx.split(gu, 2, axis=-1)
+        y = (nn.gelu_approx(gate) * up) @ self.down_proj.weight.swapaxes(-1, -2)  # [E, N, D]
+        out = (w.T[..., None].astype(y.dtype) * y).sum(axis=0)
+        return out.reshape(*lead, -1)
 
 
 class Layer(nn.Module):
@@ -352,17 +375,26 @@ class Model(nn.Module):
         self.extend(cache, token_ids, chunk_size=chunk_size)
         return cache
 
-    def extend(self, cache: PromptCache, token_ids: Any, chunk_size: int = PREFILL_CHUNK) -> PromptCache:
-        """Encode `token_ids` (causal) after what `cache` holds, appending their K/V to it."""
+    def extend(self, cache: PromptCache, token_ids: Any, chunk_size: int = PREFILL_CHUNK,
+               valid: mx.array | None = None) -> PromptCache:
+        """Encode `token_ids` (causal) after what `cache` holds, appending their K/V to it.
+        `valid` `[batch, tokens]` marks real tokens of a left-padded batch (see `_encode_chunk`)."""
         ids = _as_ids(token_ids)
         for start in range(0, ids.shape[1], chunk_size):
-            self._encode_chunk(cache, ids[:, start : start + chunk_size])
+            chunk_valid = None if valid is None else valid[:, start : start + chunk_size]
+            self._encode_chunk(cache, ids[:, start : start + chunk_size], chunk_valid)
             mx.eval(cache.state())  # bound the lazy graph (and memory) to one chunk
         return cache
 
-    def _encode_chunk(self, cache: PromptCache, ids: mx.array) -> None:
+    def _encode_chunk(self, cache: PromptCache, ids: mx.array, valid: mx.array | None = None) -> None:
+        """Encode one chunk after the cache. `valid` `[batch, n]` marks real tokens in a
+        left-padded batch: padding positions are never attended to (by this chunk, later chunks
+        or the decoder). Without it the pass is exactly the single-prompt inference path."""
         n = ids.shape[1]
         pos = cache.length
+        if valid is not None or cache.valid is not None:
+            valid = mx.ones(ids.shape, dtype=mx.bool_) if valid is None else valid.astype(mx.bool_)
+            cache.valid = valid if cache.valid is None else mx.concatenate([cache.valid, valid], axis=1)
         h = self._embed(ids)
         masks: dict[bool, mx.array] = {}
         scalars = self.model.encoder.language_model.layers
@@ -376,7 +408,9 @@ class Model(nn.Module):
                 keys, values = kv.append(k, v)
                 if sliding not in masks:
                     window = self.text.sliding_window if sliding else None
-                    masks[sliding] = _encoder_mask(pos, n, pos - rows_before, rows_before + n, window)
+                    mask = _encoder_mask(pos, n, pos - rows_before, rows_before + n, window)
+                    keys_ok = cache.key_mask(rows_before + n, end=pos + n)
+                    masks[sliding] = mask if keys_ok is None else mask & keys_ok
                 return split_attention(q, [(keys, values, masks[sliding])])
 
             if i == last:
@@ -422,6 +456,7 @@ class Model(nn.Module):
         self_conditioning: mx.array | None = None,
         *,
         self_conditioning_top_k: int | None = None,
+        self_conditioning_mask: mx.array | None = None,
     ) -> mx.array:
         """One decoder pass: float32 softcapped logits `[batch, canvas, vocab]`.
 
@@ -431,6 +466,8 @@ class Model(nn.Module):
         the first step of a canvas (the block then runs on zeros). The cache is only read.
         `self_conditioning_top_k` selects the cheaper top-k self-conditioning (see
         `soft_embeddings`); the default is the exact one, as in the reference.
+        `self_conditioning_mask` `[batch]` bool zeroes the signal of the rows set to False (the
+        reference's argument of the same name, used in training).
         """
         ids = _as_ids(canvas_ids)
         pos = cache.length
@@ -439,12 +476,15 @@ class Model(nn.Module):
             soft = mx.zeros_like(embeds)
         else:
             soft = self.soft_embeddings(self_conditioning, self_conditioning_top_k).astype(embeds.dtype)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
         h = self.model.decoder.self_conditioning(embeds, soft)
         for i, layer in enumerate(self.layers):
             prefix_k, prefix_v = cache.layers[i].view()
+            prefix_mask = None if prefix_k is None else cache.key_mask(prefix_k.shape[2])
 
-            def attend(q, k, v, pk=prefix_k, pv=prefix_v):
-                parts = [(k, v, None)] if pk is None else [(pk, pv, None), (k, v, None)]
+            def attend(q, k, v, pk=prefix_k, pv=prefix_v, pm=prefix_mask):
+                parts = [(k, v, None)] if pk is None else [(pk, pv, pm), (k, v, None)]
                 return split_attention(q, parts)
 
             h = layer(h, pos, attend, layer.layer_scalar)

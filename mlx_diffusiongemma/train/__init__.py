@@ -1,0 +1,1 @@
+"""Training: the block-diffusion objective (`objective`) and the loop (`loop`)."""
