@@ -12,11 +12,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
+from . import canvas as canvas_state
 from . import sampler
+from .canvas import CanvasState, StepHook, StepView
 from .cache import PromptCache
 from .config import GenerationDefaults
 from .errors import ContextLengthError
@@ -99,6 +101,14 @@ class Request:
     # None: exact self-conditioning (softmax over the whole vocabulary @ E). k: the top-k
     # probabilities only, by an embedding gather (error bounded by the uncaptured mass).
     self_conditioning_top_k: int | None = None
+    # Canvas position states (canvas.py): per-block pins / warm starts / allowed tokens, as a
+    # {block: CanvasState} mapping or a sequence; per-step hooks that may pin or freeze more.
+    # None / () is the exact reference path.
+    canvases: Mapping[int, CanvasState] | Sequence[CanvasState | None] | None = None
+    hooks: tuple[StepHook, ...] = ()
+    # False: commit whole canvases and never stop at an EOS (template filling: an end token
+    # inside a hole must not cut the pinned text after it).
+    stop_at_eos: bool = True
 
 
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
@@ -123,10 +133,16 @@ class _BlockOutcome:
 
 def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, request: Request,
                    noise: NoiseSource, decode) -> Generator[StepEvent, None, _BlockOutcome]:
-    """Denoise one canvas until the stop fires or the step cap; yields a StepEvent per step."""
+    """Denoise one canvas until the stop fires or the step cap; yields a StepEvent per step.
+
+    Without a canvas state and hooks this is the reference loop; with them, pinned positions
+    follow canvas.py's rules (the same loop, the pinned variants of the step and stop test)."""
     c, vocab, n = model.canvas_length, model.vocab_size, opts.max_denoising_steps
     interval = request.stop_check_interval
-    canvas = noise.canvas(block, 1, c, vocab)
+    state = canvas_state.state_for(request.canvases, block)
+    if state is None and request.hooks:
+        state = canvas_state.live_state(c)
+    canvas = canvas_state.initial_canvas(state, noise.canvas(block, 1, c, vocab))
     history = sampler.init_history(opts.stability_threshold, 1, c)
     self_cond = None
     argmax = canvas
@@ -134,30 +150,52 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
     steps = syncs = 0
     pending: list[tuple] = []
     for index, cur_step in enumerate(range(n, 0, -1), start=1):
+        # (Fast mode may pass state.frozen here so the decoder reuses frozen rows' K/V.)
         logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
-        t = sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max)
+        t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
         u, r = noise.step(block, index, 1, c, vocab)
-        res = sampler.compiled_step(logits, canvas, mx.array(t, dtype=mx.float32), u, r, opts.entropy_bound)
-        stop, new_history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
+        if state is None:  # the exact reference path
+            res = sampler.compiled_step(logits, canvas, t, u, r, opts.entropy_bound)
+            stop, new_history = sampler.stop_check(history, res.argmax, res.token_entropy, opts.confidence_threshold)
+            mean_entropy = res.token_entropy.mean()
+            pinned = None
+        else:
+            logits = canvas_state.mask_logits(logits, state)
+            res = canvas_state.compiled_pinned_step(logits, canvas, t, u, r, opts.entropy_bound,
+                                                    state.pinned[None], state.ids[None])
+            stop, new_history = canvas_state.stop_check(history, res.argmax, res.token_entropy, state.pinned[None],
+                                                        opts.confidence_threshold)
+            mean_entropy = canvas_state.live_mean_entropy(res.token_entropy, state.pinned[None])[0]
+            pinned = state.pinned
         processed = res.processed_logits.astype(model.embed_dtype)  # next step's self-conditioning
+        next_canvas = res.next_canvas
+        if request.hooks:
+            for hook in request.hooks:
+                view = StepView(block, index, n, state, res.argmax[0], next_canvas[0], res.accepted[0],
+                                res.token_entropy[0], (stopped | stop)[0])
+                new_state = hook(view)
+                if new_state is not None:
+                    state = new_state
+            next_canvas = mx.where(state.pinned[None], state.ids[None], next_canvas)
         if interval > 1 and self_cond is not None:
             # Freeze on the device once the block has stopped (no host round trip needed).
             argmax = mx.where(stopped[:, None], argmax, res.argmax)
-            canvas = mx.where(stopped[:, None], canvas, res.next_canvas)
+            canvas = mx.where(stopped[:, None], canvas, next_canvas)
             history = mx.where(stopped[None, :, None], history, new_history)
             processed = mx.where(stopped[:, None, None], self_cond, processed)
         else:
-            argmax, canvas, history = res.argmax, res.next_canvas, new_history
+            argmax, canvas, history = res.argmax, next_canvas, new_history
         stopped = stopped | stop
         self_cond = processed
-        pending.append((res.next_canvas, res.argmax, res.accepted, res.token_entropy.mean(), stop))
+        pending.append((next_canvas, res.argmax, res.accepted, mean_entropy, stop, pinned))
         if len(pending) < interval and cur_step > 1:
             continue
-        mx.eval([x for p in pending for x in p], argmax, canvas, history, self_cond)  # the one sync
+        mx.eval([x for p in pending for x in p if x is not None], argmax, canvas, history, self_cond)  # the one sync
         syncs += 1
-        for next_canvas, step_argmax, accepted, mean_entropy, step_stop in pending:
+        for next_c, step_argmax, accepted, mean_e, step_stop, step_pinned in pending:
             steps += 1
-            yield StepEvent(block, steps, n, next_canvas[0], step_argmax[0], accepted[0], mean_entropy.item(), decode)
+            yield StepEvent(block, steps, n, next_c[0], step_argmax[0], accepted[0], mean_e.item(), decode,
+                            pinned=step_pinned)
             if step_stop.item():
                 return _BlockOutcome(argmax, steps, True, syncs)
         pending = []
@@ -188,6 +226,10 @@ def run(
     check_fits(model, len(request.prompt_ids), request.max_tokens, cache.length if cache else 0)
     if request.stop_check_interval < 1:
         raise ValueError("stop_check_interval must be at least 1")
+    for block in range(math.ceil(request.max_tokens / c)):
+        state = canvas_state.state_for(request.canvases, block)
+        if state is not None:
+            canvas_state.check_state(state, c, model.vocab_size)
     noise = noise or NoiseSource(request.seed)
 
     mx.reset_peak_memory()
@@ -217,10 +259,13 @@ def run(
         passes += steps
         syncs += outcome.syncs
         steps_per_block.append(steps)
-        keep, finished = sampler.commit(argmax, eos)
         committed = argmax[0].tolist()
-        kept = committed[: int(keep.sum().item())]
-        finished = bool(finished.item())
+        if request.stop_at_eos:
+            keep, finished = sampler.commit(argmax, eos)
+            kept = committed[: int(keep.sum().item())]
+            finished = bool(finished.item())
+        else:
+            kept, finished = committed, False
         room = request.max_tokens - len(tokens)
         new = kept[:room]
         if finished and len(new) == len(kept):

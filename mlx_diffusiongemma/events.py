@@ -17,7 +17,9 @@ class StepEvent:
 
     `canvas` is the next decoder input (accepted tokens kept, the rest renoised), `argmax` the
     greedy canvas of this step (the draft; what gets committed when the block stops), `accepted`
-    the positions the entropy-bound rule accepted this step. Arrays are `[canvas_length]`.
+    the positions the entropy-bound rule accepted this step, `pinned` the positions whose token
+    was given (template text, edit context, frozen positions; None when nothing can be pinned).
+    Arrays are `[canvas_length]`.
     """
 
     block: int  # 0-based block index
@@ -29,6 +31,7 @@ class StepEvent:
     mean_entropy: float
     _decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
     _draft: str | None = field(default=None, repr=False)
+    pinned: mx.array | None = None
 
     @property
     def draft_text(self) -> str:
