@@ -193,7 +193,10 @@ def load_model(
         nn.quantize(model, class_predicate=W.quant_predicate(quantize))
     elif quantize == "bf16":
         model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
+    # Parameters and the arrays modules keep privately (the proportional RoPE's `_freqs`): a lazy
+    # array built here belongs to this thread's stream, and evaluating it later on another
+    # thread (a server's or an app's worker) fails with "no Stream(cpu, 0) in current thread".
+    mx.eval(model.parameters(), [v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
     model.eval()
     return model, config
 

@@ -1,0 +1,352 @@
+"""The ASGI application: OpenAI-compatible routes over one engine worker thread.
+
+Starlette (the toolkit FastAPI is built on; served by uvicorn, as vLLM's server is) without
+request models: bodies are validated in protocol.py so errors read like OpenAI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine import check_fits
+from ..errors import ContextLengthError
+from . import protocol as P
+from .textstream import Delta, TextStream
+from .worker import Job, QueueFull, Worker
+
+log = logging.getLogger("mlx_diffusiongemma.server")
+
+
+@dataclass
+class ServerConfig:
+    model_id: str = "default_model"
+    api_key: str | None = None
+    default_max_tokens: int = 512
+    max_tokens_limit: int = 16384
+    max_body_bytes: int = 4 * 2**20
+    max_active: int = 4  # requests denoised in turn (round robin); the rest wait in the queue
+    max_queue: int = 16
+    prompt_cache_size: int = 8
+    chat_template_args: dict[str, Any] = field(default_factory=dict)
+    disconnect_poll_s: float = 0.25
+
+
+class Disconnected(Exception):
+    pass
+
+
+def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlette:
+    """An app serving `model`; the engine thread starts and stops with the app's lifespan."""
+    config = config or ServerConfig()
+    worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
+                    prompt_cache_size=config.prompt_cache_size)
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise P.APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                             type="authentication_error", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return P.parse_json(b"".join(chunks))
+
+    def check_model(params: P.Params) -> None:
+        if params.model not in (config.model_id, "default_model"):
+            raise P.APIError(404, f"the model '{params.model}' does not exist; this server serves "
+                                  f"'{config.model_id}'", param="model", code="model_not_found")
+
+    def check_request(params: P.Params) -> None:
+        try:
+            params.sampler.resolve(model.generation)
+        except ValueError as e:
+            raise P.bad(str(e)) from None
+        vocab = model.vocab_size
+        if any(not 0 <= t < vocab for t in params.prompt_ids):
+            raise P.bad(f"token ids must be in [0, {vocab})", param="prompt")
+        try:
+            check_fits(model, len(params.prompt_ids), params.max_tokens)
+        except ContextLengthError as e:
+            raise P.bad(str(e), param="messages" if params.kind == "chat" else "prompt",
+                        code="context_length_exceeded") from None
+
+    def submit(params: P.Params) -> Job:
+        job = Job(params, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise P.APIError(503, f"the server is busy: {e}", type="server_error", code="queue_full") from None
+        return job
+
+    async def items(job: Job, request: Request, poll: bool) -> AsyncIterator[tuple[str, Any]]:
+        """The job's items until "done" or "error"; with `poll`, a client that went away cancels
+        it (streams are cancelled by the server when their client disconnects)."""
+        try:
+            while True:
+                if poll:
+                    try:
+                        item = await asyncio.wait_for(job.queue.get(), timeout=config.disconnect_poll_s)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            raise Disconnected() from None
+                        continue
+                else:
+                    item = await job.queue.get()
+                yield item
+                if item[0] in ("done", "error"):
+                    return
+        finally:
+            job.cancel()  # no-op when finished; stops the engine on a disconnect or a stop string
+
+    # -- generation --------------------------------------------------------------------------------
+    async def generate(request: Request, params: P.Params) -> Response:
+        check_request(params)
+        job = submit(params)
+        if params.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(sse(job, request, params), media_type="text/event-stream", headers=headers)
+        return await complete(job, request, params)
+
+    async def complete(job: Job, request: Request, params: P.Params) -> Response:
+        text = TextStream(params.stop, split_channels=params.kind == "chat")
+        total = Delta()
+        info: dict[str, Any] = {"completion_tokens": 0}
+        finish = "length"
+        try:
+            async for kind, data in items(job, request, poll=True):
+                if kind == "error":
+                    raise _as_api_error(data)
+                d, finish = _consume(kind, data, text, info, finish)
+                total.content += d.content
+                total.reasoning += d.reasoning
+                total.tool_calls += d.tool_calls
+                if text.stopped:
+                    break
+        except Disconnected:
+            return Response(status_code=499)
+        finally:
+            job.cancel()
+        body = P.envelope(params.kind, P.new_id(params.kind), params.model, P.now(), stream=False)
+        finish = _finish_reason(finish, text, total)
+        if params.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": total.content or None}
+            if total.reasoning:
+                message["reasoning"] = message["reasoning_content"] = total.reasoning
+            if total.tool_calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in total.tool_calls]
+            body["choices"] = [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]
+        else:
+            body["choices"] = [{"index": 0, "text": total.content, "finish_reason": finish, "logprobs": None}]
+        body["usage"] = P.usage(info.get("prompt_tokens", 0), info["completion_tokens"], info.get("cached_tokens"))
+        body["timings"] = _timings(info)
+        return JSONResponse(body)
+
+    async def sse(job: Job, request: Request, params: P.Params) -> AsyncIterator[str]:
+        rid, created = P.new_id(params.kind), P.now()
+        chat = params.kind == "chat"
+        text = TextStream(params.stop, split_channels=chat)
+        info: dict[str, Any] = {"completion_tokens": 0}
+        finish = "length"
+        made_calls = Delta()
+
+        def chunk(delta: Delta | None = None, finish_reason: str | None = None, **extra) -> str:
+            body = P.envelope(params.kind, rid, params.model, created, stream=True)
+            if chat:
+                d: dict[str, Any] = {}
+                if delta is not None:
+                    if delta.content:
+                        d["content"] = delta.content
+                    if delta.reasoning:
+                        d["reasoning"] = d["reasoning_content"] = delta.reasoning
+                    if delta.tool_calls:
+                        d["tool_calls"] = delta.tool_calls
+                choice = {"index": 0, "delta": d, "finish_reason": finish_reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta.content if delta else "", "finish_reason": finish_reason,
+                          "logprobs": None}
+            body["choices"] = [choice]
+            body.update(extra)
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        if chat:
+            first = P.envelope(params.kind, rid, params.model, created, stream=True)
+            first["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None, "logprobs": None}]
+            yield f"data: {json.dumps(first)}\n\n"
+        async for kind, data in items(job, request, poll=False):
+            if kind == "error":
+                yield f"data: {json.dumps(_as_api_error(data).body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            if kind == "draft":
+                if params.include_drafts:
+                    yield chunk(draft=data)
+                continue
+            d, finish = _consume(kind, data, text, info, finish)
+            made_calls.tool_calls += d.tool_calls
+            if d:
+                yield chunk(d)
+            if text.stopped:
+                job.cancel()
+                break
+        yield chunk(None, _finish_reason(finish, text, made_calls), timings=_timings(info))
+        if params.include_usage:
+            body = P.envelope(params.kind, rid, params.model, created, stream=True)
+            body["choices"] = []
+            body["usage"] = P.usage(info.get("prompt_tokens", 0), info["completion_tokens"],
+                                    info.get("cached_tokens"))
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # -- routes --------------------------------------------------------------------------------------
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        body = await read_body(request)
+        params = P.parse_common(body, "chat", default_max_tokens=config.default_max_tokens,
+                                max_tokens_limit=config.max_tokens_limit)
+        check_model(params)
+        messages = P.chat_messages(body)
+        tools = P.chat_tools(body)
+        params.has_tools = tools is not None
+        kwargs = P.template_kwargs(body, config.chat_template_args)
+        params.prompt_ids = await run_in_threadpool(_render, tokenizer, messages, tools, kwargs)
+        return await generate(request, params)
+
+    async def completions(request: Request) -> Response:
+        check_auth(request)
+        body = await read_body(request)
+        params = P.parse_common(body, "completion", default_max_tokens=config.default_max_tokens,
+                                max_tokens_limit=config.max_tokens_limit)
+        check_model(params)
+        params.prompt_ids = P.completion_prompt(body, tokenizer)
+        return await generate(request, params)
+
+    async def models(request: Request) -> Response:
+        check_auth(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_id, "object": "model", "created": created_at, "owned_by": "mlx-diffusiongemma"}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **worker.stats()})
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def api_error(request: Request, exc: P.APIError) -> Response:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.APIError(exc.status_code, str(exc.detail), type=kind).body(),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return JSONResponse(P.APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    created_at = P.now()
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    for prefix in ("/v1", ""):
+        routes += [
+            Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+            Route(f"{prefix}/completions", completions, methods=["POST"]),
+            Route(f"{prefix}/models", models, methods=["GET"]),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        P.APIError: api_error, HTTPException: http_error, Exception: server_error})
+    app.state.worker = worker
+    app.state.config = config
+    return app
+
+
+def _render(tokenizer, messages, tools, kwargs) -> list[int]:
+    """Prompt ids through the checkpoint's chat template (a template error is the client's)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
+    try:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                            **kwargs)
+    except Exception as e:  # jinja raises TemplateError (and others) on a conversation it refuses
+        raise P.bad(f"the chat template rejected the conversation: {e}", param="messages") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _as_api_error(e: Exception) -> P.APIError:
+    if isinstance(e, P.APIError):
+        return e
+    return P.APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+def _consume(kind: str, data: dict, text: TextStream, info: dict, finish: str) -> tuple[Delta, str]:
+    """Fold one worker item into the running state; returns the text delta and finish reason."""
+    if kind == "prefill":
+        info.update(data)
+        return Delta(), finish
+    if kind == "text":
+        info["completion_tokens"] += data["tokens"]
+        return text.feed(data["text"]), finish
+    if kind == "done":
+        info.update({k: v for k, v in data.items() if k != "completion_tokens"})
+        info["completion_tokens"] = data["completion_tokens"]
+        return text.finish(), data["finish_reason"]
+    return Delta(), finish
+
+
+def _finish_reason(finish: str, text: TextStream, delta: Delta) -> str:
+    if text.stopped:
+        finish = "stop"
+    if delta.tool_calls and finish == "stop":
+        return "tool_calls"
+    return finish
+
+
+def _timings(info: dict) -> dict[str, Any]:
+    keys = ("prefill_time", "queued_time", "generation_time", "generation_tps", "tokens_per_forward",
+            "steps_per_block", "seed")
+    return {k: info[k] for k in keys if k in info}

@@ -1,0 +1,271 @@
+"""Request bodies -> validated parameters; OpenAI-style errors and response objects.
+
+Validation is written out by hand (no schema library) so every message names the field and
+what was wrong with it, as OpenAI's own 400 answers do. Unknown fields are ignored, as clients
+send many (`temperature`, `user`, ...) that mean nothing to a diffusion sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import SamplerOptions
+
+# Diffusion knobs accepted as extra request fields (the names of the checkpoint's
+# generation_config.json and of the engine, as vLLM's and mlx-vlm's DiffusionGemma options use).
+SAMPLER_FIELDS = {
+    "max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
+    "stability_threshold": int, "confidence_threshold": float,
+}
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_LENGTH = 256
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class Params:
+    """Everything a generation needs from a request, validated."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    prompt_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    include_drafts: bool = False
+    in_canvas: bool = False
+    sampler: SamplerOptions = SamplerOptions()
+    has_tools: bool = False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _number(body: dict, name: str, kind: type, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{name}' must be a number, got {json.dumps(value)[:40]}", param=name)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise bad(f"'{name}' must be an integer, got {value}", param=name)
+        value = int(value)
+    elif not math.isfinite(value):
+        raise bad(f"'{name}' must be finite", param=name)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise bad(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value}", param=name)
+    if hi is not None and value > hi:
+        raise bad(f"'{name}' must be <= {hi}, got {value}", param=name)
+    return kind(value)
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false", param=name)
+    return value
+
+
+def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int) -> Params:
+    """The fields shared by chat and completions (everything but the prompt)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required (a string; GET /v1/models lists it)", param="model")
+    n = _number(body, "n", int, lo=1)
+    if n not in (None, 1):
+        raise bad("'n' must be 1: one completion per request", param="n")
+    max_tokens = _number(body, "max_completion_tokens", int, lo=1, hi=max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", int, lo=1, hi=max_tokens_limit)
+    seed = _number(body, "seed", int, lo=0, hi=2**32 - 1)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("'stop' must be a string or a list of strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise bad(f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+                  param="stop")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", param="stream_options")
+    options = options or {}
+    if options and not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    knobs = {name: _number(body, name, typ, lo=0) for name, typ in SAMPLER_FIELDS.items()}
+    sampler = SamplerOptions(**knobs)
+    return Params(
+        kind=kind, model=model, max_tokens=max_tokens or default_max_tokens, seed=seed,
+        stop=[s for s in stop if s], stream=stream,
+        include_usage=_bool(options, "include_usage"), include_drafts=_bool(options, "include_drafts"),
+        in_canvas=_bool(options, "in_canvas"), sampler=sampler,
+    )
+
+
+def _text_content(content: Any, where: str) -> str:
+    """OpenAI message content: a string, or a list of parts of which only text is supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                raise bad(f"{where}: only text content parts are supported", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise bad(f"{where}: a text part needs a string 'text'", param="messages")
+            out.append(part["text"])
+        return "".join(out)
+    raise bad(f"{where}: 'content' must be a string or a list of text parts", param="messages")
+
+
+def chat_messages(body: dict) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them (text content, tool calls' arguments as objects)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object", param="messages")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{where}: unknown role {json.dumps(role)}", param="messages")
+        msg: dict[str, Any] = {"role": role, "content": _text_content(m.get("content"), where)}
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise bad(f"{where}: 'tool_calls' must be a list", param="messages")
+            msg["tool_calls"] = [_history_call(c, where) for c in calls]
+        for key in ("name", "tool_call_id"):
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _history_call(call: Any, where: str) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad(f"{where}: each tool call needs a function with a name", param="messages")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise bad(f"{where}: tool call arguments are not valid JSON", param="messages") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def chat_tools(body: dict) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
+        raise bad("'tools' must be a list of {type: function, function: {name, ...}}", param="tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none") and not isinstance(choice, dict):
+        raise bad("'tool_choice' must be 'auto', 'none' or an object", param="tool_choice")
+    return tools if tools and choice != "none" else None
+
+
+def template_kwargs(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Server --chat-template-args, overridden by the request's `chat_template_kwargs`
+    (vLLM's name) and the `enable_thinking` / `reasoning_effort` shorthands."""
+    extra = body.get("chat_template_kwargs")
+    if extra is not None and not isinstance(extra, dict):
+        raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    out = {**defaults, **(extra or {})}
+    if "enable_thinking" in body:
+        out["enable_thinking"] = _bool(body, "enable_thinking")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in ("none", "minimal", "low", "medium", "high"):
+            raise bad("'reasoning_effort' must be none, minimal, low, medium or high", param="reasoning_effort")
+        out["enable_thinking"] = effort not in ("none", "minimal")
+    return out
+
+
+def completion_prompt(body: dict, tokenizer) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad("'prompt' is empty", param="prompt")
+        return list(tokenizer.encode(prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise bad("'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+              param="prompt")
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def envelope(kind: str, rid: str, model: str, created: int, stream: bool) -> dict[str, Any]:
+    obj = ("chat.completion.chunk" if stream else "chat.completion") if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": "mlx-diffusiongemma"}
+
+
+def now() -> int:
+    return int(time.time())

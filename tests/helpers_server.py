@@ -1,0 +1,69 @@
+"""Shared by the server tests: run the app on a free loopback port; a model that writes a script."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+
+@contextmanager
+def running(app, host: str = "127.0.0.1"):
+    """Serve `app` with uvicorn on a port the OS picks (bound before the thread starts, so no
+    race); yields the base URL; shuts the server (and the engine thread) down afterwards."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+class ScriptedModel:
+    """The demo model, except that every decoder pass puts all its mass on a script: canvas
+    position i of block b predicts `script[b * C + i]` (then the end-of-turn token). The real
+    sampler, engine and server run unchanged; the output is known text, so reasoning, tool calls
+    and marker splits across blocks can be tested on a model with random weights.
+
+    The script starts after the last prompt that ended with the generation prompt."""
+
+    def __init__(self, model, tokenizer, script: str, end_id: int):
+        self._model = model
+        self.script = list(tokenizer.encode(script))
+        self._gen_prompt = list(tokenizer.encode("<|turn>model\n"))
+        self._end = end_id
+        self._start = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def extend(self, cache, token_ids, **kw):
+        ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, mx.array) else token_ids)]
+        out = self._model.extend(cache, token_ids, **kw)
+        if ids[-len(self._gen_prompt):] == self._gen_prompt:
+            self._start = cache.length
+        return out
+
+    def denoise(self, canvas_ids, cache, self_conditioning=None, **kw):
+        c, v = self._model.canvas_length, self._model.vocab_size
+        offset = cache.length - self._start
+        target = [self.script[i] if i < len(self.script) else self._end for i in range(offset, offset + c)]
+        onehot = mx.array(target)[:, None] == mx.arange(v)[None, :]
+        return mx.where(onehot, 30.0, -30.0)[None].astype(mx.float32)

@@ -1,0 +1,481 @@
+"""`dgemma serve`: the OpenAI-compatible server on loopback, through the official `openai` client
+(streaming and not, chat and completions, tools, reasoning) and raw HTTP for the error cases.
+
+The demo model (random weights, canvas 32, char-level tokenizer with the Gemma 4 template) runs
+in-process behind uvicorn on a free loopback port. Where known text is needed (reasoning, tool
+calls, markers cut between blocks) `ScriptedModel` makes every decoder pass predict a script,
+and the real sampler, engine and server do the rest.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+pytest.importorskip("starlette", reason="the [server] extra is not installed")
+openai = pytest.importorskip("openai", reason="the [server-test] extra is not installed")
+
+import mlx_diffusiongemma as dg
+from mlx_diffusiongemma.demo import SPECIAL_TOKENS, TURN_END, ensure_demo
+from mlx_diffusiongemma.server import ServerConfig, create_app
+from mlx_diffusiongemma.server.textstream import TextStream
+
+from helpers_server import ScriptedModel, running
+
+CANVAS = 32
+FAST = {"max_denoising_steps": 4}  # keeps every request short on a CPU
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = ensure_demo(tmp_path_factory.mktemp("demo") / "demo")
+    return dg.load(folder)
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    model, tok = demo
+    with running(create_app(model, tok, ServerConfig(model_id="demo", max_tokens_limit=4096))) as url:
+        yield url
+
+
+def client(url: str, **kw) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+
+
+def chat(c, content="Tell me a story", **kw):
+    kw.setdefault("extra_body", {}).update(FAST)
+    return c.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}], **kw)
+
+
+def raw(url: str, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of one plain HTTP request."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    if isinstance(body, str):
+        body = body.encode()
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    res = conn.getresponse()
+    data = res.read().decode()
+    conn.close()
+    try:
+        return res.status, json.loads(data)
+    except json.JSONDecodeError:
+        return res.status, data
+
+
+def health(url):
+    return raw(url, "GET", "/health")[1]
+
+
+def wait_idle(url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = health(url)
+        if h["active"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not go idle: {health(url)}")
+
+
+# ----------------------------------------------------------------------------------- chat and completions
+
+
+def test_models_and_health(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["demo"]
+    assert health(server)["status"] == "ok"
+
+
+def test_chat_non_streaming(server):
+    r = chat(client(server), max_tokens=40, seed=3)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == "demo"
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 40
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # Same seed, same text (the cache reused for the same prompt changes nothing).
+    again = chat(client(server), max_tokens=40, seed=3)
+    assert again.choices[0].message.content == choice.message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens
+
+
+def test_chat_streaming_matches_non_streaming_and_reports_usage(server):
+    c = client(server)
+    for seed in range(5, 15):  # a reply of more than one block (random weights: EOS comes anywhere)
+        whole = chat(c, max_tokens=70, seed=seed)
+        if whole.usage.completion_tokens > CANVAS + 4:
+            break
+    chunks = list(chat(c, max_tokens=70, seed=seed, stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == (whole.choices[0].message.content or "")
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    # include_usage: one last chunk with no choices and the usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+    # More than one block of text: text arrives block by block, not at the end only.
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 2
+
+
+def test_completions_streaming_and_not(server):
+    c = client(server)
+    whole = c.completions.create(model="demo", prompt="Once upon a time", max_tokens=50, seed=2, extra_body=FAST)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
+    parts = list(c.completions.create(model="demo", prompt="Once upon a time", max_tokens=50, seed=2,
+                                      stream=True, extra_body=FAST))
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    # Token ids as the prompt give the same as the string they encode to.
+    status, body = raw(server, "POST", "/v1/completions", json.dumps(
+        {"model": "demo", "prompt": "Once upon a time", "max_tokens": 50, "seed": 2, **FAST}))
+    assert status == 200 and body["choices"][0]["text"] == whole.choices[0].text
+
+
+def test_drafts_stream_extension(server, demo):
+    model, _ = demo
+    c = client(server)
+    plain = chat(c, max_tokens=64, seed=9)
+    chunks = list(chat(c, max_tokens=64, seed=9, stream=True, stream_options={"include_drafts": True}))
+    drafts = [ch.model_extra["draft"] for ch in chunks if ch.model_extra.get("draft")]
+    assert drafts, "no draft chunks"
+    for d in drafts:
+        assert len(d["pieces"]) == len(d["accepted"]) == len(d["eos"]) == CANVAS
+        assert 1 <= d["step"] <= d["max_steps"] == 4
+    # Steps count up inside each block; blocks come in order.
+    keys = [(d["block"], d["step"]) for d in drafts]
+    assert keys == sorted(keys) and keys[0] == (0, 1)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == (plain.choices[0].message.content or "")
+
+
+def test_concurrent_streams_each_equal_their_solo_result(server):
+    """Fair interleaving changes no request's tokens: each of 4 concurrent streams equals the
+    same request made alone."""
+    c = client(server)
+    solo = {s: chat(c, f"prompt {s}", max_tokens=64, seed=s).choices[0].message.content or "" for s in range(4)}
+    got: dict[int, str] = {}
+    errors = []
+
+    def one(s):
+        try:
+            got[s] = "".join(ch.choices[0].delta.content or "" for ch in chat(
+                client(server), f"prompt {s}", max_tokens=64, seed=s, stream=True) if ch.choices)
+        except Exception as e:  # collected: an assert in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == solo
+
+
+def test_stop_strings_cut_the_text(server):
+    c = client(server)
+    full = chat(c, max_tokens=64, seed=4).choices[0].message.content
+    stop = full[20:23]
+    cut = full[: full.find(stop)]
+    r = chat(c, max_tokens=64, seed=4, stop=[stop])
+    assert r.choices[0].message.content == (cut or None) and r.choices[0].finish_reason == "stop"
+    streamed = list(chat(c, max_tokens=64, seed=4, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == cut
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------------- reasoning and tools
+
+CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+@pytest.fixture
+def scripted(demo):
+    """A server over ScriptedModel; call it with the script."""
+    model, tok = demo
+    end = SPECIAL_TOKENS.index(TURN_END)
+    stack = []
+
+    def start(script: str):
+        app = create_app(ScriptedModel(model, tok, script, end), tok, ServerConfig(model_id="demo", prompt_cache_size=0))
+        ctx = running(app)
+        stack.append(ctx)
+        return ctx.__enter__()
+
+    yield start
+    for ctx in stack:
+        ctx.__exit__(None, None, None)
+
+
+def test_reasoning_and_tool_call_split_across_blocks(scripted, demo):
+    _, tok = demo
+    # A thought, an answer, then a tool call whose string delimiter <|"|> (five tokens here)
+    # straddles a block boundary.
+    head = "<|channel>thought\nHm.<channel|>Ok."
+    call_at = len(tok.encode(CALL[: CALL.index('<|"|>') + 2]))
+    pad = -(len(tok.encode(head)) + call_at) % CANVAS or CANVAS
+    script = head + "x" * pad + CALL
+    url = scripted(script)
+    c = client(url)
+    r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                  tools=TOOLS, max_tokens=160, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert msg.model_extra["reasoning_content"] == "Hm." == msg.model_extra["reasoning"]
+    assert msg.content == "Ok." + "x" * pad
+    [call] = msg.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    # The same through the stream: reasoning deltas, content deltas, one tool-call delta.
+    chunks = list(c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Weather?"}],
+                                            tools=TOOLS, max_tokens=160, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.model_extra.get("reasoning", "") or "" for d in deltas) == "Hm."
+    assert "".join(d.content or "" for d in deltas) == msg.content
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "days": 3}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_thought_spanning_two_blocks_in_the_stream(scripted, demo):
+    _, tok = demo
+    head = "<|channel>thought\n"
+    fill = CANVAS - len(tok.encode(head))
+    c = client(scripted(head + "a" * fill + "b" * 5 + "<channel|>The answer."))
+    chunks = list(c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "?"}],
+                                            max_tokens=96, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    reasoning = [d.model_extra.get("reasoning_content") for d in deltas if d.model_extra.get("reasoning_content")]
+    assert reasoning == ["a" * fill, "b" * 5]  # block by block, as it is committed
+    assert "".join(d.content or "" for d in deltas) == "The answer."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+FULL = "<|channel>thought\nplan<channel|>Hello <|tool_call>call:f{a:<|\"|>x}y<|\"|>}<tool_call|> end"
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_text_stream_is_independent_of_where_text_is_cut(pieces):
+    """Every way of cutting the text into 2 or 3 pieces gives the same content, reasoning and calls."""
+    def run(parts, stop=()):
+        ts = TextStream(stop)
+        outs = [ts.feed(p) for p in parts] + [ts.finish()]
+        return ("".join(o.content for o in outs), "".join(o.reasoning for o in outs),
+                [(c["function"]["name"], c["function"]["arguments"]) for o in outs for c in o.tool_calls])
+
+    whole = run([FULL])
+    assert whole == ("Hello  end", "plan", [("f", '{"a": "x}y"}')])
+    n = len(FULL)
+    cuts = [(i,) for i in range(1, n)] if pieces == 2 else [(i, j) for i in range(1, n, 3) for j in range(i + 1, n, 2)]
+    for cut in cuts:
+        bounds = (0, *cut, n)
+        parts = [FULL[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert run(parts) == whole, parts
+        assert run(parts, stop=["o <"]) == ("Hell", "plan", []), parts
+
+
+def test_text_stream_unparsable_call_is_kept_as_text():
+    ts = TextStream()
+    out = [ts.feed("<|tool_call>not a call<tool_call|>!"), ts.finish()]
+    assert "".join(o.content for o in out) == "<|tool_call>not a call!" and not any(o.tool_calls for o in out)
+
+
+# ----------------------------------------------------------------------------------- sessions
+
+
+def test_kv_cache_reused_when_the_conversation_goes_on(server):
+    """Turn 2 reuses the cache up to turn 1's prompt, though the client sends back only the
+    answer (not what the last canvas or the thought held), and gives the same tokens as a
+    server without a cache."""
+    c = client(server)
+    first = [{"role": "user", "content": "Hello there, a first message."}]
+    r1 = c.chat.completions.create(model="demo", messages=first, max_tokens=40, seed=1, extra_body=FAST)
+    history = first + [{"role": "assistant", "content": r1.choices[0].message.content or ""},
+                       {"role": "user", "content": "And a second one."}]
+    r2 = c.chat.completions.create(model="demo", messages=history, max_tokens=40, seed=2, extra_body=FAST)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens + r1.usage.completion_tokens // 2
+
+
+def test_cached_and_fresh_prefill_give_the_same_reply(demo, server):
+    model, tok = demo
+    c = client(server)
+    first = [{"role": "user", "content": "Something else to say."}]
+    r1 = c.chat.completions.create(model="demo", messages=first, max_tokens=40, seed=1, extra_body=FAST)
+    history = first + [{"role": "assistant", "content": r1.choices[0].message.content or ""},
+                       {"role": "user", "content": "More."}]
+    warm = c.chat.completions.create(model="demo", messages=history, max_tokens=64, seed=7, extra_body=FAST)
+    assert warm.usage.prompt_tokens_details.cached_tokens > 0
+    with running(create_app(model, tok, ServerConfig(model_id="demo", prompt_cache_size=0))) as url:
+        cold = client(url).chat.completions.create(model="demo", messages=history, max_tokens=64, seed=7,
+                                                   extra_body=FAST)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == warm.choices[0].message.content
+
+
+# ----------------------------------------------------------------------------------- errors and safety
+
+CHAT = "/v1/chat/completions"
+
+
+def body(**kw):
+    return json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **FAST, **kw})
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    ("{not json", 400, None),
+    ("[1, 2]", 400, None),
+    (body(model="gpt-4"), 404, "model"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), 400, "model"),
+    (body(messages=[]), 400, "messages"),
+    (body(messages=[{"role": "wizard", "content": "x"}]), 400, "messages"),
+    (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "messages"),
+    (body(max_tokens=0), 400, "max_tokens"),
+    (body(max_tokens=10**9), 400, "max_tokens"),
+    (body(max_tokens="ten"), 400, "max_tokens"),
+    (body(n=2), 400, "n"),
+    (body(entropy_bound=-1), 400, "entropy_bound"),
+    (body(entropy_bound=0), 400, None),
+    (body(t_min=0), 400, None),
+    (body(max_denoising_steps=1.5), 400, "max_denoising_steps"),
+    (body(stop=[1]), 400, "stop"),
+    (body(stream_options={"include_usage": True}), 400, "stream_options"),
+    (body(tools="nope"), 400, "tools"),
+    (body(seed=-1), 400, "seed"),
+])
+def test_bad_requests_get_openai_errors(server, payload, status, param):
+    got, answer = raw(server, "POST", CHAT, payload)
+    assert got == status, answer
+    err = answer["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+
+
+def test_prompt_over_the_context(server, demo):
+    model, _ = demo
+    limit = model.text.max_position_embeddings
+    got, answer = raw(server, "POST", "/v1/completions", json.dumps(
+        {"model": "demo", "prompt": [7] * (limit - 10), "max_tokens": 64}))
+    assert got == 400 and answer["error"]["code"] == "context_length_exceeded"
+    got, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "demo", "prompt": [10**7]}))
+    assert got == 400 and answer["error"]["param"] == "prompt"
+
+
+def test_routes_methods_and_sizes(demo):
+    model, tok = demo
+    with running(create_app(model, tok, ServerConfig(model_id="demo", max_body_bytes=2000))) as url:
+        got, answer = raw(url, "GET", "/v1/nothing")
+        assert got == 404 and "error" in answer
+        got, answer = raw(url, "GET", CHAT)
+        assert got == 405 and "error" in answer
+        got, answer = raw(url, "POST", CHAT, body(messages=[{"role": "user", "content": "x" * 5000}]))
+        assert got == 413 and answer["error"]["code"] == "request_too_large"
+        # The server keeps serving after every error above.
+        got, answer = raw(url, "POST", CHAT, body())
+        assert got == 200 and answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_api_key(demo):
+    model, tok = demo
+    with running(create_app(model, tok, ServerConfig(model_id="demo", api_key="s3cret"))) as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        got, answer = raw(url, "POST", CHAT, body())
+        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert raw(url, "GET", "/health")[0] == 200  # health and the page stay open
+        assert raw(url, "GET", "/")[0] == 200
+        r = chat(client(url, api_key="s3cret"), max_tokens=8)
+        assert r.choices[0].message.role == "assistant"
+
+
+def _open_stream(url: str, payload: str) -> socket.socket:
+    """Send a streaming request and read until the first event; returns the open socket."""
+    u = urllib.parse.urlparse(url)
+    s = socket.create_connection((u.hostname, u.port), timeout=30)
+    data = payload.encode()
+    s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    got = b""
+    while b"data:" not in got:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    return s
+
+
+def test_full_queue_answers_503_and_disconnects_cancel(demo):
+    model, tok = demo
+    long = body(max_tokens=CANVAS * 40, stream=True, max_denoising_steps=16)
+    with running(create_app(model, tok, ServerConfig(model_id="demo", max_active=1, max_queue=1))) as url:
+        a = _open_stream(url, long)  # being denoised
+        b = _open_stream(url, long)  # waiting (its first event, the role chunk, comes at once)
+        deadline = time.monotonic() + 10
+        while health(url)["waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got, answer = raw(url, "POST", CHAT, body())
+        assert got == 503 and answer["error"]["code"] == "queue_full"
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(client(url), max_tokens=8)
+        assert e.value.status_code == 503
+        # Both clients go away: their work stops (a 1280-token reply would take far longer).
+        a.close()
+        b.close()
+        h = wait_idle(url, timeout=20)
+        assert h["cancelled"] == 2 and h["completed"] == 0
+        # A non-streaming client that disconnects is cancelled too.
+        u = urllib.parse.urlparse(url)
+        s = socket.create_connection((u.hostname, u.port))
+        data = body(max_tokens=CANVAS * 40, max_denoising_steps=16).encode()
+        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 10
+        while health(url)["active"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s.close()
+        assert wait_idle(url, timeout=20)["cancelled"] == 3
+        assert raw(url, "POST", CHAT, body())[0] == 200
+
+
+def test_web_page_is_served(server):
+    got, page = raw(server, "GET", "/")
+    assert got == 200 and "<title>DiffusionGemma chat</title>" in page and "include_drafts" in page
+
+
+def test_cli_serve(tmp_path):
+    env = {**os.environ, "MLX_DIFFUSIONGEMMA_HOME": str(tmp_path)}
+    bad = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.cli.app", "serve", "--model", "demo",
+                          "--chat-template-args", "{nope"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --chat-template-args")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_diffusiongemma.cli.app", "serve", "--model", "demo",
+                             "--port", str(port), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if raw(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        assert [m.id for m in client(url).models.list().data] == ["demo"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
