@@ -180,6 +180,21 @@ class ExpertLinear(SwitchLinear):
         return super().__call__(x, indices, sorted_indices=sorted_indices)
 
 
+def _dense_weight(layer: nn.Module) -> mx.array:
+    """`[E, out, in]` weight of an expert layer for the dense path: a quantized base is
+    dequantized, and a LoRA-wrapped layer (`mlx_lm.tuner.lora.LoRASwitchLinear`, fine-tuning)
+    adds its low-rank update `scale * B @ A` (its dropout, off by default, is not applied)."""
+    base = getattr(layer, "linear", layer)
+    if "scales" in base:
+        w = mx.dequantize(base["weight"], base["scales"], base.get("biases"), group_size=base.group_size,
+                          bits=base.bits, mode=getattr(base, "mode", "affine"))
+    else:
+        w = base["weight"]
+    if "lora_a" in layer:
+        w = w + (layer.scale * (layer["lora_b"] @ layer["lora_a"])).astype(w.dtype)
+    return w
+
+
 class Experts(nn.Module):
     """Routed GeGLU experts with gather-based selection (`gather_mm` / `gather_qmm`).
 
@@ -196,7 +211,8 @@ class Experts(nn.Module):
     # Training switch: run every expert on every row and weight by the router's (sparse) top-k
     # weights. The same function as the gather path (zero weight outside the top-k), but plain
     # matmuls: on MLX's CPU backend `gather_mm` runs ~30x slower than a BLAS matmul, so for a
-    # handful of experts the dense form is the faster one. Unquantized weights only.
+    # handful of experts the dense form is the faster one. LoRA-wrapped and quantized experts
+    # go through `_dense_weight`.
     dense: bool = False
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
@@ -219,15 +235,16 @@ class Experts(nn.Module):
 
 
     def _dense(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        e = self.gate_up_proj.weight.shape[0]
+        gate_up, down = _dense_weight(self.gate_up_proj), _dense_weight(self.down_proj)
+        e = gate_up.shape[0]
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])  # [N, D]
         # [N, E]: the router's weight for each expert, zero outside the top-k (differentiable in w).
         onehot = (idx.reshape(-1, idx.shape[-1])[..., None] == mx.arange(e)).astype(weights.dtype)
         w = (onehot * weights.reshape(-1, weights.shape[-1])[..., None]).sum(axis=1)
-        gu = rows[None] @ self.gate_up_proj.weight.swapaxes(-1, -2)  # [E, N, 2I]
+        gu = rows[None] @ gate_up.swapaxes(-1, -2)  # [E, N, 2I]
         gate, up = mx.split(gu, 2, axis=-1)
-        y = (nn.gelu_approx(gate) * up) @ self.down_proj.weight.swapaxes(-1, -2)  # [E, N, D]
+        y = (nn.gelu_approx(gate) * up) @ down.swapaxes(-1, -2)  # [E, N, D]
         out = (w.T[..., None].astype(y.dtype) * y).sum(axis=0)
         return out.reshape(*lead, -1)
 
