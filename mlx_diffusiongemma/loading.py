@@ -217,11 +217,13 @@ def load(
     dtype: mx.Dtype | None = None,
     quantize: str | None = None,
     offline: bool | None = None,
+    adapter_path: str | Path | None = None,
 ):
     """Load a DiffusionGemma checkpoint: `(model, tokenizer)`.
 
     The model carries `model.generation` (sampler defaults from generation_config.json) and
-    `model.source` (the resolved folder).
+    `model.source` (the resolved folder). `adapter_path` applies fine-tuned adapters (a folder
+    written by `dgemma finetune`, mlx-lm's format) on top of the weights.
     """
     folder = resolve(path_or_repo, offline=offline)
     if not (folder / "config.json").exists():
@@ -229,5 +231,9 @@ def load(
     model, config = load_model(folder, dtype=dtype, quantize=quantize)
     model.generation = load_generation_defaults(folder, config)
     model.source = folder
+    if adapter_path is not None:
+        from .train.lora import load_adapters
+
+        load_adapters(model, adapter_path)
     tokenizer = load_tokenizer(folder, model.generation)
     return model, tokenizer
