@@ -65,6 +65,8 @@ Stability = Annotated[Optional[int], typer.Option(
 Confidence = Annotated[Optional[float], typer.Option(
     "--confidence-threshold", min=0, help="Sampler: mean entropy under which a stable block stops.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
+AdapterPath = Annotated[Optional[str], typer.Option(
+    "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
@@ -116,7 +118,7 @@ def _is_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _load(name: str, offline: bool, ui: Console):
+def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None):
     """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use."""
     from mlx_diffusiongemma.loading import load
 
@@ -127,11 +129,11 @@ def _load(name: str, offline: bool, ui: Console):
             ui.print(f"[dim]creating the demo model in {demo_dir()}…[/]")
         folder = ensure_demo()
         ui.print("[yellow]demo model: random weights, its output is noise.[/]")
-        return load(folder)
+        return load(folder, adapter_path=adapter_path)
     t0 = time.perf_counter()
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")
-    model, tokenizer = load(name, offline=offline or None)
+    model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path)
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
     return model, tokenizer
@@ -155,6 +157,7 @@ def chat(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     offline: Offline = False,
+    adapter_path: AdapterPath = None,
     debug: Debug = False,
 ):
     """Chat with the model (multi-turn; /help lists the slash commands)."""
@@ -166,7 +169,7 @@ def chat(
         from mlx_diffusiongemma.generate import ChatSession
 
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
-        llm, tokenizer = _load(model, offline, ui)
+        llm, tokenizer = _load(model, offline, ui, adapter_path)
         session = ChatSession(llm, tokenizer, system=system, thinking=think, max_tokens=max_tokens,
                               seed=seed, **sampler)
         if interactive:
@@ -192,6 +195,7 @@ def generate(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     offline: Offline = False,
+    adapter_path: AdapterPath = None,
     debug: Debug = False,
 ):
     """Generate one reply to a prompt."""
@@ -207,7 +211,7 @@ def generate(
         if not prompt.strip():
             _fail("empty prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
-        llm, tokenizer = _load(model, offline, err)
+        llm, tokenizer = _load(model, offline, err, adapter_path)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,
@@ -300,6 +304,68 @@ def serve(
                    chat_template_args=chat_template_args, load=lambda: _load(model, offline, ui), ui=ui,
                    default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit, max_active=max_concurrency,
                    max_queue=max_queue, max_body_bytes=max_body_kb * 1024, prompt_cache_size=prompt_cache_size)
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option("--data", help="Folder with train.jsonl and valid.jsonl (chat 'messages' or 'prompt'/'completion').")],
+    model: Model = DEFAULT_MODEL,
+    fine_tune_type: Annotated[str, typer.Option("--fine-tune-type", help="lora or full.")] = "lora",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, adamw, sgd or adafactor.")] = "adam",
+    num_layers: Annotated[Optional[int], typer.Option("--num-layers", help="Layers to fine-tune, from the last (-1: all; default 16 or all).")] = None,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, max=1024, help="LoRA rank.")] = 8,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA scale (mlx-lm's, not alpha).")] = 20.0,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Canvases per step.")] = 4,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", callback=_positive, help="Learning rate.")] = 1e-5,
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="constant or cosine.")] = "constant",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warm-up steps.")] = 0,
+    adapter_path: Annotated[str, typer.Option("--adapter-path", help="Folder the adapters are written to.")] = "adapters",
+    resume_adapter_file: Annotated[Optional[str], typer.Option("--resume-adapter-file", help="adapters.safetensors of an earlier run to start from.")] = None,
+    val_batches: Annotated[int, typer.Option("--val-batches", min=-1, help="Validation batches (-1: all, 0: none).")] = 25,
+    steps_per_eval: Annotated[int, typer.Option("--steps-per-eval", min=1, help="Validate every N steps.")] = 200,
+    steps_per_report: Annotated[int, typer.Option("--steps-per-report", min=1, help="Log a line every N steps (piped output).")] = 10,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Save the adapters every N steps.")] = 100,
+    max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=1, help="Longest example, prompt + answer tokens.")] = 2048,
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute feed-forward activations in the backward pass (less memory).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and the corruption noise.")] = 0,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Fine-tune with the block-diffusion objective: LoRA (also on 4-bit models) or full."""
+    from mlx_diffusiongemma.train.finetune import FinetuneSettings
+
+    from .finetune import run_finetune
+
+    err = Console(stderr=True, highlight=False)
+    with handle_errors(debug):
+        settings = FinetuneSettings(
+            model=model, data=data, fine_tune_type=fine_tune_type, optimizer=optimizer, num_layers=num_layers,
+            lora_rank=lora_rank, lora_scale=lora_scale, iters=iters, batch_size=batch_size,
+            learning_rate=learning_rate, lr_schedule=lr_schedule, warmup=warmup, adapter_path=adapter_path,
+            resume_adapter_file=resume_adapter_file, val_batches=val_batches, steps_per_eval=steps_per_eval,
+            save_every=save_every, max_seq_length=max_seq_length, grad_checkpoint=grad_checkpoint, seed=seed,
+            offline=offline or None)
+        code = run_finetune(settings, steps_per_report=steps_per_report, out=Console(highlight=False), err=err,
+                            interactive=err.is_terminal)
+    raise typer.Exit(code)
+
+
+@app.command()
+def fuse(
+    adapter_path: Annotated[str, typer.Option("--adapter-path", help="Adapter folder from `dgemma finetune`.")] = "adapters",
+    save_path: Annotated[str, typer.Option("--save-path", help="Destination folder (must not exist).")] = "fused_model",
+    model: Model = DEFAULT_MODEL,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write unquantized weights.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Merge fine-tuned adapters into the weights and write a model folder."""
+    from .finetune import run_fuse
+
+    with handle_errors(debug):
+        run_fuse(model, adapter_path, save_path, dequantize=dequantize, offline=offline or None,
+                 out=Console(highlight=False), err=Console(stderr=True, highlight=False))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
