@@ -155,6 +155,7 @@ class FinetuneRun:
         if len(train_items) < s.batch_size:
             raise DataError(f"{s.data}: {len(train_items)} training canvases is fewer than --batch-size {s.batch_size}")
         n = s.num_layers if s.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
+        n = len(model.layers) if n == -1 else n
         lora = L.lora_parameters(s.lora_rank, s.lora_scale, s.lora_dropout) if s.fine_tune_type == "lora" else None
         L.setup_finetune(model, s.fine_tune_type, n, lora)
         if s.resume_adapter_file:
