@@ -8,6 +8,7 @@
 
 from .engine import NoiseSource, SamplerOptions
 from .errors import CheckpointError, ContextLengthError, DiffusionGemmaError
+from .fast import FastOptions
 from .events import BlockEvent, GenerationResult, StepEvent, split_thinking
 from .generate import ChatSession, generate, stream_generate
 from .loading import load
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "generate", "stream_generate", "ChatSession",
     "StepEvent", "BlockEvent", "GenerationResult", "split_thinking",
-    "SamplerOptions", "NoiseSource",
+    "SamplerOptions", "NoiseSource", "FastOptions",
     "DiffusionGemmaError", "CheckpointError", "ContextLengthError",
 ]

@@ -17,6 +17,7 @@ from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 import mlx.core as mx
 
 from . import canvas as canvas_state
+from . import fast as fast_mode
 from . import sampler
 from .canvas import CanvasState, StepHook, StepView
 from .cache import PromptCache
@@ -109,6 +110,11 @@ class Request:
     # False: commit whole canvases and never stop at an EOS (template filling: an end token
     # inside a hole must not cut the pinned text after it).
     stop_at_eos: bool = True
+    # "exact": the reference sampler over the whole canvas. "fast": fewer decoder FLOPs per
+    # committed token (frozen positions, live rows only, top-k sampler math, ...; see fast.py),
+    # with the techniques chosen by `fast` (None: all of them, `FastOptions()`).
+    mode: str = "exact"
+    fast: fast_mode.FastOptions | None = None
 
 
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
@@ -150,7 +156,7 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
     steps = syncs = 0
     pending: list[tuple] = []
     for index, cur_step in enumerate(range(n, 0, -1), start=1):
-        # (Fast mode may pass state.frozen here so the decoder reuses frozen rows' K/V.)
+        # (Fast mode runs its own loop over the same states: fast.denoise_block.)
         logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
         t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
         u, r = noise.step(block, index, 1, c, vocab)
@@ -230,6 +236,9 @@ def run(
         state = canvas_state.state_for(request.canvases, block)
         if state is not None:
             canvas_state.check_state(state, c, model.vocab_size)
+    if request.mode not in ("exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got {request.mode!r}")
+    fast_opts = (request.fast or fast_mode.FastOptions()).check() if request.mode == "fast" else None
     noise = noise or NoiseSource(request.seed)
 
     mx.reset_peak_memory()
@@ -253,8 +262,16 @@ def run(
     finish = "length"
     n_blocks = math.ceil(request.max_tokens / c)
     syncs = 0
+    live_rows: list[list[int]] = []  # fast mode: rows computed per step, per block
+    padded_rows: list[list[int]] = []
     for block in range(n_blocks):
-        outcome = yield from _denoise_block(model, cache, block, opts, request, noise, decode)
+        if fast_opts is None:
+            outcome = yield from _denoise_block(model, cache, block, opts, request, noise, decode)
+        else:
+            outcome = yield from fast_mode.denoise_block(model, cache, block, opts, request, noise, decode,
+                                                         fast_opts, tuple(defaults.eos_token_ids), StepEvent)
+            live_rows.append(outcome.live_rows)
+            padded_rows.append(outcome.padded_rows)
         argmax, steps, converged = outcome.argmax, outcome.steps, outcome.converged
         passes += steps
         syncs += outcome.syncs
@@ -305,5 +322,6 @@ def run(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         encoded_tokens=len(request.prompt_ids),
         extra={"seed": noise.seed, "decoder_passes": passes, "host_syncs": syncs,
-               "sampler": opts, "encoded_canvases": encoded},
+               "sampler": opts, "encoded_canvases": encoded, "mode": request.mode,
+               **({"fast": fast_opts, "live_rows": live_rows, "padded_rows": padded_rows} if fast_opts else {})},
     )

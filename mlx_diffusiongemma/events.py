@@ -32,6 +32,7 @@ class StepEvent:
     _decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
     _draft: str | None = field(default=None, repr=False)
     pinned: mx.array | None = None
+    live_rows: int | None = None  # fast mode: canvas rows the decoder computed at this step
 
     @property
     def draft_text(self) -> str:

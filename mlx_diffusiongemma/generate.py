@@ -43,7 +43,8 @@ def prompt_ids(tokenizer, prompt: str | Messages | Sequence[int] | mx.array, thi
     return [int(i) for i in prompt]
 
 
-_REQUEST_KEYS = ("max_tokens", "seed", "prefill_chunk", "stop_check_interval", "self_conditioning_top_k")
+_REQUEST_KEYS = ("max_tokens", "seed", "prefill_chunk", "stop_check_interval", "self_conditioning_top_k",
+                 "mode", "fast")
 
 
 def make_request(ids: list[int], options: dict[str, Any]) -> Request:
@@ -67,6 +68,8 @@ def stream_generate(
     prefill_chunk: int = 512,
     stop_check_interval: int = 1,
     self_conditioning_top_k: int | None = None,
+    mode: str = "exact",
+    fast: Any = None,
     **sampler_options: Any,
 ) -> Iterator[Event]:
     """Generate and yield a `StepEvent` per denoising step, a `BlockEvent` per committed block and
@@ -75,10 +78,13 @@ def stream_generate(
     generation_config.json for this call. `stop_check_interval` k > 1 reads the stop decision
     every k steps (same tokens, fewer host synchronisations, up to k - 1 wasted passes per
     block); `self_conditioning_top_k` selects the cheaper approximate self-conditioning.
+    `mode="fast"` computes fewer decoder rows per committed token (see `fast.py`; `fast` takes a
+    `FastOptions` to switch its techniques one by one); `mode="exact"` is the reference sampler.
     Close the generator to cancel."""
     request = make_request(prompt_ids(tokenizer, prompt, thinking), dict(
         sampler_options, max_tokens=max_tokens, seed=seed, prefill_chunk=prefill_chunk,
-        stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k))
+        stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k,
+        mode=mode, fast=fast))
     yield from run(model, request, decode=tokenizer.decode, detokenizer=tokenizer.detokenizer)
 
 

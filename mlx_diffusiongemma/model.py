@@ -61,17 +61,31 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def qkv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
-        """Projected, normalised, rotated q/k/v, each `[B, heads, L, head_dim]`."""
+    def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Projected, normalised, rotated q/k/v, each `[B, heads, L, head_dim]`.
+
+        `offset` is the position of the first row (rows are consecutive), or an int32 array `[L]`
+        with each row's own position (the live rows of a fast-mode decoder pass, batch 1)."""
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim) if self.is_sliding else k
         k = self.k_norm(k)
         v = rms_norm_no_scale(v, self.eps)  # taken before k_norm and RoPE when K=V
-        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
-        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
+        if isinstance(offset, mx.array):
+            q, k = self._rope_rows(q, offset), self._rope_rows(k, offset)
+        else:
+            q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+            k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
         return q, k, v.transpose(0, 2, 1, 3)
+
+    def _rope_rows(self, x: mx.array, positions: mx.array) -> mx.array:
+        """RoPE at one position per row: `[1, L, H, D]` -> `[1, H, L, D]`. Each row becomes a batch
+        entry, because `mx.fast.rope` takes one offset per batch entry."""
+        if x.shape[0] != 1:
+            raise ValueError("per-row positions need batch 1")
+        rows = x.transpose(1, 2, 0, 3)  # [L, H, 1, D]
+        return self.rope(rows, offset=positions).transpose(2, 1, 0, 3)
 
     def out(self, o: mx.array) -> mx.array:
         b, _, n, _ = o.shape
@@ -94,9 +108,12 @@ def split_attention(
     hkv = parts[0][0].shape[1]
     rep = hq // hkv
     qg = q.reshape(b, hkv, rep * n, d)
+    # Scores in float32 whatever the activation dtype: the reference's default (sdpa) path keeps
+    # them in float32, and rounding bf16 scores before the softmax loses ~3 significant digits.
+    qf = qg.astype(mx.float32)
     scores = []
     for k, _, mask in parts:
-        s = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
+        s = qf @ k.astype(mx.float32).swapaxes(-1, -2)
         if mask is not None:
             s = s.reshape(b, hkv, rep, n, -1)
             s = mx.where(mask, s, _NEG_INF)
@@ -335,6 +352,18 @@ class Backbone(nn.Module):
         self.decoder = Decoder(args)
 
 
+class CanvasKV:
+    """Per-layer keys/values of every canvas position from its last computation (fast mode):
+    `[B, kv_heads, C + 1, head_dim]` per layer; slot C is where padding rows write."""
+
+    def __init__(self, keys: list[mx.array], values: list[mx.array]):
+        self.keys = keys
+        self.values = values
+
+    def state(self) -> list[mx.array]:
+        return self.keys + self.values
+
+
 def _encoder_mask(q_start: int, n: int, k_start: int, k_rows: int, window: int | None) -> mx.array:
     """Causal (and sliding-window) mask for `n` queries at positions `q_start...` over `k_rows`
     keys at positions `k_start...`: `[n, k_rows]`, built once per chunk and layer type."""
@@ -505,6 +534,71 @@ class Model(nn.Module):
                 return split_attention(q, parts)
 
             h = layer(h, pos, attend, layer.layer_scalar)
+        h = self.model.decoder.norm(h)
+        return self.logits(h)
+
+    def make_canvas_kv(self, batch: int = 1) -> "CanvasKV":
+        """Empty per-layer canvas K/V for `denoise_rows` (filled by its first, all-rows pass)."""
+        c = self.canvas_length
+        dtype = self.model.decoder.layers[0].self_attn.q_proj.weight.dtype
+        if dtype not in (mx.float32, mx.float16, mx.bfloat16):  # quantized projections
+            dtype = self.embed_dtype
+        shapes = [(batch, self.text.kv_heads[i], c + 1, self.text.head_dims[i]) for i in range(len(self.layers))]
+        return CanvasKV([mx.zeros(s, dtype=dtype) for s in shapes], [mx.zeros(s, dtype=dtype) for s in shapes])
+
+    def soft_embeddings_top_k(self, indices: mx.array, log_probs: mx.array) -> mx.array:
+        """Self-conditioning embedding from the k most probable tokens only: their exact
+        probabilities (`exp(log_probs)`, not renormalised) times their embedding rows, a gather
+        instead of the `[V, D]` matmul. Same as `soft_embeddings(x, top_k=k)` given the top-k of x."""
+        dtype = self.embed_dtype
+        rows = self.model.decoder.embed_tokens(indices)  # [..., k, D]
+        p = mx.exp(log_probs.astype(mx.float32)).astype(dtype)
+        return (p[..., None] * rows).sum(axis=-2) * mx.array(self.embed_scale, dtype=dtype)
+
+    def denoise_rows(
+        self,
+        canvas_ids: Any,
+        rows: mx.array,
+        cache: PromptCache,
+        canvas_kv: "CanvasKV",
+        soft: mx.array | None = None,
+    ) -> mx.array:
+        """A decoder pass over some canvas rows only (fast mode): logits `[1, len(rows), vocab]`.
+
+        `canvas_ids` `[1, C]` is the whole canvas; `rows` int32 `[L]` the positions to compute; a
+        row equal to C is padding (shape bucketing): it is computed on a dummy slot and never
+        read. Every layer attends the rows' queries to the cached prefix (read in place, as in
+        `denoise`) and to ALL canvas keys/values: the rows' fresh ones, written into `canvas_kv`,
+        and the other positions' ones kept there from their last computation (frozen positions
+        are not recomputed). With every row live this is `denoise`; with some rows frozen it is
+        the approximation of dKV-Cache / Fast-dLLM: frozen rows' K/V are stale by the steps since
+        they were last computed.
+
+        `soft` `[1, L, D]` is the rows' self-conditioning embedding (`soft_embeddings(...)` or
+        `soft_embeddings_top_k(...)` of their previous processed logits), None at the first step.
+        """
+        ids = _as_ids(canvas_ids)
+        c = ids.shape[1]
+        rows = rows.astype(mx.int32)
+        padded = mx.concatenate([ids, mx.zeros((1, 1), dtype=mx.int32)], axis=1)  # slot C: padding
+        pos = cache.length
+        embeds = self._embed(padded[:, rows])
+        if soft is None:
+            soft = mx.zeros_like(embeds)
+        h = self.model.decoder.self_conditioning(embeds, soft.astype(embeds.dtype))
+        positions = rows + pos
+        index = rows[None, None, :, None]
+        for i, layer in enumerate(self.layers):
+            prefix_k, prefix_v = cache.layers[i].view()
+
+            def attend(q, k, v, i=i, pk=prefix_k, pv=prefix_v):
+                ck = mx.put_along_axis(canvas_kv.keys[i], mx.broadcast_to(index, k.shape), k.astype(canvas_kv.keys[i].dtype), axis=2)
+                cv = mx.put_along_axis(canvas_kv.values[i], mx.broadcast_to(index, v.shape), v.astype(canvas_kv.values[i].dtype), axis=2)
+                canvas_kv.keys[i], canvas_kv.values[i] = ck, cv
+                own = (ck[:, :, :c], cv[:, :, :c], None)
+                return split_attention(q, [own] if pk is None else [(pk, pv, None), own])
+
+            h = layer(h, positions, attend, layer.layer_scalar)
         h = self.model.decoder.norm(h)
         return self.logits(h)
 

@@ -64,6 +64,9 @@ Stability = Annotated[Optional[int], typer.Option(
     "--stability-threshold", min=0, help="Sampler: steps the draft must stay unchanged to stop.")]
 Confidence = Annotated[Optional[float], typer.Option(
     "--confidence-threshold", min=0, help="Sampler: mean entropy under which a stable block stops.")]
+Fast = Annotated[bool, typer.Option(
+    "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; see docs/performance.md) "
+                           "or the exact reference sampler.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
 AdapterPath = Annotated[Optional[str], typer.Option(
     "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
@@ -156,6 +159,7 @@ def chat(
     t_max: TMax = None,
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
+    fast: Fast = False,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     debug: Debug = False,
@@ -171,7 +175,7 @@ def chat(
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
         llm, tokenizer = _load(model, offline, ui, adapter_path)
         session = ChatSession(llm, tokenizer, system=system, thinking=think, max_tokens=max_tokens,
-                              seed=seed, **sampler)
+                              seed=seed, mode="fast" if fast else "exact", **sampler)
         if interactive:
             ui.print("[bold]DiffusionGemma chat[/] [dim]· /help for commands · Ctrl-D to quit[/]")
         code = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui).run()
@@ -194,6 +198,7 @@ def generate(
     t_max: TMax = None,
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
+    fast: Fast = False,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     debug: Debug = False,
@@ -215,7 +220,7 @@ def generate(
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,
-                                 thinking=think, **sampler)
+                                 thinking=think, mode="fast" if fast else "exact", **sampler)
         if as_json:
             view = PlainView(io.StringIO())  # the text goes into the JSON object
         elif not terminal:
@@ -252,6 +257,7 @@ def result_json(result) -> dict:
         "generation_tps": result.generation_tps,
         "peak_memory_gb": result.peak_memory_gb,
         "seed": result.extra.get("seed"),
+        "mode": result.extra.get("mode"),
     }
 
 

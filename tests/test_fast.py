@@ -1,0 +1,252 @@
+"""Fast mode: the live-row decoder pass, the top-k sampler math, bucketing and the block loop."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
+from mlx_diffusiongemma import generate, load
+from mlx_diffusiongemma.demo import ensure_demo
+from mlx_diffusiongemma.engine import Request, SamplerOptions, run
+from mlx_diffusiongemma.events import GenerationResult, StepEvent
+from mlx_diffusiongemma.fast import FastOptions, bucket_rows, top_k_two_stage
+from mlx_diffusiongemma.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ref = build_reference(tiny_text_config(), canvas_length=16, seed=1)
+    model, _ = load_model(save_checkpoint(ref, tmp_path_factory.mktemp("fast") / "ckpt"), dtype=mx.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    ref = build_reference(tiny_text_config(), canvas_length=8, seed=4)
+    sharpen(ref)
+    model, _ = load_model(save_checkpoint(ref, tmp_path_factory.mktemp("fast") / "sharp"), dtype=mx.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return load(ensure_demo(tmp_path_factory.mktemp("fastdemo") / "demo"))
+
+
+def _canvas(model, seed=0):
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.integers(0, model.vocab_size, (1, model.canvas_length)))
+
+
+def test_all_live_rows_equal_the_full_decoder_pass(tiny):
+    cache = tiny.prefill(mx.arange(20) + 5)
+    canvas = _canvas(tiny)
+    first = tiny.denoise(canvas, cache)
+    sc = first / 0.6
+    full = tiny.denoise(canvas, cache, sc)
+    rows = tiny.denoise_rows(canvas, mx.arange(16), cache, tiny.make_canvas_kv(), tiny.soft_embeddings(sc))
+    np.testing.assert_allclose(np.array(rows), np.array(full), atol=1e-5, rtol=1e-5)
+    # Rows in another order, plus padding rows (slot C), give the same logits per row.
+    order = [15, 3, 0, 9, 16, 16]
+    kv = tiny.make_canvas_kv()
+    tiny.denoise_rows(canvas, mx.arange(16), cache, kv, tiny.soft_embeddings(sc))
+    part = tiny.denoise_rows(canvas, mx.array(order), cache, kv, tiny.soft_embeddings(sc[:, [15, 3, 0, 9, 0, 0]]))
+    np.testing.assert_allclose(np.array(part[:, :4]), np.array(full[:, [15, 3, 0, 9]]), atol=1e-5, rtol=1e-5)
+
+
+def test_live_rows_read_the_frozen_rows_kv_from_their_last_pass(tiny):
+    """Frozen rows are not recomputed: changing their token after their last pass changes
+    nothing for the live rows, while the full pass sees the change."""
+    cache = tiny.prefill(mx.arange(12) + 3)
+    canvas = _canvas(tiny, 1)
+    kv = tiny.make_canvas_kv()
+    tiny.denoise_rows(canvas, mx.arange(16), cache, kv)
+    live = mx.array([1, 2, 5])
+    stale = tiny.denoise_rows(canvas, live, cache, kv)
+    changed = mx.array(np.where(np.arange(16) == 7, (np.array(canvas)[0] + 1) % tiny.vocab_size, np.array(canvas)[0])[None])
+    again = tiny.denoise_rows(changed, live, cache, kv)
+    np.testing.assert_array_equal(np.array(stale), np.array(again))
+    full = tiny.denoise(changed, cache)
+    assert float(mx.abs(full[:, [1, 2, 5]] - again).max()) > 1e-4
+
+
+def test_per_row_rope_positions_equal_consecutive_ones(tiny):
+    attn = tiny.layers[2].self_attn  # a full-attention layer (proportional RoPE)
+    x = mx.random.normal((1, 6, tiny.text.hidden_size), key=mx.random.key(0))
+    q, k, _ = attn.qkv(x, 40)
+    q2, k2, _ = attn.qkv(x, mx.arange(40, 46))
+    np.testing.assert_allclose(np.array(q), np.array(q2), atol=1e-5)
+    np.testing.assert_allclose(np.array(k), np.array(k2), atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,k,chunk", [(1000, 64, 128), (1000, 7, 2048), (50, 64, 16), (4099, 16, 512)])
+def test_two_stage_top_k_is_exact(vocab, k, chunk):
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((2, 5, vocab)).astype(np.float32)
+    x[0, 0, [3, 900 % vocab]] = 9.0  # a tie at the top: the lower id comes first, like argmax
+    vals, idx = top_k_two_stage(mx.array(x), k, chunk=chunk)
+    kk = min(k, vocab)
+    ref_idx = np.argsort(-x, axis=-1, kind="stable")[..., :kk]
+    np.testing.assert_array_equal(np.array(idx), ref_idx)
+    np.testing.assert_array_equal(np.array(vals), np.take_along_axis(x, ref_idx, -1))
+    assert int(np.array(idx)[0, 0, 0]) == int(np.argmax(x[0, 0]))
+
+
+def test_bucket_rows_bounds_the_number_of_shapes():
+    for c in (32, 64, 256):
+        sizes = {bucket_rows(n, c) for n in range(1, c + 1)}
+        assert all(bucket_rows(n, c) >= n for n in range(1, c + 1))
+        assert max(sizes) == c and len(sizes) <= 14
+    assert bucket_rows(0, 64) == 0
+
+
+def _events(model, **kw):
+    req = Request([2, 5, 17, 30, 44, 9, 6], max_tokens=3 * model.canvas_length, seed=4,
+                  sampler=SamplerOptions(max_denoising_steps=12), **kw)
+    events = list(run(model, req))
+    return events[-1], [e for e in events if isinstance(e, StepEvent)]
+
+
+@pytest.mark.parametrize("which", ["demo", "sharp"])
+def test_every_technique_off_gives_the_exact_path(which, demo, sharp):
+    model = demo[0] if which == "demo" else sharp
+    exact, exact_steps = _events(model)
+    none, none_steps = _events(model, mode="fast", fast=FastOptions.none())
+    assert none.tokens == exact.tokens and none.steps_per_block == exact.steps_per_block
+    assert [e.argmax.tolist() for e in none_steps] == [e.argmax.tolist() for e in exact_steps]
+    assert [e.canvas.tolist() for e in none_steps] == [e.canvas.tolist() for e in exact_steps]
+    assert none.extra["live_rows"] == [[model.canvas_length] * s for s in exact.steps_per_block]
+
+
+def test_frozen_positions_keep_their_token_and_leave_the_decoder(sharp):
+    exact, _ = _events(sharp)
+    result, steps = _events(sharp, mode="fast")
+    c = sharp.canvas_length
+    frozen_at: dict[tuple[int, int], int] = {}
+    last_block, prev = -1, None
+    for e in steps:
+        if e.block != last_block:
+            last_block, prev = e.block, None
+        assert e.live_rows is not None and 1 <= e.live_rows <= c
+        if prev is not None:
+            assert e.live_rows <= prev.live_rows  # the live set only shrinks
+        prev = e
+    for block_trace in result.extra["live_rows"]:
+        assert block_trace[0] == c
+    computed = sum(sum(t) for t in result.extra["live_rows"])
+    assert computed < c * sum(exact.steps_per_block)
+    assert len(result.tokens) == len(exact.tokens)
+    print(f"\nsharpened: exact {sum(exact.steps_per_block)} steps x {c} rows; fast rows {result.extra['live_rows']}")
+
+
+class _Scripted:
+    """A stand-in model whose decoder predicts a fixed answer with an EOS at position 4; rows
+    after it get fresh random logits at every call (uncertain forever), like the padding tail
+    of a canvas that has not settled."""
+
+    canvas_length = 12
+    vocab_size = 40
+    embed_dtype = mx.float32
+    generation = None
+
+    def __init__(self, gap=30.0):
+        self.answer = mx.array([7, 8, 9, 10, 1] + [20] * 7)
+        self.gap = gap
+        self.calls = 0
+        self.text = type("T", (), {"max_position_embeddings": 4096})()
+
+    def make_cache(self):
+        from mlx_diffusiongemma.cache import PromptCache
+
+        return PromptCache([])
+
+    def extend(self, cache, ids, chunk_size=512):
+        cache.length += len(ids)
+
+    def make_canvas_kv(self):
+        from mlx_diffusiongemma.model import CanvasKV
+
+        return CanvasKV([], [])
+
+    def _logits(self, rows):
+        self.calls += 1
+        key = mx.random.key(self.calls)
+        noise = mx.random.normal((1, len(rows), self.vocab_size), key=key) * 0.1
+        sure = mx.eye(self.vocab_size)[self.answer[mx.minimum(rows, 11)]][None] * self.gap
+        return mx.where((rows < 5)[None, :, None], sure, noise)
+
+    def denoise(self, canvas, cache, self_conditioning=None, **_):
+        return self._logits(mx.arange(self.canvas_length))
+
+    def denoise_rows(self, canvas, rows, cache, kv, soft=None):
+        return self._logits(rows)
+
+    def soft_embeddings(self, x, top_k=None):
+        return mx.zeros((*x.shape[:-1], 4))
+
+    def soft_embeddings_top_k(self, idx, logp):
+        return mx.zeros((*idx.shape[:-1], 4))
+
+
+def _scripted(mode, fast=None, steps=10):
+    model = _Scripted()
+    req = Request([3, 4], max_tokens=12, seed=0, mode=mode, fast=fast,
+                  sampler=SamplerOptions(max_denoising_steps=steps, confidence_threshold=0.5))
+    return list(run(model, req))[-1]
+
+
+def test_a_settled_eos_ends_the_canvas():
+    exact = _scripted("exact")
+    assert exact.steps_per_block == [10]  # the uncertain tail never lets the reference stop
+    for fast in (FastOptions(eos_stop=True, freeze=True), FastOptions(eos_stop=True, freeze=False, top_k=None)):
+        result = _scripted("fast", fast)
+        assert result.tokens == [7, 8, 9, 10, 1] == exact.tokens
+        assert result.steps_per_block[0] < 10
+        assert sum(result.extra["live_rows"][0]) < 12 * 10
+        print(f"\n{fast}: steps {result.steps_per_block}, rows {result.extra['live_rows']}")
+    no_eos = _scripted("fast", FastOptions(eos_stop=False))
+    assert no_eos.steps_per_block == [10]
+
+
+def test_commit_gap_commits_a_certain_canvas_at_once():
+    model = _Scripted()
+    model.answer = mx.array([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
+    req = lambda **kw: Request([3], max_tokens=12, seed=0, sampler=SamplerOptions(max_denoising_steps=10), **kw)  # noqa: E731
+    model._logits = lambda rows: mx.eye(40)[model.answer[mx.minimum(rows, 11)]][None] * 30.0
+    exact = list(run(model, req()))[-1]
+    early = list(run(model, req(mode="fast", fast=FastOptions(commit_gap=5.0))))[-1]
+    assert early.tokens == exact.tokens == model.answer.tolist()
+    assert early.steps_per_block == [1] and exact.steps_per_block[0] >= 2
+
+
+def test_api_and_errors(demo):
+    model, tok = demo
+    out = generate(model, tok, "sort 3 1 2", max_tokens=40, seed=1, mode="fast", max_denoising_steps=4)
+    assert isinstance(out, GenerationResult) and out.extra["mode"] == "fast" and out.extra["live_rows"]
+    with pytest.raises(ValueError, match="mode"):
+        generate(model, tok, "x", max_tokens=8, mode="turbo")
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, tok, "x", max_tokens=8, mode="fast", fast=FastOptions(top_k=0))
+    with pytest.raises(ValueError, match="commit_gap"):
+        generate(model, tok, "x", max_tokens=8, mode="fast", fast=FastOptions(commit_gap=-1.0))
+
+
+def test_cli_fast_flag(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_diffusiongemma.cli import app as cli
+    from mlx_diffusiongemma.demo import DEMO_VERSION
+
+    ensure_demo(tmp_path / f"demo-v{DEMO_VERSION}")
+    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runner = CliRunner()
+    args = ["generate", "--model", "demo", "--max-tokens", "32", "--steps", "3", "--seed", "2", "-p", "hi", "--json"]
+    for flag, mode in (("--fast", "fast"), ("--exact", "exact")):
+        result = runner.invoke(cli.app, [*args, flag], prog_name="dgemma")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["mode"] == mode
