@@ -64,12 +64,14 @@ def _attention_dims(a: TextArgs, layer: int) -> tuple[int, int, int]:
     return a.num_attention_heads, a.kv_heads[layer], a.head_dims[layer]
 
 
-def layer_flops(a: TextArgs, layer: int, canvas_length: int, cache_len: int) -> dict[str, int]:
-    """FLOPs of one decoder layer over the canvas."""
-    c, d = canvas_length, a.hidden_size
+def layer_flops(a: TextArgs, layer: int, canvas_length: int, cache_len: int, rows: int | None = None) -> dict[str, int]:
+    """FLOPs of one decoder layer over the canvas, or over `rows` of it (fast mode: the live
+    rows are the queries, every canvas position stays a key)."""
+    d = a.hidden_size
+    c = canvas_length if rows is None else rows
     hq, hkv, hd = _attention_dims(a, layer)
     n_kv_proj = 2 if a.is_sliding(layer) else 1  # full layers have no v_proj (K=V)
-    keys = visible_prefix_rows(a, layer, cache_len) + c
+    keys = visible_prefix_rows(a, layer, cache_len) + canvas_length
     return {
         "attention_projections": 2 * c * d * (hq * hd) * 2 + 2 * c * d * (hkv * hd) * n_kv_proj,
         "attention_scores_values": 2 * (2 * c * hq * hd * keys),
@@ -217,3 +219,73 @@ def _mb(n: float) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"
     return f"{n / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------------------------------------
+# Fast mode: work of a step over some canvas rows, and of a whole generation from its trace
+# --------------------------------------------------------------------------------------------
+
+# Float32 passes over a `[rows, vocab]` array per step (each op reads the array once): the
+# exact sampler (SAMPLER_OPS_PER_LOGIT above) plus the self-conditioning softmax of the next
+# step; the top-k sampler divides by the temperature, reads the row once for the two-stage
+# top-k and once for the log-sum-exp (max, subtract-exp, sum), the rest is `[rows, k]` work.
+TOP_K_SAMPLER_OPS_PER_LOGIT = 5
+TOP_K_SAMPLER_OPS_PER_CANDIDATE = 16  # draw, entropy, gap, self-conditioning weights on k values
+
+
+def rows_step_work(a: TextArgs, canvas_length: int, cache_len: int, rows: int, *,
+                   top_k: int | None = None, recipe: str | None = "mixed-4bit") -> dict[str, int]:
+    """One fast-mode step that computes `rows` canvas rows (padding included): decoder FLOPs
+    (transformer body + self-conditioning), LM-head FLOPs, sampler float32 bytes and (for
+    `recipe`) weight bytes read. `top_k` None: full-vocabulary sampler and exact
+    self-conditioning (the exact path when rows == canvas_length)."""
+    d, v = a.hidden_size, a.vocab_size
+    body = sum(sum(layer_flops(a, i, canvas_length, cache_len, rows).values()) for i in range(a.num_hidden_layers))
+    sc_mlp = 3 * 2 * rows * d * a.intermediate_size
+    if top_k is None:
+        soft = 2 * rows * v * d
+        sampler_bytes = 4 * rows * v * (SAMPLER_OPS_PER_LOGIT + SOFTMAX_OPS_PER_LOGIT)
+    else:
+        k = min(top_k, v)
+        soft = 2 * rows * k * d
+        sampler_bytes = 4 * rows * (v * TOP_K_SAMPLER_OPS_PER_LOGIT + k * TOP_K_SAMPLER_OPS_PER_CANDIDATE)
+    out = {
+        "rows": rows,
+        "body_flops": body,
+        "self_conditioning_flops": soft + sc_mlp,
+        "decoder_flops": body + soft + sc_mlp,
+        "lm_head_flops": 2 * rows * d * v,
+        "sampler_bytes": sampler_bytes,
+    }
+    if recipe is not None:
+        out["weight_bytes"] = weight_bytes_per_step(a, rows, recipe, top_k_self_conditioning=top_k)["total"]
+    return out
+
+
+def generation_work(a: TextArgs, canvas_length: int, cache_len: int, rows_per_step: list[list[int]],
+                    committed_tokens: int, *, top_k: int | None = None,
+                    recipe: str | None = "mixed-4bit") -> dict[str, Any]:
+    """Totals, per step and per committed token, of a generation from its trace: the rows the
+    decoder computed at every step of every block (`[[canvas_length] * steps]` per block for the
+    exact path; `GenerationResult.extra["padded_rows"]` in fast mode). `cache_len` is the cache
+    at the first block; each later block sees `canvas_length` more. "decoder_flops" counts the
+    transformer body and self-conditioning; the LM head is reported apart, as is the sampler."""
+    keys = ("decoder_flops", "lm_head_flops", "sampler_bytes", "rows") + (("weight_bytes",) if recipe else ())
+    total = dict.fromkeys(keys, 0)
+    steps = 0
+    for block, trace in enumerate(rows_per_step):
+        for rows in trace:
+            w = rows_step_work(a, canvas_length, cache_len + block * canvas_length, rows, top_k=top_k, recipe=recipe)
+            for k in keys:
+                total[k] += w[k]
+            steps += 1
+    per_step = {k: total[k] / steps for k in keys} if steps else dict.fromkeys(keys, 0.0)
+    per_token = {k: total[k] / committed_tokens for k in keys} if committed_tokens else dict.fromkeys(keys, 0.0)
+    return {"steps": steps, "blocks": len(rows_per_step), "committed_tokens": committed_tokens,
+            "total": total, "per_step": per_step, "per_token": per_token}
+
+
+def rescale_trace(rows_per_step: list[list[int]], from_canvas: int, to_canvas: int) -> list[list[int]]:
+    """A trace recorded at one canvas length applied to another: each step's live fraction of the
+    canvas kept (rounded up), as an estimate of the same schedule on a wider canvas."""
+    return [[min(to_canvas, -(-r * to_canvas // from_canvas)) for r in trace] for trace in rows_per_step]

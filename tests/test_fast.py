@@ -250,3 +250,23 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
         result = runner.invoke(cli.app, [*args, flag], prog_name="dgemma")
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["mode"] == mode
+
+
+def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():
+    from mlx_diffusiongemma.accounting import generation_work, rescale_trace, rows_step_work, step_work
+    from mlx_diffusiongemma.config import parse_model_args
+
+    args = parse_model_args({"model_type": "diffusion_gemma", "canvas_length": 32,
+                             "text_config": tiny_text_config(hidden_size=128, intermediate_size=128)}).text
+    exact = step_work(args, 32, 100)["flops"]
+    full = rows_step_work(args, 32, 100, 32)
+    assert full["decoder_flops"] == exact["decoder_total"] - exact["lm_head"]
+    assert full["lm_head_flops"] == exact["lm_head"]
+    eight = rows_step_work(args, 32, 100, 8, top_k=64)
+    assert eight["lm_head_flops"] * 4 == full["lm_head_flops"]
+    assert full["decoder_flops"] / 4.5 < eight["decoder_flops"] < full["decoder_flops"] / 3  # keys stay 132
+    assert eight["sampler_bytes"] < full["sampler_bytes"] / 4
+    work = generation_work(args, 32, 100, [[32, 32], [32, 8, 8]], committed_tokens=40, top_k=64)
+    assert work["steps"] == 5 and work["total"]["rows"] == 112
+    assert work["per_token"]["decoder_flops"] == pytest.approx(work["total"]["decoder_flops"] / 40)
+    assert rescale_trace([[64, 10, 1]], 64, 256) == [[256, 40, 4]]
