@@ -270,3 +270,28 @@ def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():
     assert work["steps"] == 5 and work["total"]["rows"] == 112
     assert work["per_token"]["decoder_flops"] == pytest.approx(work["total"]["decoder_flops"] / 40)
     assert rescale_trace([[64, 10, 1]], 64, 256) == [[256, 40, 4]]
+
+
+def test_fast_mode_keeps_pins_and_runs_hooks(sharp):
+    """Frozen positions are canvas.py's FROZEN state: user pins hold in fast mode too, and the
+    request's hooks see the states the settle rule produced."""
+    from mlx_diffusiongemma.canvas import CanvasState
+
+    c = sharp.canvas_length
+    pins = {0: 5, 3: 9}
+    seen = []
+
+    def hook(view):
+        seen.append((view.step, int(view.state.frozen.sum().item())))
+        return None
+
+    req = Request([2, 5, 17], max_tokens=c, seed=3, mode="fast", stop_at_eos=False, hooks=(hook,),
+                  canvases={0: CanvasState.from_lists(c, pins=pins)}, sampler=SamplerOptions(max_denoising_steps=12))
+    events = list(run(sharp, req))
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    for e in steps:
+        assert [e.argmax[p].item() for p in pins] == list(pins.values())
+        assert [e.canvas[p].item() for p in pins] == list(pins.values())
+    result = events[-1]
+    assert [result.tokens[p] for p in pins] == list(pins.values())
+    assert len(seen) == len(steps) and seen[-1][1] >= 1  # something froze
