@@ -20,6 +20,9 @@ transformers for the reference), this:
    quantized and gather matmuls), for ours (`scripts/bench_worker_ours.py`), mlx-vlm
    (`scripts/bench_worker_vlm.py`) and, for context, the transformers reference on PyTorch CPU
    (`scripts/bench_worker_hf.py`);
+   `python scripts/bench.py --demo [options of scripts/bench_demo.py]` runs the end-to-end rows on
+   the trained demo model instead: the exact path, each fast-mode technique alone, the full
+   fast mode and mlx-vlm on the demo's Hugging Face export, with exact-match accuracy;
 4. prints the hardware-independent work accounting of a denoising step
    (`mlx_diffusiongemma.accounting.step_work`) for every preset and the 26B model's shape at
    cache lengths 1K / 8K / 32K;
@@ -685,6 +688,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--demo"]:  # end-to-end rows on the trained demo model (exact vs fast mode)
+        import bench_demo
+
+        return bench_demo.main(argv[1:])
     args = parse_args(argv)
     t_start = time.perf_counter()
     presets = [p for p in args.presets.split(",") if p]

@@ -1,0 +1,329 @@
+"""End-to-end rows on the trained demo model: the exact path, each fast-mode technique alone, the
+full fast mode, and (optionally) mlx-vlm 0.7.10 on the demo's Hugging Face export.
+
+    python scripts/bench_demo.py --out bench-results/demo [--per-family 12] [--vlm-python PY --hf-export DIR]
+
+For every configuration, every held-out prompt of every task family
+(`mlx_diffusiongemma.demo_tasks.held_out_set`, the prompts `scripts/eval_demo.py` scores) is
+generated once with the same seed (the prompt's index), through the public API
+(`mlx_diffusiongemma.generate`), and judged by the family's checker (exact match, or validity for
+the free-choice families). Reported per configuration: end-to-end tokens/s (committed tokens over
+prefill + generation wall time, summed over prompts), decoder FLOPs per committed token (from
+`accounting.generation_work` and the rows the decoder really ran), LM-head FLOPs and sampler
+bytes per committed token, steps per canvas, rows per step, and exact-match accuracy per family.
+The live-row trace of the full fast mode is kept and applied to the 26B shape (canvas 256).
+
+mlx-vlm runs in its own environment (`--vlm-python`, with mlx-vlm 0.7.10) through
+`scripts/bench_worker_vlm_e2e.py`, on a folder made by its own converter from the export, in
+float32 (its CPU experts cannot run bf16); so our rows are measured in float32 too (`--dtype`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+DOCS_BEGIN = "<!-- bench-demo:begin -->"
+DOCS_END = "<!-- bench-demo:end -->"
+SHAPE_26B_CANVAS = 256
+SHAPE_26B_CACHE = 1024
+
+
+def log(msg: str) -> None:
+    print(f"[bench-demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
+    """(label, mode, FastOptions) in table order."""
+    from mlx_diffusiongemma.fast import FastOptions
+
+    off = FastOptions.none()
+    return [
+        ("exact (reference sampler)", "exact", None),
+        ("fast loop, every technique off", "fast", off),
+        ("freeze settled positions only", "fast", FastOptions(freeze=True, eos_stop=False, top_k=None, bucket=False)),
+        ("freeze + bucketing", "fast", FastOptions(freeze=True, eos_stop=False, top_k=None, bucket=True)),
+        ("EOS stop only", "fast", FastOptions(freeze=False, eos_stop=True, top_k=None, bucket=False)),
+        ("top-64 sampler only", "fast", FastOptions(freeze=False, eos_stop=False, top_k=64, bucket=False)),
+        (f"early commit (gap {commit_gap:g}) only", "fast",
+         FastOptions(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=commit_gap)),
+        ("fast mode (default: freeze, EOS stop, top-64, bucketing)", "fast", FastOptions()),
+        (f"fast mode + early commit (gap {commit_gap:g})", "fast", FastOptions(commit_gap=commit_gap)),
+    ]
+
+
+def prompts(per_family: int) -> list[tuple[str, str, str]]:
+    from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
+
+    return [(fam, p, a) for fam in FAMILIES for p, a in held_out_set(fam, per_family)]
+
+
+def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
+    from mlx_diffusiongemma.demo_tasks import FAMILIES
+
+    return bool(FAMILIES[family].judge(prompt, reference, produced))
+
+
+def run_ours(model, tok, items, mode, fast, max_tokens: int) -> dict[str, Any]:
+    from mlx_diffusiongemma import accounting, generate
+
+    args = model.text
+    c = model.canvas_length
+    top_k = None if fast is None else fast.top_k
+    out = {"prompts": []}
+    # Warm-up (compiles the sampler for the shapes this configuration uses): two prompts.
+    for fam, p, a in items[:2]:
+        generate(model, tok, p, max_tokens=max_tokens, seed=0, mode=mode, fast=fast)
+    for i, (fam, p, a) in enumerate(items):
+        t = time.perf_counter()
+        r = generate(model, tok, p, max_tokens=max_tokens, seed=i, mode=mode, fast=fast)
+        wall = time.perf_counter() - t
+        if mode == "exact":
+            rows = [[c] * s for s in r.steps_per_block]
+            live = rows
+        else:
+            rows = r.extra["padded_rows"]
+            live = r.extra["live_rows"]
+        work = accounting.generation_work(args, c, r.prompt_tokens, rows, len(r.tokens), top_k=top_k, recipe=None)
+        out["prompts"].append({
+            "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge(fam, p, a, r.text),
+            "tokens": len(r.tokens), "wall_s": wall, "prefill_s": r.prefill_time, "generation_s": r.generation_time,
+            "steps_per_block": r.steps_per_block, "rows": rows, "live_rows": live, "prompt_tokens": r.prompt_tokens,
+            "decoder_flops": work["total"]["decoder_flops"], "lm_head_flops": work["total"]["lm_head_flops"],
+            "sampler_bytes": work["total"]["sampler_bytes"],
+        })
+    return out
+
+
+def summarize(run: dict[str, Any], families: list[str]) -> dict[str, Any]:
+    ps = run["prompts"]
+    tokens = sum(p["tokens"] for p in ps)
+    wall = sum(p["wall_s"] for p in ps)
+    blocks = sum(len(p["steps_per_block"]) for p in ps)
+    steps = sum(sum(p["steps_per_block"]) for p in ps)
+    s = {
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "wall_s": wall,
+        "steps_per_canvas": steps / blocks if blocks else 0.0,
+        "accuracy": {f: _acc([p for p in ps if p["family"] == f]) for f in families},
+        "accuracy_mean": sum(_acc([p for p in ps if p["family"] == f]) for f in families) / len(families),
+    }
+    if "decoder_flops" in ps[0]:
+        rows = sum(sum(sum(b) for b in p["rows"]) for p in ps)
+        live = sum(sum(sum(b) for b in p["live_rows"]) for p in ps)
+        s.update({
+            "decoder_flops_per_token": sum(p["decoder_flops"] for p in ps) / tokens,
+            "lm_head_flops_per_token": sum(p["lm_head_flops"] for p in ps) / tokens,
+            "sampler_bytes_per_token": sum(p["sampler_bytes"] for p in ps) / tokens,
+            "rows_per_step": rows / steps if steps else 0.0,
+            "live_rows_per_step": live / steps if steps else 0.0,
+        })
+    return s
+
+
+def _acc(ps: list[dict]) -> float:
+    return 100.0 * sum(p["correct"] for p in ps) / len(ps) if ps else float("nan")
+
+
+def shape_26b(trace_runs: dict[str, dict], canvas: int, top_k: dict[str, int | None]) -> dict[str, Any]:
+    """Per-token decoder FLOPs of each configuration at the 26B shape: every recorded trace's live
+    fraction of the canvas applied to a canvas of 256 (and committed tokens scaled the same way),
+    at a 1K cache."""
+    sys.path.insert(0, str(HERE))
+    import bench_models
+    from mlx_diffusiongemma import accounting
+    from mlx_diffusiongemma.config import parse_model_args
+
+    args = parse_model_args(bench_models.model_config("26b-shape")).text
+    out = {}
+    scale = SHAPE_26B_CANVAS / canvas
+    for label, run in trace_runs.items():
+        trace = [b for p in run["prompts"] for b in p["rows"]]
+        tokens = sum(p["tokens"] for p in run["prompts"]) * scale
+        big = accounting.rescale_trace(trace, canvas, SHAPE_26B_CANVAS)
+        # One "generation" per recorded canvas, each at the same cache length.
+        total = {"decoder_flops": 0, "lm_head_flops": 0, "weight_bytes": 0, "steps": 0}
+        for block in big:
+            w = accounting.generation_work(args, SHAPE_26B_CANVAS, SHAPE_26B_CACHE, [block], 1,
+                                           top_k=top_k[label], recipe="mixed-4bit")
+            for k in ("decoder_flops", "lm_head_flops", "weight_bytes"):
+                total[k] += w["total"][k]
+            total["steps"] += w["steps"]
+        out[label] = {
+            "decoder_flops_per_token": total["decoder_flops"] / tokens,
+            "lm_head_flops_per_token": total["lm_head_flops"] / tokens,
+            "weight_bytes_per_token": total["weight_bytes"] / tokens,
+            "weight_bytes_per_step": total["weight_bytes"] / max(total["steps"], 1),
+            "tokens_per_step": tokens / max(total["steps"], 1),
+        }
+    # The autoregressive reference point: one token per pass of the same 26B body at the same cache.
+    w = accounting.rows_step_work(args, 1, SHAPE_26B_CACHE, 1, top_k=None, recipe="mixed-4bit")
+    out["autoregressive (1 row per token, same body)"] = {
+        "decoder_flops_per_token": w["body_flops"], "lm_head_flops_per_token": w["lm_head_flops"],
+        "weight_bytes_per_token": w["weight_bytes"], "weight_bytes_per_step": w["weight_bytes"], "tokens_per_step": 1.0,
+    }
+    return out
+
+
+def run_vlm(vlm_python: str, hf_export: Path, out: Path, tok, items, max_tokens: int,
+            commands: list[str]) -> dict | None:
+    from mlx_diffusiongemma.generate import render_messages
+
+    folder = out / "vlm-demo"
+    if not (folder / "config.json").exists():
+        cmd = [vlm_python, "-m", "mlx_vlm", "convert", "--hf-path", str(hf_export), "--mlx-path", str(folder)]
+        commands.append(shlex.join(cmd))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            log(f"mlx-vlm convert failed: {r.stderr[-2000:]}")
+            return None
+    job = out / "vlm_prompts.json"
+    rows = [{"family": f, "prompt": p, "reference": a, "ids": render_messages(tok, [{"role": "user", "content": p}])}
+            for f, p, a in items]
+    job.write_text(json.dumps({"items": rows, "max_tokens": max_tokens}))
+    res = out / "vlm_result.json"
+    cmd = [vlm_python, str(HERE / "bench_worker_vlm_e2e.py"), "--model", str(folder), "--prompts", str(job),
+           "--out", str(res)]
+    commands.append(shlex.join(cmd))
+    r = subprocess.run(cmd, text=True)
+    if r.returncode or not res.exists():
+        log("mlx-vlm worker failed")
+        return None
+    data = json.loads(res.read_text())
+    for run in data["runs"].values():
+        for p in run["prompts"]:
+            p["correct"] = judge(p["family"], p["prompt"], p["reference"], p["text"])
+    return data
+
+
+def render(results: dict[str, Any]) -> str:
+    fams = results["families"]
+    exact = results["summary"]["exact (reference sampler)"]
+    lines = [
+        f"Demo model: `{results['model']}` ({results['dtype']}), {results['per_family']} held-out prompts per family "
+        f"x {len(fams)} families, seeds 0..{results['n_prompts'] - 1}, max {results['max_tokens']} tokens; "
+        f"machine {results['machine']}; run took {results['minutes']:.1f} min.",
+        "",
+        "| configuration | tokens/s | vs exact | decoder GFLOP / token | vs exact | LM head MFLOP / token "
+        "| sampler KB / token | steps / canvas | rows / step | mean accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, s in results["summary"].items():
+        fl = s.get("decoder_flops_per_token")
+        lines.append(
+            f"| {label} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / exact['tokens_per_s']:.2f}x "
+            f"| {_f(fl, 1e9, '.4f')} | {(exact['decoder_flops_per_token'] / fl) if fl else float('nan'):.2f}x fewer "
+            f"| {_f(s.get('lm_head_flops_per_token'), 1e6, '.2f')} | {_f(s.get('sampler_bytes_per_token'), 1e3, '.1f')} "
+            f"| {s['steps_per_canvas']:.2f} | {_f(s.get('rows_per_step'), 1, '.1f')} | {s['accuracy_mean']:.1f}% |"
+        )
+    lines += ["", "Exact-match accuracy per family (%; validity for `sudoku` and `pick`):", "",
+              "| configuration | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for label, s in results["summary"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{s['accuracy'][f]:.0f}" for f in fams) + " |")
+    if results.get("shape_26b"):
+        lines += ["", f"The 26B shape (canvas {SHAPE_26B_CANVAS}, cache {SHAPE_26B_CACHE}, mixed-4bit weights), "
+                  "each configuration's live-row trace from the demo model rescaled to the wider canvas:", "",
+                  "| configuration | decoder GFLOP / token | LM head GFLOP / token | tokens / step "
+                  "| weights read / step | weights read / token |", "|---|---|---|---|---|---|"]
+        for label, s in results["shape_26b"].items():
+            lines.append(f"| {label} | {s['decoder_flops_per_token'] / 1e9:.1f} | {s['lm_head_flops_per_token'] / 1e9:.2f} "
+                         f"| {s['tokens_per_step']:.2f} | {s['weight_bytes_per_step'] / 1e9:.2f} GB "
+                         f"| {s['weight_bytes_per_token'] / 1e9:.3f} GB |")
+    lines += ["", "Commands:", "", "```", *results["commands"], "```"]
+    return "\n".join(lines)
+
+
+def _f(x, scale, fmt) -> str:
+    return "-" if x is None else format(x / scale, fmt)
+
+
+def update_docs(markdown: str, path: Path) -> None:
+    text = path.read_text()
+    block = f"{DOCS_BEGIN}\n{markdown}\n{DOCS_END}"
+    if DOCS_BEGIN in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        text = head + block + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", help="the trained demo model ('demo') or a folder")
+    p.add_argument("--out", type=Path, default=Path("bench-results/demo"))
+    p.add_argument("--per-family", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--commit-gap", type=float, default=8.0)
+    p.add_argument("--only", default=None, help="comma-separated row numbers (0-based) to run")
+    p.add_argument("--vlm-python", default=None)
+    p.add_argument("--hf-export", type=Path, default=None)
+    p.add_argument("--update-docs", action="store_true")
+    args = p.parse_args(argv)
+
+    import mlx.core as mx
+
+    from mlx_diffusiongemma import load
+    from mlx_diffusiongemma.demo_tasks import FAMILIES
+
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    commands = [shlex.join([sys.executable, *sys.argv])]
+    model, tok = load(args.model, dtype=getattr(mx, args.dtype))
+    items = prompts(args.per_family)
+    fams = list(FAMILIES)
+    configs = configurations(args.commit_gap)
+    if args.only:
+        keep = {int(x) for x in args.only.split(",")}
+        configs = [c for i, c in enumerate(configs) if i in keep or i == 0]
+    runs, summary = {}, {}
+    for label, mode, fast in configs:
+        log(f"{label}: {len(items)} prompts")
+        run = run_ours(model, tok, items, mode, fast, args.max_tokens)
+        run["options"] = None if fast is None else asdict(fast)
+        runs[label] = run
+        summary[label] = summarize(run, fams)
+        s = summary[label]
+        log(f"  {s['tokens_per_s']:.1f} tok/s, {s['decoder_flops_per_token'] / 1e6:.2f} MFLOP/token, "
+            f"{s['steps_per_canvas']:.2f} steps/canvas, accuracy {s['accuracy_mean']:.1f}%")
+    if args.vlm_python and args.hf_export:
+        vlm = run_vlm(args.vlm_python, args.hf_export, args.out, tok, items, args.max_tokens, commands)
+        if vlm:
+            for label, run in vlm["runs"].items():
+                runs[label] = run
+                summary[label] = summarize(run, fams)
+    top_k = {label: (None if fast is None else fast.top_k) for label, _, fast in configs}
+    results = {
+        "model": str(args.model), "dtype": args.dtype, "per_family": args.per_family, "families": fams,
+        "n_prompts": len(items), "max_tokens": args.max_tokens,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, MLX {mx.__version__} {mx.default_device()}",
+        "summary": summary, "runs": runs, "commands": commands,
+        "shape_26b": shape_26b({k: runs[k] for k in top_k}, model.canvas_length, top_k),
+    }
+    results["minutes"] = (time.perf_counter() - t0) / 60
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    md = render(results)
+    (args.out / "results.md").write_text(md + "\n")
+    print(md)
+    if args.update_docs:
+        update_docs(md, ROOT / "docs" / "performance.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
