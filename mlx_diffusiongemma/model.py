@@ -18,6 +18,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
+
+from . import fastmath
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import LayerKV, PromptCache
@@ -133,8 +135,15 @@ def split_attention(
     return o.reshape(b, hq, n, d)
 
 
+def gelu(x: mx.array, fast: bool) -> mx.array:
+    """GELU-tanh: MLX's own, or the cheap training version (`fastmath`, same to float32 rounding)."""
+    return fastmath.gelu_tanh(x) if fast else nn.gelu_approx(x)
+
+
 class MLP(nn.Module):
     """GeGLU feed-forward (dense MLP and the self-conditioning block)."""
+
+    fast_act: bool = False  # training switch, see `Model.set_training_kernels`
 
     def __init__(self, dims: int, hidden: int):
         super().__init__()
@@ -143,7 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu(self.gate_proj(x), self.fast_act) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -231,6 +240,7 @@ class Experts(nn.Module):
     # handful of experts the dense form is the faster one. LoRA-wrapped and quantized experts
     # go through `_dense_weight`.
     dense: bool = False
+    fast_act: bool = False
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         if self.dense:
@@ -244,7 +254,7 @@ class Experts(nn.Module):
             sidx = idx
         gu = self.gate_up_proj(x, sidx, sorted_indices=sort)
         gate, up = mx.split(gu, 2, axis=-1)
-        y = self.down_proj(nn.gelu_approx(gate) * up, sidx, sorted_indices=sort)
+        y = self.down_proj(gelu(gate, self.fast_act) * up, sidx, sorted_indices=sort)
         if sort:
             y = mx.unflatten(y[inv], 0, shape)
         y = y.squeeze(-2)  # [..., K, D]
@@ -252,18 +262,20 @@ class Experts(nn.Module):
 
 
     def _dense(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        gate_up, down = _dense_weight(self.gate_up_proj), _dense_weight(self.down_proj)
-        e = gate_up.shape[0]
+        """Every expert on every row as two 2D matmuls: `[N, D] @ [D, E*2I]`, then the
+        activations scaled by each row's expert weight (zero outside its top-k) and
+        `[N, E*I] @ [E*I, D]`, which sums the weighted experts' outputs in the same product."""
+        wgu, wd = _dense_weight(self.gate_up_proj), _dense_weight(self.down_proj)  # [E, 2I, D], [E, D, I]
+        e, two_i, d = wgu.shape
         lead = x.shape[:-1]
-        rows = x.reshape(-1, x.shape[-1])  # [N, D]
-        # [N, E]: the router's weight for each expert, zero outside the top-k (differentiable in w).
+        rows = x.reshape(-1, d)
         onehot = (idx.reshape(-1, idx.shape[-1])[..., None] == mx.arange(e)).astype(weights.dtype)
-        w = (onehot * weights.reshape(-1, weights.shape[-1])[..., None]).sum(axis=1)
-        gu = rows[None] @ gate_up.swapaxes(-1, -2)  # [E, N, 2I]
+        w = (onehot * weights.reshape(-1, weights.shape[-1])[..., None]).sum(axis=1)  # [N, E]
+        gu = (rows @ wgu.reshape(e * two_i, d).T).reshape(-1, e, two_i)
         gate, up = mx.split(gu, 2, axis=-1)
-        y = (nn.gelu_approx(gate) * up) @ down.swapaxes(-1, -2)  # [E, N, D]
-        out = (w.T[..., None].astype(y.dtype) * y).sum(axis=0)
-        return out.reshape(*lead, -1)
+        act = gelu(gate, self.fast_act) * up * w[..., None].astype(up.dtype)  # [N, E, I]
+        out = act.reshape(rows.shape[0], -1) @ wd.swapaxes(1, 2).reshape(-1, d)
+        return out.reshape(*lead, d)
 
 
 class Layer(nn.Module):
@@ -302,6 +314,8 @@ class Layer(nn.Module):
 
 
 class SelfConditioning(nn.Module):
+    fast_act: bool = False
+
     def __init__(self, args: TextArgs):
         super().__init__()
         self.eps = args.rms_norm_eps
@@ -312,7 +326,7 @@ class SelfConditioning(nn.Module):
 
     def __call__(self, embeds: mx.array, soft: mx.array) -> mx.array:
         n = self.pre_norm(soft)
-        signal = self.down_proj(nn.gelu_approx(self.gate_proj(n)) * self.up_proj(n))
+        signal = self.down_proj(gelu(self.gate_proj(n), self.fast_act) * self.up_proj(n))
         return rms_norm_no_scale(embeds + signal, self.eps)  # post_norm has no weight
 
 
@@ -605,7 +619,19 @@ class Model(nn.Module):
     def logits(self, h: mx.array) -> mx.array:
         cap = self.text.final_logit_softcapping
         out = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
-        return mx.tanh(out / cap) * cap
+        tanh = fastmath.tanh if self.fast_act else mx.tanh
+        return tanh(out / cap) * cap
+
+    fast_act: bool = False
+
+    def set_training_kernels(self, *, dense_experts: bool, fast_activations: bool) -> None:
+        """Switch the training-speed formulations on or off (see `Experts.dense`, `fastmath`)."""
+        self.fast_act = fast_activations
+        self.model.decoder.self_conditioning.fast_act = fast_activations
+        for layer in self.layers:
+            layer.experts.dense = dense_experts
+            layer.experts.fast_act = fast_activations
+            layer.mlp.fast_act = fast_activations
 
     # -- weights -------------------------------------------------------------------------------
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

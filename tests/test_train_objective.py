@@ -142,3 +142,29 @@ def test_a_short_run_lowers_the_loss(tmp_path):
         assert np.isfinite(report.loss)
     after = evaluate(model, [batch])
     assert after < 0.5 * before
+
+
+def test_fast_activations_match_mlx_values_and_gradients():
+    from mlx_diffusiongemma import fastmath
+
+    x = mx.concatenate([mx.linspace(-12, 12, 2001), mx.random.normal((4000,)) * 3])
+    assert np.abs(np.array(fastmath.tanh(x)) - np.array(mx.tanh(x))).max() < 1e-6
+    assert np.abs(np.array(fastmath.gelu_tanh(x)) - np.array(nn.gelu_approx(x))).max() < 1e-5
+    for fast, ref in ((fastmath.tanh, mx.tanh), (fastmath.gelu_tanh, nn.gelu_approx)):
+        g_fast = mx.grad(lambda v: (fast(v) * v).sum())(x)
+        g_ref = mx.grad(lambda v: (ref(v) * v).sum())(x)
+        assert np.abs(np.array(g_fast) - np.array(g_ref)).max() < 1e-4
+
+
+def test_training_kernels_give_the_same_loss(pair):
+    _, ours = pair
+    batch = make_batch(_items(ours.vocab_size), multiple=1)
+    key = mx.random.key(11)
+    exact = diffusion_loss(ours, batch, key)[0].item()
+    ours.set_training_kernels(dense_experts=True, fast_activations=True)
+    try:
+        fast = diffusion_loss(ours, batch, key)[0].item()
+    finally:
+        ours.set_training_kernels(dense_experts=False, fast_activations=False)
+    assert abs(exact - fast) < 1e-4
+    assert diffusion_loss(ours, batch, key)[0].item() == exact

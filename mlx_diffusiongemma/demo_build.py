@@ -1,0 +1,137 @@
+"""Building blocks of the trained demo model: its tokenizer, config and generation settings.
+
+The demo model ships with the package (`mlx_diffusiongemma/demo_model/`); `scripts/train_demo.py`
+builds it from scratch with these pieces and the package's own trainer. The tokenizer is a small
+BPE in the style of Gemma's (spaces as "▁", decoded by mlx-lm's SentencePiece streaming
+detokenizer), trained on the task suite so that numbers and task words are single tokens, with the
+Gemma 4 chat format and special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Iterator
+
+from .demo import CHARACTERS, CHAT_TEMPLATE, SPECIAL_TOKENS, TURN_END
+from .demo_tasks import FAMILIES, WEIGHTS, sample
+
+VOCAB_SIZE = 800
+CANVAS_LENGTH = 64
+
+
+def corpus(n: int, seed: int = 0) -> Iterator[str]:
+    """Prompts and answers of the training side of the task suite (for the tokenizer)."""
+    rng = random.Random(seed)
+    names = list(FAMILIES)
+    for i in range(n):
+        prompt, answer = sample(rng, names[i % len(names)], held_out=False)
+        yield f"user\n{prompt}"  # the turn headers of the chat format become tokens too
+        yield f"model\n{answer}"
+    for _ in range(50):  # every number 0-99 also as a bare token (an answer's first number)
+        yield from (str(v) for v in range(100))
+
+
+def build_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> None:
+    """Train the BPE on the task corpus and write tokenizer.json / tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),
+    ])
+    # The decoder of Gemma's tokenizer.json, so mlx-lm streams with its SentencePiece detokenizer.
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=CHARACTERS + ["▁"], show_progress=False)
+    tok.train_from_iterator(corpus(20_000, seed), trainer=trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": False, "model_max_length": 1_000_000, "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def text_config(vocab_size: int, hidden: int = 192, layers: int = 6) -> dict:
+    """Every architectural feature of the 26B model at a small width: routed experts (8, top-2)
+    beside a dense MLP, sliding layers and a full layer with K=V, larger head dim and fewer KV
+    heads on full layers (as 256/8 vs 512/2 in the 26B), self-conditioning."""
+    full = layers - 1
+    return {
+        "model_type": "diffusion_gemma_text",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "moe_intermediate_size": hidden // 2 + hidden // 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden // 4,
+        "layer_types": ["full_attention" if i == full else "sliding_attention" for i in range(layers)],
+        "per_layer_config": {str(full): {"head_dim": hidden // 2, "num_key_value_heads": 1}},
+        "num_experts": 8,
+        "top_k_experts": 2,
+        "sliding_window": 128,
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+
+
+def model_config(vocab_size: int, **sizes) -> dict:
+    return {
+        "model_type": "diffusion_gemma",
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "canvas_length": CANVAS_LENGTH,
+        "text_config": text_config(vocab_size, **sizes),
+        "tie_word_embeddings": True,
+        "mlx_diffusiongemma_demo": "trained",
+    }
+
+
+def generation_config(eos_ids: list[int]) -> dict:
+    """The released model's sampler settings (48 steps, entropy bound 0.1, t 0.4-0.8)."""
+    return {
+        "max_denoising_steps": 48,
+        "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+        "t_min": 0.4,
+        "t_max": 0.8,
+        "stability_threshold": 1,
+        "confidence_threshold": 0.005,
+        "eos_token_id": eos_ids,
+        "pad_token_id": 0,
+        "max_new_tokens": 256,
+    }
+
+
+def special_ids(folder: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def training_mix(seed: int) -> Iterator[tuple[str, str, str]]:
+    """Endless (family, prompt, answer) draws from the training side, weighted by `WEIGHTS`."""
+    rng = random.Random(seed)
+    names = list(WEIGHTS)
+    weights = [WEIGHTS[n] for n in names]
+    while True:
+        family = rng.choices(names, weights)[0]
+        prompt, answer = sample(rng, family, held_out=False)
+        yield family, prompt, answer
+
+
+__all__ = ["VOCAB_SIZE", "CANVAS_LENGTH", "TURN_END", "build_tokenizer", "model_config", "generation_config",
+           "special_ids", "training_mix", "corpus"]

@@ -1,0 +1,53 @@
+"""The demo task suite: answers are right by construction, the held-out split is disjoint, the
+judges accept the reference answers and reject wrong ones."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mlx_diffusiongemma.demo_tasks import (
+    FAMILIES, format_grid, held_out_set, is_held_out, parse_grid, sample, sudoku_grids, sudoku_solutions,
+)
+
+
+def test_there_are_288_sudoku_grids_and_puzzles_have_one_solution():
+    assert len(sudoku_grids()) == 288
+    rng = random.Random(0)
+    for _ in range(20):
+        prompt, answer = FAMILIES["sudoku"].make(rng)
+        givens = parse_grid(prompt.split("\n", 1)[1])
+        assert sudoku_solutions(givens) == [parse_grid(answer)]
+        assert format_grid(parse_grid(answer)) == answer
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_judges_accept_references_and_reject_changes(family):
+    f = FAMILIES[family]
+    for prompt, answer in held_out_set(family, 10):
+        assert is_held_out(prompt)
+        assert f.judge(prompt, answer, answer)
+        assert not f.judge(prompt, answer, answer + " 7 x")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_draws_never_hit_held_out_prompts(family):
+    rng = random.Random(1)
+    held = {p for p, _ in held_out_set(family, 30)}
+    for _ in range(200):
+        prompt, _ = sample(rng, family, held_out=False)
+        assert not is_held_out(prompt) and prompt not in held
+
+
+def test_answers_are_right():
+    rng = random.Random(2)
+    p, a = FAMILIES["sort"].make(rng)
+    assert [int(v) for v in a.split()] == sorted(int(v) for v in p.split(":")[1].split())
+    p, a = FAMILIES["add"].make(rng)
+    x, y = p.removeprefix("What is ").removesuffix("?").split(" + ")
+    assert int(a) == int(x) + int(y)
+    p, a = FAMILIES["reverse"].make(rng)
+    assert a.split() == p.split(":")[1].split()[::-1]
+    assert FAMILIES["pick"].judge("Pick 3 different numbers in increasing order.", "", "4 9 60")
+    assert not FAMILIES["pick"].judge("Pick 3 different numbers in increasing order.", "", "4 4 60")
