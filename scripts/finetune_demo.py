@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     control = held_out_ascending(args.n_test, args.seed)
 
     model, tok = load(args.model)
-    base_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trained_model, _ = load(args.model, dtype=mx.float32)  # trained in float32 (fastmath on CPU)
+    base_bytes = sum(v.nbytes for _, v in tree_flatten(trained_model.parameters()))
     before = {"new task": accuracy(model, tok, test, 1000), "demo's sort": accuracy(model, tok, control, 2000)}
     print("before: " + ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in before.items()), flush=True)
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         steps_per_eval=max(args.iters // 3, 1), val_batches=-1, save_every=args.iters, seed=args.seed)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    run = FinetuneRun.prepare(settings, model=model, tokenizer=tok)
+    run = FinetuneRun.prepare(settings, model=trained_model, tokenizer=tok)
     log = []
     for r in run.reports():
         log.append({"step": r.step, "loss": r.loss, "val_loss": r.val_loss, "tokens_per_s": r.tokens_per_s})
@@ -150,10 +151,10 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     peak = mx.get_peak_memory()
     contexts = [len(it.context) for it in run.train_items]
-    accounted = finetune_memory(model.text, canvas_length=model.canvas_length,
+    accounted = finetune_memory(model.text, canvas_length=model.canvas_length, act_bytes=4,
                                 context_length=max(contexts), batch_size=args.batch_size,
                                 num_layers=run.num_layers, rank=args.lora_rank, recipe="bf16",
-                                dense_experts=run.dense_experts, weight_bytes=base_bytes)
+                                weight_bytes=base_bytes)
 
     tuned, tok2 = load(args.model, adapter_path=adapters)
     after = {"new task": accuracy(tuned, tok2, test, 1000), "demo's sort": accuracy(tuned, tok2, control, 2000)}

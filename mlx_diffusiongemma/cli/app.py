@@ -297,6 +297,7 @@ def serve(
     prompt_cache_size: Annotated[int, typer.Option("--prompt-cache-size", min=0, help="KV caches kept.")] = 8,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
     offline: Offline = False,
+    adapter_path: AdapterPath = None,
     debug: Debug = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (and a web chat at /)."""
@@ -307,7 +308,7 @@ def serve(
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             _fail(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         run_server(model=model, host=host, port=port, api_key=api_key, log_level=log_level,
-                   chat_template_args=chat_template_args, load=lambda: _load(model, offline, ui), ui=ui,
+                   chat_template_args=chat_template_args, load=lambda: _load(model, offline, ui, adapter_path), ui=ui,
                    default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit, max_active=max_concurrency,
                    max_queue=max_queue, max_body_bytes=max_body_kb * 1024, prompt_cache_size=prompt_cache_size)
 

@@ -81,8 +81,10 @@ def _row_elements(a: TextArgs, layer: int, rank: int | None, dense_experts: bool
 def finetune_memory(a: TextArgs, *, canvas_length: int, context_length: int, batch_size: int = 1,
                     fine_tune_type: str = "lora", num_layers: int = 16, rank: int = 8,
                     recipe: str = "mixed-4bit", grad_checkpoint: bool = False,
-                    dense_experts: bool = False, weight_bytes: int | None = None) -> dict[str, Any]:
-    """Bytes of one training step's peak, by component (see the module docstring)."""
+                    dense_experts: bool = False, weight_bytes: int | None = None,
+                    act_bytes: int = ACT_BYTES) -> dict[str, Any]:
+    """Bytes of one training step's peak, by component (see the module docstring).
+    `act_bytes` is 4 for a model trained in float32 (as the demo model is)."""
     from ..config import ModelArgs
     from ..convert.plan import projected_size
 
@@ -108,9 +110,9 @@ def finetune_memory(a: TextArgs, *, canvas_length: int, context_length: int, bat
         att, ff = _row_elements(a, layer, r, dense_experts)
         kept_ff = a.hidden_size if grad_checkpoint else ff
         for side, count in rows.items():
-            acts[side] += count * (att + kept_ff) * ACT_BYTES
+            acts[side] += count * (att + kept_ff) * act_bytes
         if grad_checkpoint:
-            recompute = max(recompute, (rows["decoder"] + rows["encoder"]) * ff * ACT_BYTES)
+            recompute = max(recompute, (rows["decoder"] + rows["encoder"]) * ff * act_bytes)
         visible = min(p, a.sliding_window - 1) if a.is_sliding(layer) else p
         scores["decoder"] += b * a.num_attention_heads * c * (visible + c) * 2 * F32
         scores["encoder"] += b * a.num_attention_heads * p * p * 2 * F32
