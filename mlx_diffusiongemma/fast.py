@@ -234,6 +234,18 @@ class SettleRule:
             freeze_now = freeze_now | (after & ~state.pinned)
         return canvas_state.freeze(state, freeze_now, argmax)
 
+    def commit_gap_min(self, state: CanvasState, argmax: mx.array, gap: mx.array) -> mx.array:
+        """The smallest top-2 gap the early commit looks at: over the positions that are not
+        pinned, and (with `eos_stop`) only up to the first EOS that is itself certain (a gap of
+        at least `commit_gap`, or pinned): what comes after it is cut by the commit anyway."""
+        considered = ~state.pinned
+        if self.eos_stop and self.fast.commit_gap is not None:
+            is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+            certain = is_eos & ((gap >= self.fast.commit_gap) | state.pinned)
+            after = (mx.cumsum(certain.astype(mx.int32)) - certain.astype(mx.int32)) > 0  # strictly after it
+            considered = considered & ~after
+        return mx.where(considered, gap, mx.inf).min()
+
 
 def denoise_block(model, cache, block: int, opts, request, noise, decode, fast: FastOptions,
                   eos_ids: tuple[int, ...], make_event) -> Generator:
@@ -304,7 +316,7 @@ def denoise_block(model, cache, block: int, opts, request, noise, decode, fast: 
         mean_entropy = mx.where(counted, res.entropy, 0.0).sum() / n_counted
         stop = sampler.is_stable(history, argmax) & (mean_entropy < opts.confidence_threshold)
         history = sampler.push_history(history, argmax)
-        min_gap = mx.where(counted, res.gap, mx.inf).min()
+        min_gap = rule.commit_gap_min(state, argmax[0], gap[0])
         new_state = rule(state, step_input[0], argmax[0], previous, gap[0])
         for hook in request.hooks:
             view = canvas_state.StepView(block, index, n, new_state, argmax[0], canvas[0], accepted[0], entropy[0],

@@ -208,6 +208,10 @@ def test_a_settled_eos_ends_the_canvas():
         print(f"\n{fast}: steps {result.steps_per_block}, rows {result.extra['live_rows']}")
     no_eos = _scripted("fast", FastOptions(eos_stop=False))
     assert no_eos.steps_per_block == [10]
+    # Early commit looks only up to a certain EOS: the uncertain tail after it does not block it.
+    early = _scripted("fast", FastOptions(commit_gap=5.0))
+    assert early.tokens == exact.tokens and early.steps_per_block == [1]
+    assert _scripted("fast", FastOptions(commit_gap=5.0, eos_stop=False)).steps_per_block == [10]
 
 
 def test_commit_gap_commits_a_certain_canvas_at_once():
