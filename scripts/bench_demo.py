@@ -77,35 +77,42 @@ def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
     return bool(FAMILIES[family].judge(prompt, reference, produced))
 
 
-def run_ours(model, tok, items, mode, fast, max_tokens: int) -> dict[str, Any]:
+def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str, Any]]:
+    """Every configuration on every prompt, interleaved (prompt-major), so that a change of
+    machine load during the run touches every configuration alike."""
     from mlx_diffusiongemma import accounting, generate
 
     args = model.text
     c = model.canvas_length
-    top_k = None if fast is None else fast.top_k
-    out = {"prompts": []}
-    # Warm-up (compiles the sampler for the shapes this configuration uses): two prompts.
-    for fam, p, a in items[:2]:
-        generate(model, tok, p, max_tokens=max_tokens, seed=0, mode=mode, fast=fast)
+    runs = {label: {"prompts": []} for label, _, _ in configs}
+    # Warm-up (compiles the sampler for the shapes each configuration uses): two prompts each.
+    for label, mode, fast in configs:
+        for fam, p, a in items[:2]:
+            generate(model, tok, p, max_tokens=max_tokens, seed=0, mode=mode, fast=fast)
     for i, (fam, p, a) in enumerate(items):
-        t = time.perf_counter()
-        r = generate(model, tok, p, max_tokens=max_tokens, seed=i, mode=mode, fast=fast)
-        wall = time.perf_counter() - t
-        if mode == "exact":
-            rows = [[c] * s for s in r.steps_per_block]
-            live = rows
-        else:
-            rows = r.extra["padded_rows"]
-            live = r.extra["live_rows"]
-        work = accounting.generation_work(args, c, r.prompt_tokens, rows, len(r.tokens), top_k=top_k, recipe=None)
-        out["prompts"].append({
-            "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge(fam, p, a, r.text),
-            "tokens": len(r.tokens), "wall_s": wall, "prefill_s": r.prefill_time, "generation_s": r.generation_time,
-            "steps_per_block": r.steps_per_block, "rows": rows, "live_rows": live, "prompt_tokens": r.prompt_tokens,
-            "decoder_flops": work["total"]["decoder_flops"], "lm_head_flops": work["total"]["lm_head_flops"],
-            "sampler_bytes": work["total"]["sampler_bytes"],
-        })
-    return out
+        for label, mode, fast in configs:
+            top_k = None if fast is None else fast.top_k
+            t = time.perf_counter()
+            r = generate(model, tok, p, max_tokens=max_tokens, seed=i, mode=mode, fast=fast)
+            wall = time.perf_counter() - t
+            if mode == "exact":
+                rows = [[c] * s for s in r.steps_per_block]
+                live = rows
+            else:
+                rows = r.extra["padded_rows"]
+                live = r.extra["live_rows"]
+            work = accounting.generation_work(args, c, r.prompt_tokens, rows, len(r.tokens), top_k=top_k, recipe=None)
+            runs[label]["prompts"].append({
+                "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge(fam, p, a, r.text),
+                "tokens": len(r.tokens), "wall_s": wall, "prefill_s": r.prefill_time,
+                "generation_s": r.generation_time, "steps_per_block": r.steps_per_block, "rows": rows,
+                "live_rows": live, "prompt_tokens": r.prompt_tokens,
+                "decoder_flops": work["total"]["decoder_flops"], "lm_head_flops": work["total"]["lm_head_flops"],
+                "sampler_bytes": work["total"]["sampler_bytes"],
+            })
+        if (i + 1) % 10 == 0:
+            log(f"  {i + 1}/{len(items)} prompts")
+    return runs
 
 
 def summarize(run: dict[str, Any], families: list[str]) -> dict[str, Any]:
@@ -291,15 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = {int(x) for x in args.only.split(",")}
         configs = [c for i, c in enumerate(configs) if i in keep or i == 0]
-    runs, summary = {}, {}
+    log(f"{len(configs)} configurations x {len(items)} prompts")
+    runs = run_ours(model, tok, items, configs, args.max_tokens)
+    summary = {}
     for label, mode, fast in configs:
-        log(f"{label}: {len(items)} prompts")
-        run = run_ours(model, tok, items, mode, fast, args.max_tokens)
-        run["options"] = None if fast is None else asdict(fast)
-        runs[label] = run
-        summary[label] = summarize(run, fams)
-        s = summary[label]
-        log(f"  {s['tokens_per_s']:.1f} tok/s, {s['decoder_flops_per_token'] / 1e6:.2f} MFLOP/token, "
+        runs[label]["options"] = None if fast is None else asdict(fast)
+        summary[label] = s = summarize(runs[label], fams)
+        log(f"{label}: {s['tokens_per_s']:.1f} tok/s, {s['decoder_flops_per_token'] / 1e6:.2f} MFLOP/token, "
             f"{s['steps_per_canvas']:.2f} steps/canvas, accuracy {s['accuracy_mean']:.1f}%")
     if args.vlm_python and args.hf_export:
         vlm = run_vlm(args.vlm_python, args.hf_export, args.out, tok, items, args.max_tokens, commands)
