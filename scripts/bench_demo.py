@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -186,13 +187,36 @@ def shape_26b(trace_runs: dict[str, dict], canvas: int, top_k: dict[str, int | N
     return out
 
 
+def legacy_text_config(path: Path) -> None:
+    """The full-attention layers' shape in the released config.json's legacy fields
+    (`global_head_dim`, `num_global_key_value_heads`): transformers 5.23 writes a
+    `per_layer_config` map instead, which mlx-vlm 0.7.10 does not read (it would fall back to
+    512 / 2). Same rewrite as scripts/make_mlxvlm_fixture.py."""
+    config = json.loads(path.read_text())
+    text = config["text_config"]
+    per_layer = text.pop("per_layer_config", None) or {}
+    full = [i for i, t in enumerate(text.get("layer_types", [])) if t == "full_attention"]
+    for i in full:
+        entry = per_layer.get(str(i)) or per_layer.get(i) or {}
+        if "head_dim" in entry:
+            text["global_head_dim"] = entry["head_dim"]
+        if "num_key_value_heads" in entry:
+            text["num_global_key_value_heads"] = entry["num_key_value_heads"]
+    text["use_bidirectional_attention"] = "vision"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def run_vlm(vlm_python: str, hf_export: Path, out: Path, tok, items, max_tokens: int,
             commands: list[str]) -> dict | None:
     from mlx_diffusiongemma.generate import render_messages
 
     folder = out / "vlm-demo"
     if not (folder / "config.json").exists():
-        cmd = [vlm_python, "-m", "mlx_vlm", "convert", "--hf-path", str(hf_export), "--mlx-path", str(folder)]
+        legacy = out / "hf-legacy"
+        shutil.rmtree(legacy, ignore_errors=True)
+        shutil.copytree(hf_export, legacy)
+        legacy_text_config(legacy / "config.json")
+        cmd = [vlm_python, "-m", "mlx_vlm", "convert", "--hf-path", str(legacy), "--mlx-path", str(folder)]
         commands.append(shlex.join(cmd))
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
