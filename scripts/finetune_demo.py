@@ -80,7 +80,9 @@ def accuracy(model, tokenizer, pairs, seed: int) -> dict:
     correct, tpf, t0 = 0, [], time.perf_counter()
     wrong = []
     for i, (prompt, answer) in enumerate(pairs):
-        r = generate(model, tokenizer, prompt, max_tokens=128, seed=seed + i)
+        if i and i % 10 == 0:
+            print(f"  {i}/{len(pairs)} evaluated", flush=True)
+        r = generate(model, tokenizer, prompt, max_tokens=64, seed=seed + i)  # one canvas of the demo
         ok = r.answer.strip() == answer
         correct += ok
         tpf.append(r.tokens_per_forward)
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-valid", type=int, default=64)
     p.add_argument("--n-test", type=int, default=50)
+    p.add_argument("--n-control", type=int, default=None, help="Prompts of the demo's sort (default: --n-test).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     valid = draw(descending, args.n_valid, rng, seen)
     data = out / "data"
     write_data(data, train, valid)
-    control = held_out_ascending(args.n_test, args.seed)
+    control = held_out_ascending(args.n_control or args.n_test, args.seed)
 
     model, tok = load(args.model)
     trained_model, _ = load(args.model, dtype=mx.float32)  # trained in float32 (fastmath on CPU)
