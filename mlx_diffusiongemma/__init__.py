@@ -10,13 +10,18 @@ from .engine import NoiseSource, SamplerOptions
 from .errors import CheckpointError, ContextLengthError, DiffusionGemmaError
 from .fast import FastOptions
 from .events import BlockEvent, GenerationResult, StepEvent, split_thinking
+from .editing import (InfillResult, ScoreResult, edit, fill_json, infill, score, stream_edit, stream_fill_json,
+                      stream_infill)
 from .generate import ChatSession, generate, stream_generate
 from .loading import load
+from .template import TemplateError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "generate", "stream_generate", "ChatSession",
+    "infill", "stream_infill", "fill_json", "stream_fill_json", "edit", "stream_edit", "score",
+    "InfillResult", "ScoreResult", "TemplateError",
     "StepEvent", "BlockEvent", "GenerationResult", "split_thinking",
     "SamplerOptions", "NoiseSource", "FastOptions",
     "DiffusionGemmaError", "CheckpointError", "ContextLengthError",

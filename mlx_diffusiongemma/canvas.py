@@ -131,6 +131,7 @@ class StepView(NamedTuple):
     accepted: mx.array  # bool, accepted this step (pinned positions always)
     token_entropy: mx.array  # float32; 0 at pinned positions
     stopped: mx.array  # [] bool; True once the block has stopped (steps computed past it are discarded)
+    processed_logits: mx.array | None = None  # [C, V] float32, this step's temperature-scaled logits
 
 
 StepHook = Callable[[StepView], "CanvasState | None"]

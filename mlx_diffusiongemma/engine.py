@@ -178,7 +178,7 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
         if request.hooks:
             for hook in request.hooks:
                 view = StepView(block, index, n, state, res.argmax[0], next_canvas[0], res.accepted[0],
-                                res.token_entropy[0], (stopped | stop)[0])
+                                res.token_entropy[0], (stopped | stop)[0], res.processed_logits[0])
                 new_state = hook(view)
                 if new_state is not None:
                     state = new_state
