@@ -39,6 +39,7 @@ class InfillResult:
     details: dict[str, dict]
     result: GenerationResult
     value: Any = None  # fill_json: the parsed object
+    segments: list = field(default_factory=list)  # the template's fixed text and holes, in order
 
     def to_json(self) -> dict:
         out = {"text": self.text, "holes": dict(self.holes),
@@ -102,7 +103,7 @@ def _run_layout(model, tokenizer, ids: list[int], lay: Layout, options: dict, *,
         tokens[h.start:h.start + h.length] = best + [min(end)] * (h.length - len(best))
     details = tpl.hole_values(tokenizer, lay, tokens, end)
     values = {k: v["text"] for k, v in details.items()}
-    yield InfillResult(tpl.fill_text(lay, values), values, details, result)
+    yield InfillResult(tpl.fill_text(lay, values), values, details, result, segments=list(lay.segments))
 
 
 def _log_softmax(x: mx.array) -> mx.array:
@@ -192,6 +193,14 @@ def _token_texts(tokenizer, vocab: int) -> list[str]:
     return [tokenizer.decode([i]) for i in range(vocab)]
 
 
+def _special_ids(tokenizer) -> list[int]:
+    """Control tokens (chat markers, BOS...): never part of a generated value."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i in added}
+    return sorted(ids)
+
+
 def _allowed_rows(tokenizer, model, lay: Layout) -> dict[int, np.ndarray]:
     """Per template position, the tokens a constrained hole may take (end tokens always)."""
     v = model.vocab_size
@@ -211,6 +220,7 @@ def _allowed_rows(tokenizer, model, lay: Layout) -> dict[int, np.ndarray]:
         texts = texts or _token_texts(tokenizer, v)
         if h.allowed == "string":  # no quote, backslash or control character: any mix is a JSON string
             row = np.array([bool(t) and not any(ch in '"\\' or ord(ch) < 32 for ch in t) for t in texts])
+            row[[i for i in _special_ids(tokenizer) if i < v]] = False
             row[end] = True
             for p in range(h.start, h.start + h.length):
                 rows[p] = row

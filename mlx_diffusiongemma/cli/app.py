@@ -262,6 +262,96 @@ def result_json(result) -> dict:
 
 
 @app.command()
+def fill(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The request; '-' reads it from stdin.")],
+    template: Annotated[Optional[str], typer.Option(
+        "--template", "-t", help="Text with holes {{name:N}} (N tokens) or {{name:..N}} (at most N).")] = None,
+    template_file: Annotated[Optional[str], typer.Option("--template-file", help="Template from a file ('-': stdin).")] = None,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="A JSON schema file: fill an object that parses.")] = None,
+    model: Model = DEFAULT_MODEL,
+    steps: Steps = None,
+    seed: Seed = None,
+    no_live: NoLive = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {text, holes: {name: value}, ...} as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Fill the holes of a template (the fixed text is pinned on the canvas)."""
+    from .fill import check_template, fill_command, read_source
+
+    with handle_errors(debug):
+        if sum(x is not None for x in (template, template_file, schema)) != 1:
+            _fail("give exactly one of --template, --template-file or --schema")
+        if prompt == "-" and template_file == "-":
+            _fail("only one of --prompt and --template-file can read stdin")
+        prompt = sys.stdin.read() if prompt == "-" else prompt
+        if template_file is not None:
+            template = read_source(template_file, "the template")
+        parsed = json.loads(read_source(schema, "the schema")) if schema is not None else None
+        check_template(template, parsed)  # syntax and schema errors before loading anything
+        llm, tokenizer = _load(model, offline, Console(stderr=True, highlight=False))
+        fill_command(llm, tokenizer, prompt=prompt, template=template, schema=parsed, seed=seed, as_json=as_json,
+                     live=not no_live, terminal=_is_terminal(), sampler=_sampler(steps, None, None, None, None, None),
+                     console=Console(highlight=False), err=Console(stderr=True, highlight=False))
+
+
+@app.command()
+def edit(
+    text: Annotated[str, typer.Option("--text", help="File with the text to edit ('-': stdin).")],
+    instruction: Annotated[str, typer.Option("--instruction", "-i", help="What to change.")],
+    strength: Annotated[float, typer.Option(
+        "--strength", min=0.0, max=1.0, help="Fraction of positions renoised (without --span).")] = 0.5,
+    span: Annotated[Optional[list[str]], typer.Option(
+        "--span", help="Rewrite only this part of the text (repeatable); the rest is pinned.")] = None,
+    model: Model = DEFAULT_MODEL,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Room for a longer reply.")] = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    no_live: NoLive = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {text, holes, ...} as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Edit text in place: start the canvas from it (warm start) or rewrite marked spans."""
+    from .fill import edit_command, read_source
+
+    with handle_errors(debug):
+        source = read_source(text, "the text").rstrip("\n")
+        from mlx_diffusiongemma.editing import find_span
+
+        for part in span or []:
+            find_span(source, part)  # before loading anything
+        llm, tokenizer = _load(model, offline, Console(stderr=True, highlight=False))
+        edit_command(llm, tokenizer, text=source, instruction=instruction, strength=strength, spans=span or [],
+                     seed=seed, max_tokens=max_tokens, as_json=as_json, live=not no_live, terminal=_is_terminal(),
+                     sampler=_sampler(steps, None, None, None, None, None), console=Console(highlight=False),
+                     err=Console(stderr=True, highlight=False))
+
+
+@app.command()
+def score(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")],
+    option: Annotated[list[str], typer.Option("--option", "-o", help="A possible answer (repeat: at least 2).")],
+    template: Annotated[str, typer.Option("--template", "-t", help="Reply template with one {{slot}}.")] = "{{answer}}",
+    model: Model = DEFAULT_MODEL,
+    seed: Annotated[int, typer.Option("--seed", help="Noise under the slot.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probabilities as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Probabilities of a few answers from one decoder pass (classification, multiple choice)."""
+    from .fill import check_template, score_command
+
+    with handle_errors(debug):
+        if len(option) < 2:
+            _fail("give at least two --option values")
+        check_template(template, None)
+        llm, tokenizer = _load(model, offline, Console(stderr=True, highlight=False))
+        score_command(llm, tokenizer, prompt=prompt, options=option, template=template, seed=seed, as_json=as_json,
+                      console=Console(highlight=False))
+
+
+@app.command()
 def convert(
     src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],

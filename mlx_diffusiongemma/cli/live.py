@@ -26,6 +26,7 @@ from mlx_diffusiongemma.events import (
 THOUGHT_STYLE = "dim italic"
 ACCEPTED_STYLE = "bold"  # positions the sampler accepted this step
 NOISY_STYLE = "dim cyan"  # positions still being denoised
+PINNED_STYLE = "black on bright_white"  # positions whose token was given (template text, edit context)
 STATUS_STYLE = "dim"
 
 _SYMBOLS = {"\n": "↵", "\t": "→", "\r": "␍"}
@@ -115,6 +116,23 @@ def stats_rows(result: GenerationResult) -> list[tuple[str, str]]:
         ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
         ("seed", str(result.extra.get("seed", "-"))),
     ]
+
+
+def draft_text(ids: list[int], accepted: list[bool], labels: TokenLabels, pinned: list[bool] | None = None) -> Text:
+    """A draft canvas styled per position: pinned (given), accepted this step, or still noisy."""
+    styles = [PINNED_STYLE if pinned and pinned[i] else ACCEPTED_STYLE if ok else NOISY_STYLE
+              for i, ok in enumerate(accepted)]
+    text = Text()
+    run, run_style = [], None
+    for token, style in zip(ids, styles):  # runs of one style: short escape sequences
+        if style != run_style and run:
+            text.append("".join(run), run_style)
+            run = []
+        run.append(labels(token))
+        run_style = style
+    if run:
+        text.append("".join(run), run_style)
+    return text
 
 
 class _View:
@@ -239,15 +257,7 @@ class LiveView(ConsoleView):
         if self._start is None:
             self._start = time.perf_counter()
         ids, accepted = event.argmax.tolist(), event.accepted.tolist()
-        self.draft = Text()
-        run, run_ok = [], None
-        for token, ok in zip(ids, accepted):  # runs of one style: short escape sequences
-            if ok != run_ok and run:
-                self.draft.append("".join(run), ACCEPTED_STYLE if run_ok else NOISY_STYLE)
-                run = []
-            run.append(self.labels(token))
-            run_ok = ok
-        self.draft.append("".join(run), ACCEPTED_STYLE if run_ok else NOISY_STYLE)
+        self.draft = draft_text(ids, accepted, self.labels, event.pinned.tolist() if event.pinned is not None else None)
         elapsed = time.perf_counter() - self._start
         rate = f"{self.tokens / elapsed:.1f} tok/s" if self.tokens and elapsed > 0 else "- tok/s"
         self.status = Text(
