@@ -68,6 +68,8 @@ def _run_layout(model, tokenizer, ids: list[int], lay: Layout, options: dict, *,
                 allowed_rows=None) -> Iterator:
     """Run the engine over the template's canvases; yields events, then the InfillResult."""
     c = model.canvas_length
+    if allowed_rows is None:
+        allowed_rows = _allowed_rows(tokenizer, model, lay)
     states = tpl.states(lay, c, model.vocab_size, warm=warm, allowed_rows=allowed_rows)
     slots = [h for h in lay.holes if h.option_ids is not None]
     slot_rows = [p for h in slots for p in range(h.start, h.start + h.length)]
@@ -218,7 +220,12 @@ def _allowed_rows(tokenizer, model, lay: Layout) -> dict[int, np.ndarray]:
                 rows[p] = row
             continue
         texts = texts or _token_texts(tokenizer, v)
-        if h.allowed == "string":  # no quote, backslash or control character: any mix is a JSON string
+        if isinstance(h.allowed, tuple):  # a set of allowed token texts (e.g. Sudoku digits)
+            row = np.array([t in h.allowed for t in texts])
+            row[end] = not h.exact
+            for p in range(h.start, h.start + h.length):
+                rows[p] = row
+        elif h.allowed == "string":  # no quote, backslash or control character: any mix is a JSON string
             row = np.array([bool(t) and not any(ch in '"\\' or ord(ch) < 32 for ch in t) for t in texts])
             row[[i for i in _special_ids(tokenizer) if i < v]] = False
             row[end] = True
@@ -253,9 +260,8 @@ def _json_value(spec: dict, text: str):
 def stream_fill_json(model, tokenizer, prompt, schema: dict, *, thinking: bool = False, **options: Any) -> Iterator:
     segments = json_segments(schema)
     ids, lay = _prepare(model, tokenizer, prompt, segments, thinking)
-    rows = _allowed_rows(tokenizer, model, lay)
     out = None
-    for item in _run_layout(model, tokenizer, ids, lay, options, allowed_rows=rows):
+    for item in _run_layout(model, tokenizer, ids, lay, options):
         if isinstance(item, InfillResult):
             out = item
             break
@@ -317,13 +323,15 @@ def find_span(text: str, needle: str) -> tuple[int, int]:
 
 def stream_edit(model, tokenizer, text: str, instruction: str, *, strength: float = 0.5,
                 spans: Sequence[tuple[int, int]] | None = None, slack: int = 4, include_text: bool = True,
-                thinking: bool = False,
+                context: Sequence[dict] | None = None, thinking: bool = False,
                 max_tokens: int | None = None, **options: Any) -> Iterator:
     """`edit` as events; the last item is an InfillResult (holes are the spans, if any)."""
     if not text:
         raise TemplateError("nothing to edit: the text is empty")
     c = model.canvas_length
     prompt = f"{instruction}\n\n{text}" if include_text else instruction
+    if context:  # earlier turns of a conversation, then the instruction as the user's message
+        prompt = list(context) + [{"role": "user", "content": prompt}]
     if spans:
         segments = _span_segments(text, spans, slack, tokenizer)
         ids, lay = _prepare(model, tokenizer, prompt, segments, thinking)
@@ -366,7 +374,7 @@ def edit(model, tokenizer, text: str, instruction: str, **options: Any) -> Infil
     ranges, see `find_span`): everything outside the spans is pinned, each span is rewritten from
     noise into a hole of up to its token count + `slack` tokens (the template hole rule).
     The prompt is the instruction followed by the text (`include_text=False`: the instruction
-    alone; the canvas then carries the text)."""
+    alone; the canvas then carries the text), after the `context` messages if given."""
     out = None
     for item in stream_edit(model, tokenizer, text, instruction, **options):
         out = item

@@ -54,7 +54,9 @@ class Hole:
     length: int | None  # None: an option slot (score)
     exact: bool = True  # False: `..N`, at most N tokens
     options: tuple[str, ...] | None = None  # option texts (score, enums)
-    allowed: object = None  # optional per-position allowed-token rule (see json_schema)
+    # Optional allowed tokens: "string" / "integer" / "signed" (JSON values) or a tuple of token
+    # texts; None: any token.
+    allowed: object = None
 
 
 Segment = Fixed | Hole
@@ -113,6 +115,17 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids))
 
 
+def _probes(hole: Hole) -> tuple[str, ...]:
+    """Typical first / last characters of what the hole will hold."""
+    if hole.allowed in ("integer", "signed"):
+        return ("1", "7")
+    if isinstance(hole.allowed, tuple) and hole.allowed:
+        return tuple(hole.allowed[:2])
+    if hole.options:
+        return tuple(hole.options[:2])
+    return _PROBES
+
+
 def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
     """TemplateError if a fixed segment does not round-trip, or its edge next to a hole is one the
     tokenizer always merges with the hole's letters."""
@@ -124,13 +137,13 @@ def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
             raise TemplateError(f"fixed text {seg.text!r} does not survive the tokenizer "
                                 f"(it decodes as {_decode(tokenizer, ids)!r}): unknown characters?")
         if i + 1 < len(segments) and isinstance(segments[i + 1], Hole):
-            if all(_encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _PROBES):
+            if all(_encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _probes(segments[i + 1])):
                 raise TemplateError(
                     f"the fixed text {seg.text!r} before hole {segments[i + 1].name!r} ends in a token the "
                     f"tokenizer merges with the next word, so pinning it contradicts the tokenizer's merges: "
                     f"move {seg.text[-1]!r} into the hole (or end the fixed text differently)")
         if i > 0 and isinstance(segments[i - 1], Hole):
-            if all(_encode(tokenizer, p + seg.text)[-len(ids):] != ids for p in _PROBES):
+            if all(_encode(tokenizer, p + seg.text)[-len(ids):] != ids for p in _probes(segments[i - 1])):
                 raise TemplateError(
                     f"the fixed text {seg.text!r} after hole {segments[i - 1].name!r} starts with a token the "
                     f"tokenizer merges with the previous word, so pinning it contradicts the tokenizer's "

@@ -104,3 +104,39 @@ def test_pinned_tokens_have_their_own_style():
         view.handle(event)
         assert view.draft.plain == "ABC"
     assert "\x1b[" in buf.getvalue()
+
+
+def test_chat_fill_and_edit(runner):
+    script = "/fill Name: {{n:4}}!\nhello\n/edit make it shorter\n/fill {{x:abc}}\n/stats\n/quit\n"
+    result = invoke(runner, ["chat", "--model", "demo", "--steps", "3", "--seed", "1", "--max-tokens", "32"],
+                    input=script)
+    assert result.exit_code == 1  # the bad /fill is an error (piped: exit code 1 at the end)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Name: ") and lines[0].endswith("!") and len(lines) >= 2
+    assert "unknown hole syntax" in result.stderr
+
+
+def test_sudoku_pins_the_givens(runner):
+    result = invoke(runner, ["sudoku", "--model", "demo", "--steps", "3", "--seed", "0", "--json"])
+    assert result.exit_code in (0, 3), result.output
+    out = json.loads(result.stdout)
+    rows = out["text"].split("\n")
+    puzzle = out["puzzle"].split("\n")
+    assert len(rows) == 4
+    for row, given in zip(rows, puzzle):  # givens kept, blanks are digits
+        for cell, g in zip(row.split(" "), given.split(" ")):
+            assert cell == g if g != "." else cell in "1234"
+    assert out["solved"] == (result.exit_code == 0)
+    bad = invoke(runner, ["sudoku", "--model", "demo", "--puzzle", "12"])
+    assert bad.exit_code == 1 and "4x4 puzzle" in error_line(bad)
+
+
+def test_sudoku_helpers():
+    from mlx_diffusiongemma import sudoku
+
+    cells = sudoku.parse_puzzle("1..4/.4../..4./4..1")
+    assert sudoku.solutions(cells) >= 1
+    grid = (1, 2, 3, 4, 3, 4, 1, 2, 2, 1, 4, 3, 4, 3, 2, 1)
+    assert sudoku.is_solution(grid, (0,) * 16)
+    assert not sudoku.is_solution(grid, (2,) + (0,) * 15)
+    assert sudoku.parse_grid(sudoku.format_grid(grid)) == grid

@@ -352,6 +352,34 @@ def score(
 
 
 @app.command()
+def sudoku(
+    puzzle: Annotated[str, typer.Option("--puzzle", help="16 cells, 1-4 or '.', rows split by '/'.")] = "1..4/.4../..4./4..1",
+    model: Model = "demo",
+    plain: Annotated[bool, typer.Option("--plain", help="No pins: the puzzle as a plain prompt (to compare).")] = False,
+    free: Annotated[bool, typer.Option("--free", help="Blanks may take any token (default: digits 1-4).")] = False,
+    steps: Steps = None,
+    seed: Seed = None,
+    delay: Annotated[float, typer.Option("--delay", min=0.0, help="Seconds to show each step.")] = 0.15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the grid and whether it is solved as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Solve a 4x4 Sudoku with its givens pinned on the canvas (best with the trained demo model).
+    Exit code 3 when the grid is not a solution."""
+    from .sudoku import sudoku_command
+
+    with handle_errors(debug):
+        from mlx_diffusiongemma.sudoku import parse_puzzle
+
+        parse_puzzle(puzzle)  # before loading anything
+        llm, tokenizer = _load(model, offline, Console(stderr=True, highlight=False))
+        code = sudoku_command(llm, tokenizer, puzzle=puzzle, plain=plain, free=free, seed=seed, steps=steps,
+                              delay=delay, as_json=as_json, terminal=_is_terminal(), console=Console(highlight=False),
+                              err=Console(stderr=True, highlight=False))
+    raise typer.Exit(code)
+
+
+@app.command()
 def convert(
     src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],

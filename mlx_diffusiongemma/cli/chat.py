@@ -15,9 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mlx_diffusiongemma import editing
+from mlx_diffusiongemma import template as template_mod
 from mlx_diffusiongemma.errors import DiffusionGemmaError
 from mlx_diffusiongemma.events import split_thinking
 
+from .fill import CanvasView, run_events, styled_fill
 from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line, stats_rows
 
 PROMPT = ">>> "
@@ -29,6 +32,8 @@ HELP = """\
 /steps N         max denoising steps per block (no N: show it)
 /think on|off    thinking mode (the thought channel is shown dimmed)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
+/fill TEMPLATE   answer the next message with a template, e.g. Name: {{name:..8}} (/fill off)
+/edit TEXT       rewrite the last reply following TEXT (warm start from the reply)
 /quit            leave (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
 
@@ -48,6 +53,7 @@ class ChatLoop:
         self.labels = TokenLabels(session.tokenizer, getattr(gen, "eos_token_ids", ()),
                                   getattr(gen, "pad_token_id", None))
         self.failed = False
+        self.template: str | None = None  # /fill: the template for the next reply
 
     # -- input ------------------------------------------------------------------------------
 
@@ -101,6 +107,12 @@ class ChatLoop:
         return ConsoleView(self.out)
 
     def reply(self, message: str) -> None:
+        if self.template is not None:
+            template, self.template = self.template, None
+            history = self.session.messages + [{"role": "user", "content": message}]
+            self._canvas_reply(history, lambda **kw: editing.stream_infill(
+                self.session.model, self.session.tokenizer, history, template, **kw))
+            return
         events = self.session.stream(message)
         try:
             result = render(events, self._view())
@@ -115,6 +127,29 @@ class ChatLoop:
             events.close()
         if self.interactive and result is not None:
             self.ui.print(f"[dim]{escape(stats_line(result))}[/]")
+
+    def _canvas_reply(self, history, start) -> None:
+        """Run a template / edit reply; it joins the history when complete."""
+        s = self.session
+        options = dict(s.sampler_options, seed=s.seed, thinking=s.thinking)
+        view = CanvasView(self.out, self.labels) if self.live else None
+        try:
+            out = run_events(start(**options), view=view)
+        except KeyboardInterrupt:
+            self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
+            return
+        except DiffusionGemmaError as e:
+            self.failed = True
+            print(f"error: {e}", file=sys.stderr)
+            return
+        if self.interactive:
+            self.out.print(styled_fill(out), soft_wrap=True)
+            self.ui.print(f"[dim]{escape(stats_line(out.result))}[/]")
+        else:
+            sys.stdout.write(out.text + "\n")
+            sys.stdout.flush()
+        s.messages = history + [{"role": "assistant", "content": out.text}]
+        s.last_result = out.result
 
     # -- slash commands ---------------------------------------------------------------------
 
@@ -167,6 +202,36 @@ class ChatLoop:
             return
         self.session.thinking = arg.lower() == "on"
         self.ui.print(f"thinking {arg.lower()}")
+
+    def cmd_fill(self, arg: str) -> None:
+        if not arg:
+            current = f"the next reply uses {self.template!r}" if self.template else "no template set"
+            self.ui.print(escape(f"{current}; usage: /fill TEMPLATE (holes {{{{name:N}}}} or {{{{name:..N}}}}), /fill off"))
+            return
+        if arg.lower() == "off":
+            self.template = None
+            self.ui.print("template cleared")
+            return
+        try:
+            template_mod.parse(arg)
+        except DiffusionGemmaError as e:
+            self.failed = True
+            print(f"error: {e}", file=sys.stderr)
+            return
+        self.template = arg
+        self.ui.print("the next message is answered with this template")
+
+    def cmd_edit(self, arg: str) -> None:
+        s = self.session
+        last = next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), None)
+        if not arg or last is None:
+            self.ui.print("usage: /edit INSTRUCTION (rewrites the last reply; there must be one)")
+            return
+        index = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
+        context = s.messages[:index]
+        history = s.messages + [{"role": "user", "content": arg}]
+        self._canvas_reply(history, lambda **kw: editing.stream_edit(
+            s.model, s.tokenizer, last, arg, context=context, **kw))
 
     def cmd_save(self, arg: str) -> None:
         if not arg:
