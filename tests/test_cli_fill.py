@@ -134,8 +134,9 @@ def test_sudoku_pins_the_givens(runner):
 def test_sudoku_helpers():
     from mlx_diffusiongemma import sudoku
 
-    cells = sudoku.parse_puzzle("1..4/.4../..4./4..1")
-    assert sudoku.solutions(cells) >= 1
+    assert sudoku.solutions(sudoku.parse_puzzle("..3./.4.2/21../..2.")) == 1  # the default puzzle
+    assert sudoku.solutions(sudoku.parse_puzzle("1..4/.4../..4./4..1")) == 2
+    assert sudoku.solutions((0,) * 16) == 288
     grid = (1, 2, 3, 4, 3, 4, 1, 2, 2, 1, 4, 3, 4, 3, 2, 1)
     assert sudoku.is_solution(grid, (0,) * 16)
     assert not sudoku.is_solution(grid, (2,) + (0,) * 15)

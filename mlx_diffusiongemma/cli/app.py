@@ -353,7 +353,7 @@ def score(
 
 @app.command()
 def sudoku(
-    puzzle: Annotated[str, typer.Option("--puzzle", help="16 cells, 1-4 or '.', rows split by '/'.")] = "1..4/.4../..4./4..1",
+    puzzle: Annotated[str, typer.Option("--puzzle", help="16 cells, 1-4 or '.', rows split by '/'.")] = "..3./.4.2/21../..2.",
     model: Model = "demo",
     plain: Annotated[bool, typer.Option("--plain", help="No pins: the puzzle as a plain prompt (to compare).")] = False,
     free: Annotated[bool, typer.Option("--free", help="Blanks may take any token (default: digits 1-4).")] = False,

@@ -15,7 +15,7 @@ from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent
 
 from .live import ACCEPTED_STYLE, NOISY_STYLE, PINNED_STYLE, STATUS_STYLE
 
-DEFAULT_PUZZLE = "1..4/.4../..4./4..1"
+DEFAULT_PUZZLE = "..3./.4.2/21../..2."
 
 
 class GridView:
