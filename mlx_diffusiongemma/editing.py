@@ -79,7 +79,7 @@ def _run_layout(model, tokenizer, ids: list[int], lay: Layout, options: dict, *,
         # Log-probabilities at option-slot positions of every step; the committing step's pick
         # the best option (a slot may straddle two canvases).
         rows = [p for p in slot_rows if p // c == view.block]
-        if rows:
+        if rows and view.processed_logits is not None:  # (fast mode has no full logits)
             lp = _log_softmax(view.processed_logits[mx.array([p - view.block * c for p in rows])])
             mx.async_eval(lp)
             captured[(view.block, view.step)] = (rows, lp)
@@ -96,11 +96,16 @@ def _run_layout(model, tokenizer, ids: list[int], lay: Layout, options: dict, *,
     end = _end_ids(model)
     final = {}
     for block in {p // c for p in slot_rows}:
-        rows, lp = captured[(block, result.steps_per_block[block])]
-        final.update({p: row for p, row in zip(rows, np.array(lp))})
+        if (block, result.steps_per_block[block]) in captured:
+            rows, lp = captured[(block, result.steps_per_block[block])]
+            final.update({p: row for p, row in zip(rows, np.array(lp))})
     for h in slots:  # resolve each option slot from the committing step's probabilities
-        lp = np.stack([final[p] for p in range(h.start, h.start + h.length)])
-        scores = _option_scores(lp, h.option_ids, end)
+        span = range(h.start, h.start + h.length)
+        if all(p in final for p in span):
+            scores = _option_scores(np.stack([final[p] for p in span]), h.option_ids, end)
+        else:  # no logits (fast mode): the option that agrees with most committed tokens
+            committed = tokens[h.start:h.start + h.length]
+            scores = np.array([sum(a == b for a, b in zip(committed, o + [min(end)] * h.length)) for o in h.option_ids])
         best = h.option_ids[int(np.argmax(scores))]
         tokens[h.start:h.start + h.length] = best + [min(end)] * (h.length - len(best))
     details = tpl.hole_values(tokenizer, lay, tokens, end)

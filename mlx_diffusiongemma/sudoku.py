@@ -82,21 +82,34 @@ def solutions(givens) -> int:
     return count(0)
 
 
-def segments(cells, digits_only: bool = True) -> list[tpl.Segment]:
-    """The answer grid as a template: givens (and spaces, line breaks) fixed, one 1-token hole per
-    blank (restricted to the digits 1-4 when `digits_only`)."""
+def _spaced_digits(tokenizer) -> bool:
+    """True when the tokenizer writes " 2" as one token (spaces joined to the next word, as in
+    Gemma's and the demo model's tokenizers): a cell's hole then holds its leading space."""
+    if tokenizer is None:
+        return False
+    return all(len(tokenizer.encode(" " + d, add_special_tokens=False)) == 1 for d in DIGITS)
+
+
+def segments(cells, digits_only: bool = True, tokenizer=None) -> list[tpl.Segment]:
+    """The answer grid as a template: givens (and line breaks) fixed, one 1-token hole per blank
+    (restricted to the digits 1-4 when `digits_only`). With a tokenizer that joins a space to the
+    next digit, a cell after the first of a row is " d" and its hole holds the space."""
+    spaced = _spaced_digits(tokenizer)
     out: list[tpl.Segment] = []
     text = ""
     for i, v in enumerate(cells):
         sep = "" if i == 0 else ("\n" if i % 4 == 0 else " ")
-        text += sep
+        inner = sep == " " and spaced  # the separator belongs to the cell's token
+        if not inner:
+            text += sep
         if v:
-            text += str(v)
-        else:
-            if text:
-                out.append(Fixed(text))
-            out.append(Hole(f"r{i // 4 + 1}c{i % 4 + 1}", 1, allowed=DIGITS if digits_only else None))
-            text = ""
+            text += (sep if inner else "") + str(v)
+            continue
+        if text:
+            out.append(Fixed(text))
+        allowed = tuple((" " + d if inner else d) for d in DIGITS) if digits_only else None
+        out.append(Hole(f"r{i // 4 + 1}c{i % 4 + 1}", 1, allowed=allowed))
+        text = ""
     if text:
         out.append(Fixed(text))
     return out
@@ -108,5 +121,5 @@ def stream_solve(model, tokenizer, cells, *, digits_only: bool = True, **options
 
     if not any(v == 0 for v in cells):
         raise TemplateError("the puzzle has no blank cell")
-    ids, lay = _prepare(model, tokenizer, prompt(cells), segments(cells, digits_only), False)
+    ids, lay = _prepare(model, tokenizer, prompt(cells), segments(cells, digits_only, tokenizer), False)
     yield from _run_layout(model, tokenizer, ids, lay, options)

@@ -64,7 +64,7 @@ def sudoku_command(llm, tokenizer, *, puzzle: str, plain: bool, free: bool, seed
         text = result.answer.strip()
         passes = result.extra["decoder_passes"]
     else:
-        length = tpl.layout(tokenizer, sudoku.segments(cells, not free)).length
+        length = tpl.layout(tokenizer, sudoku.segments(cells, not free, tokenizer)).length
         events = sudoku.stream_solve(llm, tokenizer, cells, digits_only=not free, **options)
         out = None
         show = terminal and not as_json
