@@ -170,7 +170,9 @@ def json_segments(schema: dict, string_tokens: int = 16, number_tokens: int = 6)
         if not isinstance(spec, dict):
             raise TemplateError(f"property {key!r}: its schema must be an object")
         name = f"f{i}"
-        text += ("" if i == 0 else ", ") + json.dumps(key) + ": "
+        # Compact separators: no space before a value, so that tokenizers that join a space to
+        # the next word do not see a pinned lone space before a hole (see template.check_merges).
+        text += ("" if i == 0 else ",") + json.dumps(key, ensure_ascii=False) + ":"
         if "enum" in spec:
             options = spec["enum"]
             if not options or not all(isinstance(o, str) for o in options):
@@ -282,7 +284,7 @@ def stream_fill_json(model, tokenizer, prompt, schema: dict, *, thinking: bool =
             raw = str(int(raw))
         holes[key] = raw
         value[key] = _json_value(spec, raw)
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # as pinned on the canvas
     yield InfillResult(text, holes, out.details, out.result, value=value)
 
 

@@ -107,8 +107,8 @@ def segments(cells, digits_only: bool = True, tokenizer=None) -> list[tpl.Segmen
             continue
         if text:
             out.append(Fixed(text))
-        allowed = tuple((" " + d if inner else d) for d in DIGITS) if digits_only else None
-        out.append(Hole(f"r{i // 4 + 1}c{i % 4 + 1}", 1, allowed=allowed))
+        cell = tuple((" " + d if inner else d) for d in DIGITS)
+        out.append(Hole(f"r{i // 4 + 1}c{i % 4 + 1}", 1, allowed=cell if digits_only else None, probes=cell))
         text = ""
     if text:
         out.append(Fixed(text))

@@ -11,8 +11,8 @@ value early by writing an end token (in a fixed-length hole an end token is a sh
 
 Everything is checked before any work (`TemplateError`): unknown hole syntax, duplicate names,
 zero or oversized lengths, a template longer than the context, fixed text that does not survive
-the tokenizer, and fixed text whose edge next to a hole the tokenizer would always merge with
-the hole's first letters (the pinned tokens would then be a split the model never sees: move the
+the tokenizer, and fixed text whose edge next to a hole the tokenizer merges with a typical
+first (last) letter or digit of the hole (the pinned tokens would then be a split the model never sees: move the
 whitespace into the hole, e.g. `Name:{{name:..8}}` instead of `Name: {{name:..8}}` for tokenizers
 that attach spaces to the next word).
 """
@@ -34,9 +34,9 @@ MAX_HOLE_TOKENS = 4096
 MAX_TEMPLATE_CHARS = 200_000
 _HOLE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _HOLE_BODY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*(\.\.)?\s*(\d+)\s*)?$")
-# Letters a hole's value typically starts / ends with: if the tokenizer merges a fixed edge with
-# both, the pinned split contradicts its merges whatever the hole holds.
-_PROBES = ("x", "X")
+# Characters a hole's value typically starts / ends with: if the tokenizer merges a fixed edge
+# with any of them, the pinned split is one it would not make for such a value.
+_PROBES = ("a", "e", "s", "t", "A", "S", "T", "1", "2")
 
 
 class TemplateError(DiffusionGemmaError):
@@ -57,6 +57,7 @@ class Hole:
     # Optional allowed tokens: "string" / "integer" / "signed" (JSON values) or a tuple of token
     # texts; None: any token.
     allowed: object = None
+    probes: tuple[str, ...] | None = None  # typical values, for the merge check (default: letters, digits)
 
 
 Segment = Fixed | Hole
@@ -117,6 +118,8 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 def _probes(hole: Hole) -> tuple[str, ...]:
     """Typical first / last characters of what the hole will hold."""
+    if hole.probes:
+        return hole.probes
     if hole.allowed in ("integer", "signed"):
         return ("1", "7")
     if isinstance(hole.allowed, tuple) and hole.allowed:
@@ -128,7 +131,8 @@ def _probes(hole: Hole) -> tuple[str, ...]:
 
 def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
     """TemplateError if a fixed segment does not round-trip, or its edge next to a hole is one the
-    tokenizer always merges with the hole's letters."""
+    tokenizer merges with a typical character of the hole (a letter or digit; a constrained
+    hole's own options)."""
     for i, seg in enumerate(segments):
         if not isinstance(seg, Fixed):
             continue
@@ -137,13 +141,13 @@ def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
             raise TemplateError(f"fixed text {seg.text!r} does not survive the tokenizer "
                                 f"(it decodes as {_decode(tokenizer, ids)!r}): unknown characters?")
         if i + 1 < len(segments) and isinstance(segments[i + 1], Hole):
-            if all(_encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _probes(segments[i + 1])):
+            if any(_encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _probes(segments[i + 1])):
                 raise TemplateError(
                     f"the fixed text {seg.text!r} before hole {segments[i + 1].name!r} ends in a token the "
                     f"tokenizer merges with the next word, so pinning it contradicts the tokenizer's merges: "
                     f"move {seg.text[-1]!r} into the hole (or end the fixed text differently)")
         if i > 0 and isinstance(segments[i - 1], Hole):
-            if all(_encode(tokenizer, p + seg.text)[-len(ids):] != ids for p in _probes(segments[i - 1])):
+            if any(_encode(tokenizer, p + seg.text)[-len(ids):] != ids for p in _probes(segments[i - 1])):
                 raise TemplateError(
                     f"the fixed text {seg.text!r} after hole {segments[i - 1].name!r} starts with a token the "
                     f"tokenizer merges with the previous word, so pinning it contradicts the tokenizer's "

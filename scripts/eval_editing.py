@@ -76,11 +76,15 @@ def eval_sudoku(model, tok, n: int, seed: int) -> list[dict]:
     return rows
 
 
+MAX = {"name": 3, "age": 2, "city": 3}  # tokens: above every value's length with the demo tokenizer
+MAX_MODE = f"holes of at most {MAX['name']}/{MAX['age']}/{MAX['city']} tokens"
+
+
 def eval_card(model, tok, n: int, seed: int) -> list[dict]:
     items = held_out("card", n)
     fields = ("name", "age", "city")
     rows = []
-    for mode in ("plain generation", "holes of the right length", "holes of at most 8/2/8", "JSON schema"):
+    for mode in ("plain generation", "holes of the right length", MAX_MODE, "JSON schema"):
         right = {f: 0 for f in fields}
         parsed = matched = 0
         for i, (prompt, answer) in enumerate(items):
@@ -88,11 +92,12 @@ def eval_card(model, tok, n: int, seed: int) -> list[dict]:
             if mode == "plain generation":
                 got = card_fields(generate(model, tok, prompt, max_tokens=2 * model.canvas_length, seed=seed + i).answer)
             elif mode == "holes of the right length":
-                k = {f: len(tok.encode(ref[f], add_special_tokens=False)) for f in fields}
-                t = f"Name: {{{{name:{k['name']}}}}}\nAge: {{{{age:{k['age']}}}}}\nCity: {{{{city:{k['city']}}}}}"
+                # The space after the colon goes into the hole (tokenizers that join it to the word).
+                k = {f: len(tok.encode(" " + ref[f], add_special_tokens=False)) for f in fields}
+                t = f"Name:{{{{name:{k['name']}}}}}\nAge:{{{{age:{k['age']}}}}}\nCity:{{{{city:{k['city']}}}}}"
                 got = infill(model, tok, prompt, t, seed=seed + i).holes
-            elif mode == "holes of at most 8/2/8":
-                t = "Name: {{name:..8}}\nAge: {{age:..2}}\nCity: {{city:..8}}"
+            elif mode == MAX_MODE:
+                t = f"Name:{{{{name:..{MAX['name']}}}}}\nAge:{{{{age:..{MAX['age']}}}}}\nCity:{{{{city:..{MAX['city']}}}}}"
                 got = infill(model, tok, prompt, t, seed=seed + i).holes
             else:
                 schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
