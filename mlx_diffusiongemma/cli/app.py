@@ -201,9 +201,11 @@ def generate(
     fast: Fast = False,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
+    tensor_parallel: Annotated[Optional[str], typer.Option(
+        "--tensor-parallel", help="Under mlx.launch: also split 'attention' and/or 'mlp' (comma-separated).")] = None,
     debug: Debug = False,
 ):
-    """Generate one reply to a prompt."""
+    """Generate one reply to a prompt (under `mlx.launch`: the model split over the ranks)."""
     from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line
 
     terminal = _is_terminal() and not as_json
@@ -211,11 +213,22 @@ def generate(
     with handle_errors(debug):
         from mlx_diffusiongemma.generate import stream_generate
 
+        from . import distributed
+
         if prompt == "-":
             prompt = sys.stdin.read()
         if not prompt.strip():
             _fail("empty prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
+        if distributed.launched():  # docs/distributed.md
+            if adapter_path:
+                _fail("--adapter-path is not supported under mlx.launch yet: fuse the adapter first")
+            tp = [p.strip() for p in (tensor_parallel or "").split(",") if p.strip()]
+            return distributed.generate(prompt=prompt, model=model, max_tokens=max_tokens, seed=seed,
+                                        system=system, think=think, sampler=sampler, as_json=as_json,
+                                        offline=offline, tensor_parallel=tp, fast=fast)
+        if tensor_parallel:
+            _fail("--tensor-parallel needs several processes: start the command with mlx.launch")
         llm, tokenizer = _load(model, offline, err, adapter_path)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
