@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         rest = other - w["attention"] - w["dense_mlp"]
         print(f"| {n} | {e / 1e9:.2f} GB | {w['attention'] / 1e9:.2f} GB (TP: {w['attention'] / n / 1e9:.2f}) | "
               f"{w['dense_mlp'] / 1e9:.2f} GB (TP: {w['dense_mlp'] / n / 1e9:.2f}) | {rest / 1e9:.2f} GB | "
-              f"{(e + other) / 1e9:.2f} GB (attention TP: {(e + other - w['attention'] * (1 - 1 / n)) / 1e9:.2f} GB) |")
+              f"{(e + other) / 1e9:.2f} GB" + (f" (attention TP: {(e + other - w['attention'] * (1 - 1 / n)) / 1e9:.2f} GB)"
+                                                if splittable(text, n, ("attention",)) else "") + " |")
     return 0
 
 

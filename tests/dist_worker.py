@@ -64,6 +64,11 @@ def main() -> int:
                 for event in dog.guard(run(model, req)):
                     if isinstance(event, GenerationResult):
                         result = event
+                if not job["tp"]:  # fast mode (live rows over frozen K/V) on the expert split too
+                    fast_req = Request(list(inputs["prompt"]), max_tokens=inputs["max_tokens"], seed=inputs["seed"],
+                                       sampler=SamplerOptions(max_denoising_steps=inputs["steps"]), mode="fast")
+                    fast = list(dog.guard(run(model, fast_req)))[-1]
+                    results[f"{job['name']}/fast_tokens"] = np.array(fast.tokens, dtype=np.int64)
                 held = held_bytes(model)
                 # Every rank's held bytes and peak, gathered on rank 0 (slot per rank).
                 mine = mx.zeros((size, 3), dtype=mx.float32)

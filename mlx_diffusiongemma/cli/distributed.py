@@ -44,7 +44,8 @@ def _generate(*, prompt: str, model: str, max_tokens: int, seed: int | None, sys
     from mlx_diffusiongemma.engine import run
     from mlx_diffusiongemma.generate import make_request, render_messages
     from mlx_diffusiongemma.loading import load_tokenizer, resolve
-    from mlx_diffusiongemma.parallel import Watchdog, init_group, load_sharded, share, stop_on_termination
+    from mlx_diffusiongemma.parallel import (
+        DistributedError, Watchdog, init_group, load_sharded, share, stop_on_termination)
 
     from .live import PlainView, render
 
@@ -55,6 +56,9 @@ def _generate(*, prompt: str, model: str, max_tokens: int, seed: int | None, sys
     with Watchdog(timeout, f"rank {rank}: no answer from the other ranks within {timeout:g} s "
                            f"(a rank is stuck or a host is unreachable; {ENV_TIMEOUT} sets the bound); stopping.") as dog:
         folder = resolve(model, offline=offline or None)
+        if fast and "attention" in tensor_parallel:
+            # Fast mode's canvas K/V buffers are sized by the model's (global) KV heads.
+            raise DistributedError("--fast does not combine with --tensor-parallel attention yet")
         llm, _ = load_sharded(folder, group, tensor_parallel=tensor_parallel)
         dog.pet()
         tokenizer = None
