@@ -290,3 +290,13 @@ def test_score_errors(tiny):
         editing.score(model, tok, "x", ["a"], template="{{a}} {{b}}")
     with pytest.raises(TemplateError, match="fit one canvas"):
         editing.score(model, tok, "x", ["a"], template="x" * 40 + "{{a}}")
+
+
+def test_infill_and_json_in_fast_mode(tiny):
+    """Fast mode runs its own loop over the same canvas states: pins hold, JSON still parses
+    (option slots then take the option closest to the committed tokens)."""
+    model, tok = tiny
+    out = editing.infill(model, tok, "x", "A{{a:3}}B{{b:..4}}C", seed=1, mode="fast", **FAST)
+    assert out.text.startswith("A") and out.text.endswith("C") and out.result.extra["mode"] == "fast"
+    res = editing.fill_json(model, tok, "A person as JSON.", SCHEMA, seed=1, mode="fast", **FAST)
+    _matches(json.loads(res.text), SCHEMA)
