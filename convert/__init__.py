@@ -10,10 +10,10 @@ Output (written to `DST.partial-<pid>` next to DST and renamed into place when c
   unless one tensor alone is larger) and `model.safetensors.index.json`, with the MLX parameter
   paths of `weights.map_key` (fused experts as `experts.gate_up_proj.weight` etc.);
 - `config.json`: the source's, plus a mlx-lm / mlx-vlm style `quantization` block (copied to
-  `quantization_config` as mlx-lm does) for the quantized recipes, and WITHOUT `vision_config`:
-  the vision tower is not converted (its tensors are counted in the report), so the converted
-  config says what the folder holds (`ModelArgs.has_vision` is False), as mlx-lm's `save_config`
-  does for text-only conversions;
+  `quantization_config` as mlx-lm does) for the quantized recipes. The vision tower is converted
+  too, kept in bfloat16 by every recipe (see `weights.module_bits`); with `text_only` its
+  tensors are left out (counted in the report) and `vision_config` is dropped, so the converted
+  config says what the folder holds (`ModelArgs.has_vision` is False);
 - `generation_config.json`, tokenizer, chat template and processor files, copied as they are.
 
 Dtypes: the reference checkpoint is bfloat16 and the runtime computes in bfloat16, so every
@@ -93,8 +93,9 @@ class ConvertReport:
     recipe: str
     tensors_written: int = 0  # tensors in the output files (a quantized matrix counts 3)
     parameters_written: int = 0  # model parameters (a quantized matrix counts its elements)
-    vision_tensors_skipped: int = 0
+    vision_tensors_skipped: int = 0  # text_only conversions
     vision_bytes_skipped: int = 0
+    vision_tensors_written: int = 0
     unused_tensors_skipped: int = 0  # tied lm_head, clipping buffers, rotary tables
     parameters_by_bits: dict[int, int] = field(default_factory=dict)
     weight_bytes: int = 0  # tensor data, as `total_size` in the index
@@ -124,6 +125,7 @@ def convert(
     force: bool = False,
     shard_size_bytes: int = DEFAULT_SHARD_SIZE,
     progress: ProgressCallback | None = None,
+    text_only: bool = False,
 ) -> ConvertReport:
     """Convert the checkpoint at `src` (folder or hub repo id) into an MLX folder at `dst`.
 
@@ -131,6 +133,7 @@ def convert(
     `weights.module_bits`). An existing `dst` is refused unless `force`, and then replaced only
     once the new folder is complete. Raises `CheckpointError` on any problem with the input or
     the destination; nothing is left at `dst` (or next to it) by a failed or interrupted run.
+    `text_only` leaves the vision tower out (a smaller folder that cannot read images).
     """
     if recipe not in W.RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(W.RECIPES)}")
@@ -152,8 +155,10 @@ def convert(
     dst = Path(dst).expanduser().absolute()
     _check_destination(folder, dst, force)
 
+    if text_only:
+        args.vision = None
     plan = Plan(args, recipe)
-    inventory = _inventory(folder)
+    inventory = _inventory(folder, vision=args.vision is not None)
     _validate(folder, inventory, plan)
     _check_disk_space(dst, plan.estimate().bytes)
 
@@ -172,7 +177,7 @@ def convert(
             report.messages.append(
                 f"{name} alone is larger than the shard size ({shard_size_bytes} bytes): it has a shard of its own"
             )
-        _write_config(tmp / "config.json", config, plan)
+        _write_config(tmp / "config.json", config, plan, text_only=args.vision is None)
         report.copied_files = _copy_aux(folder, tmp)
         report.replaced_existing = put_in_place(tmp, dst, replace=force)
     except BaseException:
@@ -225,7 +230,7 @@ def _check_destination(folder: Path, dst: Path, force: bool) -> None:
             )
 
 
-def _inventory(folder: Path) -> list[_SourceTensor]:
+def _inventory(folder: Path, vision: bool = True) -> list[_SourceTensor]:
     """Every tensor of the checkpoint from the safetensors headers (files checked complete)."""
     try:
         files = safetensors_files(folder)
@@ -246,7 +251,7 @@ def _inventory(folder: Path) -> list[_SourceTensor]:
         )
         for key, info in entries:
             start, end = info["data_offsets"]
-            tensors.append(_SourceTensor(f, key, start, end - start, tuple(info["shape"]), W.map_key(key)))
+            tensors.append(_SourceTensor(f, key, start, end - start, tuple(info["shape"]), W.map_key(key, vision)))
     return tensors
 
 
@@ -315,6 +320,8 @@ def _stream(
                 arrays = _open(t.file)  # lazy: nothing is read until a tensor is evaluated
                 current = t.file
             target = plan.tensors[t.target]
+            if W.is_vision_key(t.key):
+                report.vision_tensors_written += 1
             try:
                 outputs = _prepare(arrays.pop(t.key), target)
             except (RuntimeError, ValueError) as e:  # mlx reports read errors this way
@@ -361,10 +368,11 @@ def _prepare(value: mx.array, target: TensorPlan) -> list[tuple[str, mx.array]]:
 # -- the small files --------------------------------------------------------------------------------
 
 
-def _write_config(path: Path, config: dict[str, Any], plan: Plan) -> None:
+def _write_config(path: Path, config: dict[str, Any], plan: Plan, text_only: bool = False) -> None:
     import json
 
-    out = {k: v for k, v in config.items() if k not in ("_name_or_path", "vision_config")}
+    dropped = ("_name_or_path", "vision_config") if text_only else ("_name_or_path",)
+    out = {k: v for k, v in config.items() if k not in dropped}
     out.pop("quantization", None)
     out.pop("quantization_config", None)
     quantization = plan.quantization_config()
@@ -393,7 +401,7 @@ def _summarise(report: ConvertReport, folder: Path) -> None:
     if report.vision_tensors_skipped:
         report.messages.append(
             f"left out the vision tower: {report.vision_tensors_skipped} tensors "
-            f"({report.vision_bytes_skipped / 1e6:.1f} MB); this runtime is text-only, and "
+            f"({report.vision_bytes_skipped / 1e6:.1f} MB) as asked (text only); "
             "vision_config was dropped from config.json"
         )
     if report.unused_tensors_skipped:

@@ -124,7 +124,8 @@ class Plan:
 
 @dataclass
 class SizeEstimate:
-    """Projected size of a conversion (tensor data only; the vision tower is not converted)."""
+    """Projected size of a conversion (tensor data only; the vision tower included unless the
+    config has none)."""
 
     recipe: str
     parameters: int

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TextArgs
+from .config import TextArgs, VisionArgs
 from .weights import GROUP_SIZE, module_bits
 
 # Element-wise work of the sampler per logit: temperature divide; softmax for the draw (max,
@@ -289,3 +289,34 @@ def rescale_trace(rows_per_step: list[list[int]], from_canvas: int, to_canvas: i
     """A trace recorded at one canvas length applied to another: each step's live fraction of the
     canvas kept (rounded up), as an estimate of the same schedule on a wider canvas."""
     return [[min(to_canvas, -(-r * to_canvas // from_canvas)) for r in trace] for trace in rows_per_step]
+
+def vision_memory(v: VisionArgs, text_hidden: int, soft_tokens: int = 280, *,
+                  dtype_bytes: int = 2, score_bytes: int = 4) -> dict[str, int]:
+    """Memory of the vision tower for one image at `soft_tokens` (the processor's budget: the
+    largest image has `soft_tokens * k**2` patches).
+
+    - `parameters` / `weight_bytes`: the tower and its projection (stored in bfloat16 by every
+      recipe, see `weights.module_bits`);
+    - `attention_scores_bytes`: one layer's `[heads, patches, patches]` scores when they are
+      materialised (float32; a fused attention kernel avoids them);
+    - `mlp_bytes`: one layer's gate and up activations `[patches, intermediate]`;
+    - `peak_activation_bytes`: the larger of the two plus the hidden states, i.e. the transient
+      memory of encoding one image on top of the weights (images are encoded one at a time).
+    """
+    k, p, h, hd = v.pooling_kernel_size, v.patch_size, v.hidden_size, v.head_dim
+    per_layer = (h * v.num_attention_heads * hd * 2 + h * v.num_key_value_heads * hd * 2
+                 + 3 * h * v.intermediate_size + 4 * h + 2 * hd)
+    params = (3 * p * p * h + 2 * v.position_embedding_size * h + v.num_hidden_layers * per_layer
+              + h * text_hidden + (2 * h if v.standardize else 0))
+    patches = soft_tokens * k * k
+    scores = v.num_attention_heads * patches * patches * score_bytes
+    mlp = 2 * patches * v.intermediate_size * dtype_bytes
+    hidden = 3 * patches * h * dtype_bytes
+    return {
+        "parameters": params,
+        "weight_bytes": params * dtype_bytes,
+        "patches": patches,
+        "attention_scores_bytes": scores,
+        "mlp_bytes": mlp,
+        "peak_activation_bytes": max(scores, mlp) + hidden,
+    }

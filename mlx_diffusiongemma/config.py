@@ -61,6 +61,27 @@ class TextArgs:
 
 
 @dataclass
+class VisionArgs:
+    """The Gemma 4 vision tower (`vision_config`, model type `gemma4_vision`), with the reference
+    class defaults (`Gemma4VisionConfig`) for absent fields."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rope_theta: float = 100.0
+
+
+@dataclass
 class ModelArgs:
     text: TextArgs
     canvas_length: int = 256
@@ -68,6 +89,14 @@ class ModelArgs:
     # Module paths -> {"bits", "group_size"} or False, plus top-level "bits"/"group_size".
     quantization: dict[str, Any] | None = None
     has_vision: bool = False
+    # The vision tower, when config.json has a vision_config (None: a text-only model).
+    vision: VisionArgs | None = None
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    # "vision": each run of image tokens attends bidirectionally in the encoder pass (the
+    # released config); None: plain causal; "all" is not a DiffusionGemma setting we support.
+    bidirectional: str | None = None
 
 
 @dataclass
@@ -186,12 +215,62 @@ def parse_model_args(config: dict[str, Any], source: str = "config.json") -> Mod
     text_type = text.get("model_type", TEXT_MODEL_TYPE)
     if text_type != TEXT_MODEL_TYPE:
         raise CheckpointError(f"{source}: text_config is for {text_type!r}, not {TEXT_MODEL_TYPE!r}")
+    vision = config.get("vision_config")
+    if vision is not None and not isinstance(vision, dict):
+        raise CheckpointError(f"{source}: vision_config is not an object")
+    bidirectional = text.get("use_bidirectional_attention")
+    if bidirectional not in (None, "vision"):
+        raise CheckpointError(
+            f"{source}: use_bidirectional_attention {bidirectional!r} is not supported (None or 'vision')"
+        )
     return ModelArgs(
         text=parse_text_args(text),
         canvas_length=int(config.get("canvas_length") or 256),
         quantization=config.get("quantization") or config.get("quantization_config"),
-        has_vision=config.get("vision_config") is not None,
+        has_vision=vision is not None,
+        vision=parse_vision_args(vision, source) if vision is not None else None,
+        image_token_id=int(_pick(config.get("image_token_id"), 258_880)),
+        boi_token_id=int(_pick(config.get("boi_token_id"), 255_999)),
+        eoi_token_id=int(_pick(config.get("eoi_token_id"), 258_882)),
+        bidirectional=bidirectional,
     )
+
+
+def parse_vision_args(vision: dict[str, Any], source: str = "config.json") -> VisionArgs:
+    """Resolve a `gemma4_vision` sub-config into `VisionArgs` (reference defaults when absent)."""
+    kind = vision.get("model_type", "gemma4_vision")
+    if kind != "gemma4_vision":
+        raise CheckpointError(f"{source}: vision_config is for {kind!r}, not 'gemma4_vision'")
+    d = VisionArgs()
+    rope = vision.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise CheckpointError(f"{source}: vision rope_type {rope.get('rope_type')!r} is not 'axial'")
+    hidden = int(_pick(vision.get("hidden_size"), d.hidden_size))
+    heads = int(_pick(vision.get("num_attention_heads"), d.num_attention_heads))
+    args = VisionArgs(
+        hidden_size=hidden,
+        intermediate_size=int(_pick(vision.get("intermediate_size"), d.intermediate_size)),
+        num_hidden_layers=int(_pick(vision.get("num_hidden_layers"), d.num_hidden_layers)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_pick(vision.get("num_key_value_heads"), d.num_key_value_heads)),
+        head_dim=int(_pick(vision.get("head_dim"), hidden // heads)),
+        rms_norm_eps=float(_pick(vision.get("rms_norm_eps"), d.rms_norm_eps)),
+        hidden_activation=str(_pick(vision.get("hidden_activation"), d.hidden_activation)),
+        pooling_kernel_size=int(_pick(vision.get("pooling_kernel_size"), d.pooling_kernel_size)),
+        patch_size=int(_pick(vision.get("patch_size"), d.patch_size)),
+        position_embedding_size=int(_pick(vision.get("position_embedding_size"), d.position_embedding_size)),
+        use_clipped_linears=bool(vision.get("use_clipped_linears", False)),
+        standardize=bool(vision.get("standardize", False)),
+        rope_theta=float(_pick(rope.get("rope_theta"), d.rope_theta)),
+    )
+    if args.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_approx"):
+        raise CheckpointError(f"{source}: unsupported vision hidden_activation {args.hidden_activation!r}")
+    if args.num_key_value_heads <= 0 or args.num_attention_heads % args.num_key_value_heads:
+        raise CheckpointError(f"{source}: vision_config has {args.num_key_value_heads} KV heads "
+                              f"for {args.num_attention_heads} query heads")
+    if args.head_dim % 4:
+        raise CheckpointError(f"{source}: vision head_dim {args.head_dim} is not a multiple of 4 (2D RoPE)")
+    return args
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -42,19 +42,24 @@ CHAT_TEMPLATE = (
 # Character-level vocabulary: every token decodes to whole characters, so a decoded reply
 # re-encodes to the same ids (chat sessions can then reuse their cache across turns).
 CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + list("éèàüöäçñ–—…’“”•€£°")
+# Gemma 4's image tokens (begin, soft token, end): optional, after the characters so that no other
+# id moves (the demo model and the text-only test models keep their vocabulary).
+IMAGE_TOKENS = ["<|image>", "<|image|>", "<image|>"]
 
 
-def build_tokenizer(folder: Path) -> dict[str, int]:
+def build_tokenizer(folder: Path, image_tokens: bool = False) -> dict[str, int]:
     """Write a character-level tokenizer (specials + characters, BPE without merges) and its
-    config, with the Gemma 4 chat template. Returns the special-token ids."""
+    config, with the Gemma 4 chat template; `image_tokens` adds Gemma 4's three image tokens at
+    the end (ids in `image_token_ids()`). Returns the special-token ids."""
     from tokenizers import Tokenizer, decoders, models
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    specials = SPECIAL_TOKENS + (IMAGE_TOKENS if image_tokens else [])
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS + (IMAGE_TOKENS if image_tokens else []))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(specials)
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -67,11 +72,17 @@ def build_tokenizer(folder: Path) -> dict[str, int]:
         "chat_template": CHAT_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return {t: vocab[t] for t in SPECIAL_TOKENS}
+    return {t: vocab[t] for t in specials}
 
 
-def tokenizer_vocab_size() -> int:
-    return len(SPECIAL_TOKENS) + len(CHARACTERS)
+def tokenizer_vocab_size(image_tokens: bool = False) -> int:
+    return len(SPECIAL_TOKENS) + len(CHARACTERS) + (len(IMAGE_TOKENS) if image_tokens else 0)
+
+
+def image_token_ids() -> dict[str, int]:
+    """config.json's boi / image / eoi token ids for `build_tokenizer(..., image_tokens=True)`."""
+    base = len(SPECIAL_TOKENS) + len(CHARACTERS)
+    return {"boi_token_id": base, "image_token_id": base + 1, "eoi_token_id": base + 2}
 
 
 def demo_text_config() -> dict:

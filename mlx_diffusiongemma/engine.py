@@ -115,6 +115,9 @@ class Request:
     # with the techniques chosen by `fast` (None: all of them, `FastOptions()`).
     mode: str = "exact"
     fast: fast_mode.FastOptions | None = None
+    # Images of the prompt (`processor.ProcessedImage`, in prompt order): their soft tokens fill
+    # the prompt's image token positions (already expanded: <boi>, n image tokens, <eoi>).
+    images: Sequence[Any] = ()
 
 
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
@@ -239,6 +242,9 @@ def run(
     if request.mode not in ("exact", "fast"):
         raise ValueError(f"mode must be 'exact' or 'fast', got {request.mode!r}")
     fast_opts = (request.fast or fast_mode.FastOptions()).check() if request.mode == "fast" else None
+    if request.images and not getattr(model, "has_vision", False):
+        raise ValueError("this model has no vision tower (a text-only checkpoint, or loaded text-only); "
+                         "it cannot read images")
     noise = noise or NoiseSource(request.seed)
 
     mx.reset_peak_memory()
@@ -246,7 +252,8 @@ def run(
     if cache is None:
         cache = model.make_cache()
     if request.prompt_ids:
-        model.extend(cache, request.prompt_ids, chunk_size=request.prefill_chunk)
+        features = [model.encode_image(im.pixel_values, im.position_ids, im.grid) for im in request.images]
+        model.extend(cache, request.prompt_ids, chunk_size=request.prefill_chunk, image_features=features or None)
     mx.eval(cache.state())
     prefill_time = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from .engine import Request, SamplerOptions, run
 from .events import BlockEvent, GenerationResult, StepEvent
+from .processor import ImageError, ProcessedImage, expand_image_tokens
 
 Event = StepEvent | BlockEvent | GenerationResult
 Messages = Sequence[dict[str, Any]]
@@ -43,8 +44,126 @@ def prompt_ids(tokenizer, prompt: str | Messages | Sequence[int] | mx.array, thi
     return [int(i) for i in prompt]
 
 
+def _image_placeholder(model, tokenizer) -> str:
+    """The text of the image token (`<|image|>` in Gemma 4), which the chat template keeps and
+    the tokenizer turns into the single id `config.image_token_id`."""
+    token_id = model.args.image_token_id
+    text = None
+    try:
+        text = tokenizer.convert_ids_to_tokens(token_id)
+    except Exception:  # an id outside the vocabulary, or a tokenizer without the method
+        pass
+    if not isinstance(text, str) or list(tokenizer.encode(text, add_special_tokens=False)) != [token_id]:
+        raise ImageError(f"the tokenizer has no single token for the image token id {token_id}")
+    return text
+
+
+def _image_sources(part: dict) -> Any:
+    """The image of a content part: {"type": "image", "image"|"path": X} or OpenAI's
+    {"type": "image_url", "image_url": {"url": "data:..." | local path}}."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        return image_from_url(url)
+    for key in ("image", "path", "url"):
+        if key in part:
+            value = part[key]
+            return image_from_url(value) if key == "url" else value
+    raise ImageError("an image part needs an 'image' (path, bytes, PIL image or array)")
+
+
+def image_from_url(url: Any) -> Any:
+    """A data URL -> its bytes; a file:// URL or plain string -> a path; remote URLs are refused
+    (this runtime works offline)."""
+    import base64
+    import binascii
+
+    if not isinstance(url, str):
+        return url
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if ";base64" not in head:
+            raise ImageError("data URLs of images must be base64-encoded")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("the image data URL is not valid base64") from None
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if url.startswith(("http://", "https://")):
+        raise ImageError(f"{url}: remote images are not fetched (offline runtime); download it and give the file")
+    return url
+
+
+def split_images(messages: Messages, placeholder: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages with string contents, each image replaced by `placeholder` where it stood (a
+    message's `images` list goes before its text), and the images in prompt order."""
+    out, images = [], []
+    for m in messages:
+        m = dict(m)
+        text = "".join(placeholder for _ in m.get("images") or ())
+        images += list(m.pop("images", None) or ())
+        content = m.get("content", "")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, str):
+                    text += part
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    text += str(part.get("text", ""))
+                elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                    text += placeholder
+                    images.append(_image_sources(part))
+                else:
+                    raise ImageError(f"unsupported message content part {part!r:.60}")
+        else:
+            text += str(content)
+        m["content"] = text
+        out.append(m)
+    return out, images
+
+
+def prepare_prompt(model, tokenizer, prompt, thinking: bool = False,
+                   images: Sequence[Any] | None = None) -> tuple[list[int], list[ProcessedImage]]:
+    """Prompt ids with each image expanded to <boi> + soft tokens + <eoi>, and the processed
+    images. `images` go at the start of the (last) user message; messages may also carry image
+    content parts. Every image is decoded and checked here, before any model work."""
+    images = list(images or [])
+    if isinstance(prompt, mx.array):
+        prompt = [int(i) for i in prompt.reshape(-1).tolist()]
+    has_parts = (not isinstance(prompt, (str, mx.array)) and len(prompt) > 0 and isinstance(prompt[0], dict)
+                 and any(isinstance(m.get("content"), list) or m.get("images") for m in prompt))
+    if not images and not has_parts:
+        return prompt_ids(tokenizer, prompt, thinking), []
+    processor = getattr(model, "processor", None)
+    if processor is None or not getattr(model, "has_vision", False):
+        raise ImageError("this model has no vision tower (a text-only checkpoint, or loaded text-only); "
+                         "it cannot read images")
+    if not isinstance(prompt, (str, mx.array)) and not (len(prompt) and isinstance(prompt[0], dict)):
+        processed = processor.process_all(images)
+        return _expand(model, [int(i) for i in prompt], processed), processed
+    placeholder = _image_placeholder(model, tokenizer)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if images:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last is None:
+            raise ImageError("images need a user message to go with")
+        messages[last]["images"] = images + list(messages[last].get("images") or [])
+    flat, sources = split_images(messages, placeholder)
+    processed = processor.process_all(sources)
+    ids = render_messages(tokenizer, flat, thinking)
+    return _expand(model, ids, processed), processed
+
+
+def _expand(model, ids: list[int], processed: list[ProcessedImage]) -> list[int]:
+    a = model.args
+    counts = [p.num_soft_tokens for p in processed]
+    if sum(1 for t in ids if t == a.image_token_id) == sum(counts) and len(counts) != sum(counts):
+        return ids  # already expanded by the caller
+    return expand_image_tokens(ids, counts, a.image_token_id, a.boi_token_id, a.eoi_token_id)
+
+
 _REQUEST_KEYS = ("max_tokens", "seed", "prefill_chunk", "stop_check_interval", "self_conditioning_top_k",
-                 "mode", "fast")
+                 "mode", "fast", "images")
 
 
 def make_request(ids: list[int], options: dict[str, Any]) -> Request:
@@ -70,6 +189,7 @@ def stream_generate(
     self_conditioning_top_k: int | None = None,
     mode: str = "exact",
     fast: Any = None,
+    images: Sequence[Any] | None = None,
     **sampler_options: Any,
 ) -> Iterator[Event]:
     """Generate and yield a `StepEvent` per denoising step, a `BlockEvent` per committed block and
@@ -80,11 +200,14 @@ def stream_generate(
     block); `self_conditioning_top_k` selects the cheaper approximate self-conditioning.
     `mode="fast"` computes fewer decoder rows per committed token (see `fast.py`; `fast` takes a
     `FastOptions` to switch its techniques one by one); `mode="exact"` is the reference sampler.
-    Close the generator to cancel."""
-    request = make_request(prompt_ids(tokenizer, prompt, thinking), dict(
+    `images` (file paths, bytes, PIL images or uint8 arrays) go at the start of the user
+    message; messages may also carry `{"type": "image", "image": ...}` content parts. Bad images
+    raise `ImageError` before any model work. Close the generator to cancel."""
+    ids, processed = prepare_prompt(model, tokenizer, prompt, thinking, images)
+    request = make_request(ids, dict(
         sampler_options, max_tokens=max_tokens, seed=seed, prefill_chunk=prefill_chunk,
         stop_check_interval=stop_check_interval, self_conditioning_top_k=self_conditioning_top_k,
-        mode=mode, fast=fast))
+        mode=mode, fast=fast, images=processed))
     yield from run(model, request, decode=tokenizer.decode, detokenizer=tokenizer.detokenizer)
 
 
@@ -127,25 +250,39 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.cache = None
         self.cached_ids: list[int] = []
+        self.cached_images: list[str] = []  # digests of the images the cache holds, in order
         self.last_result: GenerationResult | None = None
 
-    def stream(self, message: str, **options: Any) -> Iterator[Event]:
-        """Send a user message; yields the turn's events. The reply joins the history only when
-        the turn completes (closing the generator early leaves the history as it was)."""
+    def stream(self, message: str, images: Sequence[Any] | None = None, **options: Any) -> Iterator[Event]:
+        """Send a user message (with optional `images`: paths, bytes, PIL images or arrays);
+        yields the turn's events. The reply joins the history only when the turn completes
+        (closing the generator early leaves the history as it was). Images are checked before
+        any model work; earlier turns' images stay in the conversation."""
         merged = {"max_tokens": self.max_tokens, "seed": self.seed, **self.sampler_options, **options}
         thinking = merged.pop("thinking", self.thinking)
-        history = self.messages + [{"role": "user", "content": message}]
-        full = render_messages(self.tokenizer, history, thinking)
+        turn: dict[str, Any] = {"role": "user", "content": message}
+        if images:
+            processor = getattr(self.model, "processor", None)
+            if processor is None:
+                raise ImageError("this model has no vision tower (a text-only checkpoint, or loaded "
+                                 "text-only); it cannot read images")
+            turn["images"] = processor.process_all(list(images))  # decoded once, kept for re-encoding
+        history = self.messages + [turn]
+        full, processed = prepare_prompt(self.model, self.tokenizer, history, thinking)
         keep = _common_prefix(self.cached_ids, full)
-        if self.cache is None or keep < len(self.cached_ids) or keep == len(full):
-            cache, new_ids, base = None, full, []
+        digests = [p.digest for p in processed]
+        held = len(self.cached_images)
+        if (self.cache is None or keep < len(self.cached_ids) or keep == len(full)
+                or digests[:held] != self.cached_images):
+            cache, new_ids, base, new_images = None, full, [], processed
         else:
-            cache, new_ids, base = self.cache.copy(), full[keep:], self.cached_ids
+            cache, new_ids, base, new_images = self.cache.copy(), full[keep:], self.cached_ids, processed[held:]
+        merged["images"] = new_images
         request = make_request(new_ids, merged)
         # Work on a fork so that a cancelled turn leaves the session's cache as it was.
         work_cache = cache if cache is not None else self.model.make_cache()
@@ -158,11 +295,12 @@ class ChatSession:
                 encoded = [t for canvas in event.extra["encoded_canvases"] for t in canvas]
                 self.cache = work_cache
                 self.cached_ids = list(base) + list(new_ids) + encoded
+                self.cached_images = digests
                 self.messages = history + [{"role": "assistant", "content": event.text}]
                 self.last_result = event
             yield event
 
-    def send(self, message: str, **options: Any) -> GenerationResult:
-        for event in self.stream(message, **options):
+    def send(self, message: str, images: Sequence[Any] | None = None, **options: Any) -> GenerationResult:
+        for event in self.stream(message, images, **options):
             pass
         return self.last_result

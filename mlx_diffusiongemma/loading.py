@@ -162,21 +162,25 @@ def load_model(
     *,
     dtype: mx.Dtype | None = None,
     quantize: str | None = None,
+    text_only: bool = False,
 ) -> tuple[Model, dict[str, Any]]:
     """Build and fill the model from a local checkpoint folder; returns (model, config dict).
 
     `dtype` casts floating tensors that are not quantized (e.g. `mx.float32` for parity tests);
-    `quantize` applies a recipe from `weights.RECIPES` in memory to an unquantized checkpoint.
+    `quantize` applies a recipe from `weights.RECIPES` in memory to an unquantized checkpoint;
+    `text_only` leaves the vision tower out (less memory; images are then refused).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     config = read_json(folder / "config.json")
     args = parse_model_args(config, source=str(folder / "config.json"))
+    if text_only:
+        args.vision = None
     model = Model(args)
     weights: dict[str, mx.array] = {}
     for _, shard in iter_checkpoint(folder):
-        weights.update(W.sanitize(shard))
+        weights.update(W.sanitize(shard, vision=args.vision is not None))
     quantized = any(k.endswith(".scales") for k in weights)
     if quantized:
         if not args.quantization:
@@ -218,22 +222,30 @@ def load(
     quantize: str | None = None,
     offline: bool | None = None,
     adapter_path: str | Path | None = None,
+    text_only: bool = False,
 ):
     """Load a DiffusionGemma checkpoint: `(model, tokenizer)`.
 
-    The model carries `model.generation` (sampler defaults from generation_config.json) and
-    `model.source` (the resolved folder). `adapter_path` applies fine-tuned adapters (a folder
-    written by `dgemma finetune`, mlx-lm's format) on top of the weights.
+    The model carries `model.generation` (sampler defaults from generation_config.json),
+    `model.source` (the resolved folder) and `model.processor` (the image processor, or None
+    for a text-only model or load: `text_only=True` leaves the vision tower out).
+    `adapter_path` applies fine-tuned adapters (a folder written by `dgemma finetune`,
+    mlx-lm's format) on top of the weights.
     """
     folder = resolve(path_or_repo, offline=offline)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
-    model, config = load_model(folder, dtype=dtype, quantize=quantize)
+    model, config = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only)
     model.generation = load_generation_defaults(folder, config)
     model.source = folder
     if adapter_path is not None:
         from .train.lora import load_adapters
 
         load_adapters(model, adapter_path)
+    model.processor = None
+    if model.has_vision:
+        from .processor import ImageProcessor
+
+        model.processor = ImageProcessor.from_folder(folder, model.args.vision)
     tokenizer = load_tokenizer(folder, model.generation)
     return model, tokenizer

@@ -13,17 +13,19 @@ layout the other MLX port's conversions also use, so one loader serves every lay
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import fastmath
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import LayerKV, PromptCache
-from .config import ModelArgs, TextArgs
+from .config import ModelArgs, TextArgs, VisionArgs
+from .vision import MultimodalEmbedder, VisionTower
 
 # Rows of prompt encoded per encoder call in `prefill`: bounds the score/mask memory of long
 # prompts to chunk x (window or prefix) instead of N x N.
@@ -354,15 +356,18 @@ class EncoderLanguageModel(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, args: TextArgs):
+    def __init__(self, args: TextArgs, vision: VisionArgs | None = None):
         super().__init__()
         self.language_model = EncoderLanguageModel(args)
+        if vision is not None:
+            self.vision_tower = VisionTower(vision)
+            self.embed_vision = MultimodalEmbedder(vision, args.hidden_size)
 
 
 class Backbone(nn.Module):
-    def __init__(self, args: TextArgs):
+    def __init__(self, args: TextArgs, vision: VisionArgs | None = None):
         super().__init__()
-        self.encoder = Encoder(args)
+        self.encoder = Encoder(args, vision)
         self.decoder = Decoder(args)
 
 
@@ -378,14 +383,24 @@ class CanvasKV:
         return self.keys + self.values
 
 
-def _encoder_mask(q_start: int, n: int, k_start: int, k_rows: int, window: int | None) -> mx.array:
+def _encoder_mask(q_start: int, n: int, k_start: int, k_rows: int, window: int | None,
+                  groups: mx.array | None = None) -> mx.array:
     """Causal (and sliding-window) mask for `n` queries at positions `q_start...` over `k_rows`
-    keys at positions `k_start...`: `[n, k_rows]`, built once per chunk and layer type."""
+    keys at positions `k_start...`: `[n, k_rows]`, built once per chunk and layer type.
+
+    `groups` (`[n]`, -1 for text) marks the chunk's image runs: a query also sees every key of
+    its own run, ahead of it or out of the window (the reference's blockwise overlay, OR-ed with
+    the causal or sliding mask on every layer type). A run never spans two chunks, so only the
+    chunk's own keys (the last `n` columns) can share a query's group."""
     qpos = mx.arange(q_start, q_start + n)[:, None]
     kpos = mx.arange(k_start, k_start + k_rows)[None, :]
     mask = kpos <= qpos
     if window is not None:
         mask = mask & (qpos - kpos < window)
+    if groups is not None:
+        same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
+        same = mx.concatenate([mx.zeros((n, k_rows - n), dtype=mx.bool_), same], axis=1)
+        mask = mask | same
     return mask
 
 
@@ -396,7 +411,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.text = args.text
-        self.model = Backbone(args.text)
+        self.model = Backbone(args.text, args.vision)
         self.embed_scale = math.sqrt(args.text.hidden_size)
 
     # -- structure ---------------------------------------------------------------------------
@@ -428,34 +443,99 @@ class Model(nn.Module):
         # The reference casts the scale to the weight dtype (sqrt(2816) -> 53.0 in bfloat16).
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
+    # -- images --------------------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return "vision_tower" in self.model.encoder
+
+    def encode_image(self, pixel_values: Any, position_ids: Any, grid: tuple[int, int]) -> mx.array:
+        """One image's soft tokens in the text width, `[rows * cols / k**2, hidden]`
+        (`get_image_features` of the reference for one image, without padding).
+
+        `pixel_values` `[patches, 3 * patch**2]` in [0, 1] and `position_ids` `[patches, 2]`
+        (column, row) come from `processor.ImageProcessor`; `grid` is (rows, cols) of patches."""
+        if not self.has_vision:
+            raise ValueError("this model has no vision tower (a text-only checkpoint or load)")
+        enc = self.model.encoder
+        feats = enc.vision_tower(mx.array(pixel_values), mx.array(position_ids), grid)
+        return enc.embed_vision(feats)
+
     # -- encoder pass --------------------------------------------------------------------------
-    def prefill(self, token_ids: Any, chunk_size: int = PREFILL_CHUNK) -> PromptCache:
+    def prefill(self, token_ids: Any, chunk_size: int = PREFILL_CHUNK,
+                image_features: Sequence[mx.array] | None = None) -> PromptCache:
         """Encode a prompt (causal) into a new cache; long prompts go through in chunks."""
         cache = self.make_cache()
-        self.extend(cache, token_ids, chunk_size=chunk_size)
+        self.extend(cache, token_ids, chunk_size=chunk_size, image_features=image_features)
         return cache
 
     def extend(self, cache: PromptCache, token_ids: Any, chunk_size: int = PREFILL_CHUNK,
-               valid: mx.array | None = None) -> PromptCache:
+               valid: mx.array | None = None,
+               image_features: Sequence[mx.array] | None = None) -> PromptCache:
         """Encode `token_ids` (causal) after what `cache` holds, appending their K/V to it.
-        `valid` `[batch, tokens]` marks real tokens of a left-padded batch (see `_encode_chunk`)."""
+        `valid` `[batch, tokens]` marks real tokens of a left-padded batch (see `_encode_chunk`).
+
+        With `image_features` (one `[n_i, hidden]` array per image, in prompt order, from
+        `encode_image`), the image token positions take those rows instead of their embedding
+        (the i-th image token gets the i-th row of the concatenated features) and, under the
+        released `use_bidirectional_attention: "vision"`, each run of image tokens attends
+        bidirectionally within itself. Chunks are stretched so that no run is split."""
         ids = _as_ids(token_ids)
-        for start in range(0, ids.shape[1], chunk_size):
-            chunk_valid = None if valid is None else valid[:, start : start + chunk_size]
-            self._encode_chunk(cache, ids[:, start : start + chunk_size], chunk_valid)
+        n = ids.shape[1]
+        placement = None
+        if image_features is not None and len(image_features) > 0:
+            placement = self._image_placement(ids, image_features)
+        start = 0
+        while start < n:
+            end = min(start + chunk_size, n)
+            if placement is not None:
+                is_image = placement[0]
+                while end < n and is_image[end - 1] and is_image[end]:
+                    end += 1  # never split a run of image tokens between two chunks
+            chunk_valid = None if valid is None else valid[:, start:end]
+            self._encode_chunk(cache, ids[:, start:end], chunk_valid, placement, start)
             mx.eval(cache.state())  # bound the lazy graph (and memory) to one chunk
+            start = end
         return cache
 
-    def _encode_chunk(self, cache: PromptCache, ids: mx.array, valid: mx.array | None = None) -> None:
+    def _image_placement(self, ids: mx.array, features: Sequence[mx.array]):
+        """(is_image `[n]` numpy bool, feature row per position, all features `[T, D]`, groups)."""
+        if ids.shape[0] != 1:
+            raise ValueError("prompts with images are encoded one sequence at a time")
+        row = np.array(ids[0]) == self.args.image_token_id
+        feats = mx.concatenate([f.reshape(-1, f.shape[-1]) for f in features], axis=0)
+        if int(row.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(row.sum())} image tokens but the images give {feats.shape[0]} soft tokens"
+            )
+        index = np.where(row, np.cumsum(row) - 1, 0).astype(np.int32)
+        groups = None
+        if self.args.bidirectional == "vision":
+            starts = row & ~np.concatenate([[False], row[:-1]])
+            groups = np.where(row, np.cumsum(starts) - 1, -1).astype(np.int32)
+        return row, index, feats, groups
+
+    def _encode_chunk(self, cache: PromptCache, ids: mx.array, valid: mx.array | None = None,
+                      placement=None, offset: int = 0) -> None:
         """Encode one chunk after the cache. `valid` `[batch, n]` marks real tokens in a
         left-padded batch: padding positions are never attended to (by this chunk, later chunks
-        or the decoder). Without it the pass is exactly the single-prompt inference path."""
+        or the decoder). Without it the pass is exactly the single-prompt inference path.
+        `placement` (from `_image_placement`) puts image features at the chunk's image tokens
+        (the chunk starts at `offset` in the prompt) and gives their bidirectional groups."""
         n = ids.shape[1]
         pos = cache.length
         if valid is not None or cache.valid is not None:
             valid = mx.ones(ids.shape, dtype=mx.bool_) if valid is None else valid.astype(mx.bool_)
             cache.valid = valid if cache.valid is None else mx.concatenate([cache.valid, valid], axis=1)
         h = self._embed(ids)
+        groups = None
+        if placement is not None:
+            is_image, index, feats, all_groups = placement
+            chunk = is_image[offset : offset + n]
+            if chunk.any():
+                rows = feats[mx.array(index[offset : offset + n])].astype(h.dtype)
+                h = mx.where(mx.array(chunk)[None, :, None], rows[None], h)
+                if all_groups is not None:
+                    groups = mx.array(all_groups[offset : offset + n])
         masks: dict[bool, mx.array] = {}
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
@@ -468,7 +548,7 @@ class Model(nn.Module):
                 keys, values = kv.append(k, v)
                 if sliding not in masks:
                     window = self.text.sliding_window if sliding else None
-                    mask = _encoder_mask(pos, n, pos - rows_before, rows_before + n, window)
+                    mask = _encoder_mask(pos, n, pos - rows_before, rows_before + n, window, groups)
                     keys_ok = cache.key_mask(rows_before + n, end=pos + n)
                     masks[sliding] = mask if keys_ok is None else mask & keys_ok
                 return split_attention(q, [(keys, values, masks[sliding])])

@@ -286,11 +286,12 @@ def load_sharded(
         raise CheckpointError(f"{folder}: no such folder")
     config = read_json(folder / "config.json")
     args = parse_model_args(config, source=str(folder / "config.json"))
+    args.vision = None  # text only across ranks: images are not supported under mlx.launch yet
     slicers = [SafetensorsSlicer(f) for f in safetensors_files(folder)]
     stored: dict[str, tuple[SafetensorsSlicer, str]] = {}
     for s in slicers:
         for key in s.names():
-            name = W.map_key(key)
+            name = W.map_key(key, vision=False)
             if name is not None:
                 stored[name] = (s, key)
     quantized = {n[: -len(".scales")] for n in stored if n.endswith(".scales")}

@@ -242,6 +242,51 @@ REFERENCE_SNIPPET = textwrap.dedent(
 )
 
 
+# mlx-vlm's own vision tower on fixed patches (two aspect ratios), features after its
+# `embed_vision` projection: as converted (bfloat16, `*_native`) and after set_dtype(float32).
+VISION_SNIPPET = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import mlx.core as mx
+    import mlx_vlm
+    import numpy as np
+    from mlx_vlm.utils import load_model
+
+    folder, out = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for name, (h, w) in {"wide": (24, 36), "tall": (48, 12)}.items():
+        model = load_model(Path(folder))
+        enc = model.model.encoder
+        p = model.config.vision_config.patch_size
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.float32) / 255.0
+        rows, cols = h // p, w // p
+        patches = img.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+        col, row = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
+        pos = np.stack([col, row], -1).reshape(-1, 2).astype(np.int32)
+        for dtype, suffix in ((None, "_native"), (mx.float32, "")):
+            if dtype is not None:
+                model.set_dtype(dtype)
+            feats = enc.embed_vision(enc.vision_tower(mx.array(patches)[None], mx.array(pos)[None]))
+            tensors[f"{name}_features{suffix}"] = feats[0].astype(mx.float32)
+        tensors[f"{name}_pixel_values"] = mx.array(patches)
+        tensors[f"{name}_position_ids"] = mx.array(pos)
+        tensors[f"{name}_grid"] = mx.array([rows, cols])
+    mx.eval(tensors)
+    mx.save_safetensors(out, tensors, metadata={"made_by": "mlx-vlm " + mlx_vlm.__version__})
+    print("vision reference:", ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    """
+)
+
+
+def vision_reference(vlm_python: str, folder: Path, out: Path, work: Path) -> str:
+    script = work / "vlm_vision_reference.py"
+    script.write_text(VISION_SNIPPET)
+    return run_vlm(vlm_python, [str(script), str(folder), str(out)], cwd=work)
+
+
 def reference_logits(vlm_python: str, folder: Path, out: Path, work: Path) -> str:
     snippet = (
         REFERENCE_SNIPPET.replace("PROMPT", repr(PROMPT_IDS))
@@ -285,6 +330,7 @@ Made by `scripts/make_mlxvlm_fixture.py` (rerun it to regenerate; seed {seed}).
 | `mlxvlm-4bit/` | `{cmd_q}` |
 | `mlxvlm-bf16/` | `{cmd_bf16}` |
 | `mlxvlm-*/reference_logits.safetensors` | added by the script (not by the converter): mlx-vlm's own decoder logits, float32 `[1, 8, 256]`, for the stored `prompt_ids` / `canvas_ids`, run in mlx-vlm's environment: `cache = model.diffusion_prefill_cache(prompt, cache=model.make_cache())`, `logits = model.diffusion_decoder_logits(canvas, cache=cache)`; `logits_selfcond`: a second step with `self_conditioning=model.diffusion_self_conditioning(logits, model.diffusion_prepare_self_conditioning())`; `logits_short`: the first {short} prompt tokens only (inside the sliding window). Unsuffixed: after `model.set_dtype(mx.float32)` (float32 activations); `*_native`: as converted (bfloat16 activations; only for the 4-bit folder, as mlx's CPU `gather_mm` is float32-only) |
+| `mlxvlm-*/vision_reference.safetensors` | added by the script: mlx-vlm's own vision tower and `embed_vision` on fixed patches of two random images (24x36 and 48x12 pixels, 4-pixel patches, (column, row) position ids): `enc.embed_vision(enc.vision_tower(patches[None], positions[None]))`, float32 (`*_features`, after `set_dtype(mx.float32)`) and as converted (`*_features_native`, bfloat16), with the inputs |
 
 What mlx-vlm's `-q` wrote (its DiffusionGemma `quant_predicate`): config.json `quantization`
 (duplicated as `quantization_config`) = `{{"group_size": 64, "bits": 4, "mode": "affine"}}` plus a
@@ -302,7 +348,8 @@ transformers {vlm_tf}, torch {vlm_torch} CPU). Everything in `mlxvlm-*` except
 Text config: {text}, `initializer_range` {init} (instead of 0.02, so the logits spread over a
 few units).
 
-Vision config (Gemma 4 vision, never loaded by us): {vision}; `canvas_length` {canvas}.
+
+Vision config (Gemma 4 vision, stored in bfloat16 by mlx-vlm): {vision}; `canvas_length` {canvas}.
 
 Size: {size} bytes in all.
 """
@@ -318,7 +365,16 @@ def main() -> None:
                     help="python of the environment with mlx-vlm 0.7.10 installed")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--no-bf16", action="store_true", help="skip the unquantized conversion")
+    ap.add_argument("--vision-only", action="store_true",
+                    help="only (re)write vision_reference.safetensors into the existing mlxvlm-* folders")
     args = ap.parse_args()
+
+    if args.vision_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for folder in sorted(args.out.glob("mlxvlm-*")):
+                print(vision_reference(args.vlm_python, folder, folder / "vision_reference.safetensors",
+                                       Path(tmp)).strip())
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -335,6 +391,7 @@ def main() -> None:
             log = run_vlm(args.vlm_python, convert_cmd(hf, out, q), cwd=work)
             print(log.strip())
             print(reference_logits(args.vlm_python, out, work / f"{name}-reference.safetensors", work).strip())
+            print(vision_reference(args.vlm_python, out, work / f"{name}-vision.safetensors", work).strip())
 
         if args.out.exists():
             shutil.rmtree(args.out)
@@ -343,6 +400,7 @@ def main() -> None:
         for name in variants:
             shutil.copytree(work / name, args.out / name)
             shutil.copy(work / f"{name}-reference.safetensors", args.out / name / "reference_logits.safetensors")
+            shutil.copy(work / f"{name}-vision.safetensors", args.out / name / "vision_reference.safetensors")
 
     main_v = main_versions()
     shown = lambda cmd: "python " + " ".join(cmd).replace(str(hf), "hf").replace(str(work) + "/", "")  # noqa: E731

@@ -6,7 +6,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 # torch first and pinned: 2.13.0 is the CPU build; a looser requirement can pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
-pip install -q -e ".[test,server,server-test]"
+pip install -q -e ".[test,server,server-test,vision]"
 set +e
 python -m pytest -q "$@"
 rc=$?

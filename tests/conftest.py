@@ -30,14 +30,18 @@ def tiny_text_config(**overrides) -> dict:
     return cfg
 
 
-def build_reference(text: dict, canvas_length: int = 8, seed: int = 0, vision: bool = True):
+def build_reference(text: dict, canvas_length: int = 8, seed: int = 0, vision: bool | dict = True):
     """A reference DiffusionGemmaForBlockDiffusion with randomised norms, scales and layer scalars
     (the defaults are ones, which would hide mix-ups between them)."""
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION if vision else None,
-                               canvas_length=canvas_length)
+    from mlx_diffusiongemma.demo import image_token_ids
+
+    # A vision config given as a dict (the image tests) comes with the tokenizer's image token ids.
+    images = image_token_ids() if isinstance(vision, dict) else {}
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=(vision if isinstance(vision, dict) else TINY_VISION) if vision else None,
+                               canvas_length=canvas_length, **images)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     with torch.no_grad():
@@ -49,6 +53,9 @@ def build_reference(text: dict, canvas_length: int = 8, seed: int = 0, vision: b
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.copy_(0.5 + torch.rand_like(b))
+        for name, p in model.named_parameters():
+            if images and name.endswith("position_embedding_table"):  # ones: positions would not matter
+                p.normal_()
     return model
 
 
@@ -67,7 +74,7 @@ def sharpen(model) -> None:
 
 
 def save_checkpoint(model, folder: Path, *, legacy_config: bool = False, zero_pad_keys: bool = False,
-                    eos_ids=None, max_shard_size=None, dtype=None) -> Path:
+                    eos_ids=None, max_shard_size=None, dtype=None, image_tokens: bool = False) -> Path:
     """save_pretrained + our tiny byte-level tokenizer with the Gemma 4 chat template.
 
     legacy_config rewrites config.json the way the released checkpoint has it (global_head_dim /
@@ -85,7 +92,7 @@ def save_checkpoint(model, folder: Path, *, legacy_config: bool = False, zero_pa
     model.save_pretrained(folder, **kwargs)
     if dtype is not None:
         model.to(torch.float32)
-    specials = build_tokenizer(folder)
+    specials = build_tokenizer(folder, image_tokens=image_tokens)
     config = json.loads((folder / "config.json").read_text())
     text = config["text_config"]
     if legacy_config:

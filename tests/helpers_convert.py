@@ -90,10 +90,11 @@ def build_hf_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | in
 
 
 def build_synthetic_checkpoint(folder: Path, text_config: dict[str, Any], *, file_size: int,
-                               vision_tensors: int = 2, seed: int = 0) -> int:
+                               seed: int = 0) -> int:
     """Random bfloat16 tensors under the Hugging Face key names, in files of about `file_size`
     bytes plus an index; returns the total tensor bytes. Built from the runtime's own parameter
-    list (lazily, nothing is allocated for it), mapped back to the on-disk names."""
+    list (lazily, nothing is allocated for it; the vision tower included), mapped back to the
+    on-disk names."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -111,8 +112,6 @@ def build_synthetic_checkpoint(folder: Path, text_config: dict[str, Any], *, fil
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shapes = {k: tuple(v.shape) for k, v in tree_flatten(Model(parse_model_args(config)).parameters())}
-    for i in range(vision_tensors):
-        shapes[f"model.encoder.vision_tower.encoder.layers.{i}.mlp.weight"] = (64, 32)
 
     mx.random.seed(seed)
     files: list[dict[str, mx.array]] = [{}]

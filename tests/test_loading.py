@@ -22,7 +22,7 @@ from mlx_diffusiongemma.config import (
     parse_text_args,
 )
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import load
+from mlx_diffusiongemma.loading import load, load_model
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -312,20 +312,27 @@ def test_chat_template_tokenizes_specials_as_single_tokens(loaded):
 # vision tensors and key mapping
 
 
-def test_vision_tensors_are_skipped(loaded):
+def test_vision_tensors_are_loaded_or_skipped_text_only(loaded):
     from mlx.utils import tree_flatten
 
     folder, model, _ = loaded
     on_disk = load_file(folder / "model.safetensors")
-    assert any(W.is_vision_key(k) for k in on_disk)  # the tiny checkpoint has a vision tower
-    assert model.args.has_vision
-    names = [k for k, _ in tree_flatten(model.parameters())]
-    assert not any("vision" in k for k in names)
+    vision = {k for k in on_disk if W.is_vision_key(k)}
+    assert vision  # the tiny checkpoint has a vision tower
+    assert model.args.has_vision and model.has_vision
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    assert {k for k in names if "vision" in k} == vision
+    text_only, _ = load_model(folder, text_only=True)
+    assert not text_only.has_vision
+    assert not any("vision" in k for k, _ in tree_flatten(text_only.parameters()))
+
+
+@pytest.mark.parametrize("key", ["model.encoder.vision_tower.x", "model.encoder.embed_vision.x"])
+def test_map_key_keeps_vision_unless_text_only(key):
+    assert W.map_key(key) == key and W.map_key(key, vision=False) is None
 
 
 @pytest.mark.parametrize("key", [
-    "model.encoder.vision_tower.x",
-    "model.encoder.embed_vision.x",
     "lm_head.weight",
     "model.encoder.language_model.layers.0.self_attn.q_proj.weight",
     "model.encoder.language_model.embed_tokens.weight",

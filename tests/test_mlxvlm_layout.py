@@ -216,3 +216,30 @@ def test_full_load_with_tokenizer():
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True)
     assert ids[0] == tokenizer.bos_token_id and max(ids) < model.vocab_size
     assert model.canvas_length == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# the vision tower, as mlx-vlm's converter stored it (bfloat16, Hugging Face names)
+
+
+@pytest.mark.parametrize("folder", [VLM_BF16, VLM_4BIT], ids=["bf16", "4bit"])
+def test_vision_tower_matches_mlxvlm(folder):
+    """Our tower + projection on mlx-vlm's fixed patches gives mlx-vlm's own features: in float32
+    to float32 rounding, and as converted (bfloat16) within a bfloat16 step of the values."""
+    ref = mx.load(str(folder / "vision_reference.safetensors"))
+    f32, _ = load_model(folder, dtype=mx.float32)
+    native, _ = load_model(folder)
+    assert native.model.encoder.vision_tower.patch_embedder.position_embedding_table.dtype == mx.bfloat16
+    for name in ("wide", "tall"):
+        grid = tuple(ref[f"{name}_grid"].tolist())
+        args = (ref[f"{name}_pixel_values"], ref[f"{name}_position_ids"], grid)
+        got = np.array(f32.encode_image(*args))
+        want = np.array(ref[f"{name}_features"])
+        got_native = np.array(native.encode_image(*args).astype(mx.float32))
+        want_native = np.array(ref[f"{name}_features_native"])
+        scale = float(np.abs(want).max())
+        print(f"\n{folder.name} {name} {grid}: float32 max|diff| {np.abs(got - want).max():.2e}, "
+              f"bf16 {np.abs(got_native - want_native).max():.2e} (|features| <= {scale:.2f})")
+        assert got.shape == want.shape and scale > 0.5
+        assert np.abs(got - want).max() <= 1e-5
+        assert np.abs(got_native - want_native).max() <= 2 * 2.0 ** -7 * scale  # two bf16 steps

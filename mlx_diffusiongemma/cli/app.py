@@ -70,6 +70,9 @@ Fast = Annotated[bool, typer.Option(
 Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
 AdapterPath = Annotated[Optional[str], typer.Option(
     "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
+Images = Annotated[Optional[list[Path]], typer.Option(
+    "--image", "-i", help="An image file for the prompt (repeatable).")]
+TextOnly = Annotated[bool, typer.Option("--text-only", help="Leave the vision tower out (less memory; no images).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
@@ -121,7 +124,7 @@ def _is_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None):
+def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None, text_only: bool = False):
     """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use."""
     from mlx_diffusiongemma.loading import load
 
@@ -132,11 +135,11 @@ def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None
             ui.print(f"[dim]creating the demo model in {demo_dir()}…[/]")
         folder = ensure_demo()
         ui.print("[yellow]demo model: random weights, its output is noise.[/]")
-        return load(folder, adapter_path=adapter_path)
+        return load(folder, adapter_path=adapter_path, text_only=text_only)
     t0 = time.perf_counter()
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")
-    model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path)
+    model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path, text_only=text_only)
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
     return model, tokenizer
@@ -160,11 +163,13 @@ def chat(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     fast: Fast = False,
+    image: Images = None,
+    text_only: TextOnly = False,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     debug: Debug = False,
 ):
-    """Chat with the model (multi-turn; /help lists the slash commands)."""
+    """Chat with the model (multi-turn; /help lists the slash commands; --image or /image attach images)."""
     from .chat import ChatLoop
 
     interactive = _is_terminal()
@@ -173,12 +178,18 @@ def chat(
         from mlx_diffusiongemma.generate import ChatSession
 
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
-        llm, tokenizer = _load(model, offline, ui, adapter_path)
+        from .images import check_image_options, preprocess
+
+        check_image_options(image, text_only)
+        llm, tokenizer = _load(model, offline, ui, adapter_path, text_only)
+        pending = preprocess(llm, image)  # checked before the first message
         session = ChatSession(llm, tokenizer, system=system, thinking=think, max_tokens=max_tokens,
                               seed=seed, mode="fast" if fast else "exact", **sampler)
         if interactive:
             ui.print("[bold]DiffusionGemma chat[/] [dim]· /help for commands · Ctrl-D to quit[/]")
-        code = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui).run()
+        loop = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui)
+        loop.pending_images = pending
+        code = loop.run()
     raise typer.Exit(code)
 
 
@@ -199,13 +210,15 @@ def generate(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     fast: Fast = False,
+    image: Images = None,
+    text_only: TextOnly = False,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     tensor_parallel: Annotated[Optional[str], typer.Option(
         "--tensor-parallel", help="Under mlx.launch: also split 'attention' and/or 'mlp' (comma-separated).")] = None,
     debug: Debug = False,
 ):
-    """Generate one reply to a prompt (under `mlx.launch`: the model split over the ranks)."""
+    """Generate one reply to a prompt (--image: files for the model to read; under `mlx.launch`: the model split over the ranks)."""
     from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line
 
     terminal = _is_terminal() and not as_json
@@ -221,6 +234,8 @@ def generate(
             _fail("empty prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
         if distributed.launched():  # docs/distributed.md
+            if image:
+                _fail("--image is not supported under mlx.launch yet")
             if adapter_path:
                 _fail("--adapter-path is not supported under mlx.launch yet: fuse the adapter first")
             tp = [p.strip() for p in (tensor_parallel or "").split(",") if p.strip()]
@@ -229,11 +244,15 @@ def generate(
                                         offline=offline, tensor_parallel=tp, fast=fast)
         if tensor_parallel:
             _fail("--tensor-parallel needs several processes: start the command with mlx.launch")
-        llm, tokenizer = _load(model, offline, err, adapter_path)
+        from .images import check_image_options, preprocess
+
+        check_image_options(image, text_only)
+        llm, tokenizer = _load(model, offline, err, adapter_path, text_only)
+        images = preprocess(llm, image)  # every image checked before any model work
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,
-                                 thinking=think, mode="fast" if fast else "exact", **sampler)
+                                 thinking=think, mode="fast" if fast else "exact", images=images, **sampler)
         if as_json:
             view = PlainView(io.StringIO())  # the text goes into the JSON object
         elif not terminal:
@@ -401,6 +420,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
     shard_size: Annotated[float, typer.Option(
         "--shard-size", callback=_positive, help="Largest shard, in GB (2^30 bytes).")] = 5.0,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="Leave the vision tower out (smaller; the folder cannot read images).")] = False,
     debug: Debug = False,
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint into an MLX folder."""
@@ -408,7 +429,7 @@ def convert(
 
     with handle_errors(debug):
         run_convert(src, output, recipe=recipe, force=force, shard_size_bytes=int(shard_size * 2**30),
-                    out=Console(highlight=False), err=Console(stderr=True, highlight=False))
+                    out=Console(highlight=False), err=Console(stderr=True, highlight=False), text_only=text_only)
 
 
 @app.command()

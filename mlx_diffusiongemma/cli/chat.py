@@ -31,6 +31,7 @@ HELP = """\
 /stats           numbers of the last reply
 /steps N         max denoising steps per block (no N: show it)
 /think on|off    thinking mode (the thought channel is shown dimmed)
+/image PATH      attach an image to your next message (repeatable; no PATH: list them)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
 /fill TEMPLATE   answer the next message with a template, e.g. Name: {{name:..8}} (/fill off)
 /edit TEXT       rewrite the last reply following TEXT (warm start from the reply)
@@ -54,6 +55,7 @@ class ChatLoop:
                                   getattr(gen, "pad_token_id", None))
         self.failed = False
         self.template: str | None = None  # /fill: the template for the next reply
+        self.pending_images: list = []  # processed images for the next message (--image, /image)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -113,8 +115,8 @@ class ChatLoop:
             self._canvas_reply(history, lambda **kw: editing.stream_infill(
                 self.session.model, self.session.tokenizer, history, template, **kw))
             return
-        events = self.session.stream(message)
         try:
+            events = self.session.stream(message, images=self.pending_images or None)
             result = render(events, self._view())
         except KeyboardInterrupt:
             self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
@@ -124,7 +126,9 @@ class ChatLoop:
             print(f"error: {e}", file=sys.stderr)
             return
         finally:
-            events.close()
+            if "events" in locals():
+                events.close()
+        self.pending_images = []  # they are in the conversation now
         if self.interactive and result is not None:
             self.ui.print(f"[dim]{escape(stats_line(result))}[/]")
 
@@ -172,7 +176,26 @@ class ChatLoop:
 
     def cmd_reset(self, arg: str) -> None:
         self.session.reset()
+        self.pending_images = []
         self.ui.print("conversation cleared")
+
+    def cmd_image(self, arg: str) -> None:
+        if not arg:
+            names = ", ".join(p.name for p in self.pending_images) or "none"
+            self.ui.print(f"images for the next message: {escape(names)}; usage: /image PATH")
+            return
+        processor = getattr(self.session.model, "processor", None)
+        if processor is None:
+            self.ui.print("this model has no vision tower (text-only); it cannot read images")
+            return
+        try:
+            image = processor(str(Path(arg).expanduser()), arg)
+        except DiffusionGemmaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return
+        self.pending_images.append(image)
+        h, w = image.source_size
+        self.ui.print(f"attached {escape(arg)} ({w}x{h}, {image.num_soft_tokens} image tokens) to your next message")
 
     def cmd_stats(self, arg: str) -> None:
         result = self.session.last_result
@@ -238,7 +261,7 @@ class ChatLoop:
             self.ui.print("usage: /save FILE (.json for the messages, otherwise markdown)")
             return
         path = Path(arg).expanduser()
-        messages = self.session.messages
+        messages = [_saveable(m) for m in self.session.messages]
         try:
             if path.suffix.lower() == ".json":
                 path.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -250,6 +273,13 @@ class ChatLoop:
         self.ui.print(f"saved {len(messages)} messages to {escape(str(path))}")
 
 
+def _saveable(message: dict) -> dict:
+    """A message with its images named (file paths), not their pixels."""
+    if not message.get("images"):
+        return message
+    return {**message, "images": [getattr(i, "name", "image") for i in message["images"]]}
+
+
 def transcript_markdown(messages) -> str:
     parts = []
     for m in messages:
@@ -258,5 +288,6 @@ def transcript_markdown(messages) -> str:
             thought, content = split_thinking(content)
             if thought:
                 parts.append("## assistant (thinking)\n\n" + "\n".join("> " + l for l in thought.splitlines()))
-        parts.append(f"## {role}\n\n{content.strip()}")
+        images = "".join(f"![image]({name})\n\n" for name in m.get("images") or ())
+        parts.append(f"## {role}\n\n{images}{content.strip()}")
     return "\n\n".join(parts) + "\n"

@@ -31,7 +31,7 @@ def human_count(n: float) -> str:
 
 
 def run_convert(src: str, dst: Path, *, recipe: str, force: bool, shard_size_bytes: int,
-                out: Console, err: Console):
+                out: Console, err: Console, text_only: bool = False):
     from mlx_diffusiongemma.convert import convert
 
     progress = Progress(
@@ -49,7 +49,7 @@ def run_convert(src: str, dst: Path, *, recipe: str, force: bool, shard_size_byt
 
     try:
         report = convert(src, dst, recipe=recipe, force=force, shard_size_bytes=shard_size_bytes,
-                         progress=on_progress)
+                         progress=on_progress, text_only=text_only)
     finally:
         progress.stop()
     out.print(summary_table(report))
@@ -71,10 +71,11 @@ def summary_table(report) -> Table:
         label = _PRECISION.get(bits, f"{bits}-bit")
         table.add_row(f"parameters, {label}", f"{human_count(count)} ({100 * count / total:.1f}%)")
     table.add_row("tensors written", str(report.tensors_written))
-    vision = str(report.vision_tensors_skipped)
     if report.vision_tensors_skipped:
-        vision += f" ({human_bytes(report.vision_bytes_skipped)})"
-    table.add_row("vision tensors skipped", vision)
+        table.add_row("vision tensors skipped",
+                      f"{report.vision_tensors_skipped} ({human_bytes(report.vision_bytes_skipped)}, text only)")
+    else:
+        table.add_row("vision tensors", f"{report.vision_tensors_written} (bfloat16)")
     if report.replaced_existing:
         table.add_row("replaced", "the previous folder")
     return table
