@@ -44,6 +44,21 @@ def prompt_ids(tokenizer, prompt: str | Messages | Sequence[int] | mx.array, thi
     return [int(i) for i in prompt]
 
 
+def image_processor(model):
+    """The model's image processor (`load` sets one from the checkpoint's files; a model built
+    otherwise gets the vision config's patch sizes and the default budget), or ImageError."""
+    processor = getattr(model, "processor", None)
+    if processor is None and getattr(model, "has_vision", False):
+        from .processor import ImageProcessor
+
+        v = model.args.vision
+        processor = ImageProcessor(v.patch_size, v.pooling_kernel_size)
+    if processor is None or not getattr(model, "has_vision", False):
+        raise ImageError("this model has no vision tower (a text-only checkpoint, or loaded text-only); "
+                         "it cannot read images")
+    return processor
+
+
 def _image_placeholder(model, tokenizer) -> str:
     """The text of the image token (`<|image|>` in Gemma 4), which the chat template keeps and
     the tokenizer turns into the single id `config.image_token_id`."""
@@ -130,15 +145,12 @@ def prepare_prompt(model, tokenizer, prompt, thinking: bool = False,
     images = list(images or [])
     if isinstance(prompt, mx.array):
         prompt = [int(i) for i in prompt.reshape(-1).tolist()]
-    has_parts = (not isinstance(prompt, (str, mx.array)) and len(prompt) > 0 and isinstance(prompt[0], dict)
+    has_parts = (not isinstance(prompt, str) and len(prompt) > 0 and isinstance(prompt[0], dict)
                  and any(isinstance(m.get("content"), list) or m.get("images") for m in prompt))
     if not images and not has_parts:
         return prompt_ids(tokenizer, prompt, thinking), []
-    processor = getattr(model, "processor", None)
-    if processor is None or not getattr(model, "has_vision", False):
-        raise ImageError("this model has no vision tower (a text-only checkpoint, or loaded text-only); "
-                         "it cannot read images")
-    if not isinstance(prompt, (str, mx.array)) and not (len(prompt) and isinstance(prompt[0], dict)):
+    processor = image_processor(model)
+    if not isinstance(prompt, str) and not (len(prompt) and isinstance(prompt[0], dict)):
         processed = processor.process_all(images)
         return _expand(model, [int(i) for i in prompt], processed), processed
     placeholder = _image_placeholder(model, tokenizer)
@@ -267,11 +279,7 @@ class ChatSession:
         thinking = merged.pop("thinking", self.thinking)
         turn: dict[str, Any] = {"role": "user", "content": message}
         if images:
-            processor = getattr(self.model, "processor", None)
-            if processor is None:
-                raise ImageError("this model has no vision tower (a text-only checkpoint, or loaded "
-                                 "text-only); it cannot read images")
-            turn["images"] = processor.process_all(list(images))  # decoded once, kept for re-encoding
+            turn["images"] = image_processor(self.model).process_all(list(images))  # decoded once, kept for re-encoding
         history = self.messages + [turn]
         full, processed = prepare_prompt(self.model, self.tokenizer, history, thinking)
         keep = _common_prefix(self.cached_ids, full)

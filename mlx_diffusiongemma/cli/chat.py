@@ -184,12 +184,10 @@ class ChatLoop:
             names = ", ".join(p.name for p in self.pending_images) or "none"
             self.ui.print(f"images for the next message: {escape(names)}; usage: /image PATH")
             return
-        processor = getattr(self.session.model, "processor", None)
-        if processor is None:
-            self.ui.print("this model has no vision tower (text-only); it cannot read images")
-            return
+        from mlx_diffusiongemma.generate import image_processor
+
         try:
-            image = processor(str(Path(arg).expanduser()), arg)
+            image = image_processor(self.session.model)(str(Path(arg).expanduser()), arg)
         except DiffusionGemmaError as e:
             print(f"error: {e}", file=sys.stderr)
             return

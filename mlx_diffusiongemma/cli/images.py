@@ -22,7 +22,6 @@ def preprocess(model, images: Sequence[Path] | None) -> list:
     model work; a text-only model refuses them."""
     if not images:
         return []
-    processor = getattr(model, "processor", None)
-    if processor is None:
-        raise ImageError("this model has no vision tower (a text-only checkpoint); it cannot read images")
-    return processor.process_all([str(Path(p).expanduser()) for p in images])
+    from mlx_diffusiongemma.generate import image_processor
+
+    return image_processor(model).process_all([str(Path(p).expanduser()) for p in images])
