@@ -133,6 +133,19 @@ def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None
 
 
 @dataclass
+class DenoiseCall:
+    """What `run(..., external_decoder=True)` yields instead of running a decoder pass itself: the
+    caller computes `model.denoise(canvas, cache, self_conditioning, self_conditioning_top_k=top_k)`
+    (possibly batched with other requests' calls, see server/batch.py) and sends the logits back
+    with `generator.send(logits)`."""
+
+    canvas: mx.array  # [1, C]
+    cache: PromptCache
+    self_conditioning: mx.array | None
+    top_k: int | None
+
+
+@dataclass
 class _BlockOutcome:
     argmax: mx.array  # [1, C] the canvas to commit
     steps: int
@@ -141,7 +154,7 @@ class _BlockOutcome:
 
 
 def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, request: Request,
-                   noise: NoiseSource, decode) -> Generator[StepEvent, None, _BlockOutcome]:
+                   noise: NoiseSource, decode, external_decoder: bool = False) -> Generator[StepEvent, None, _BlockOutcome]:
     """Denoise one canvas until the stop fires or the step cap; yields a StepEvent per step.
 
     Without a canvas state and hooks this is the reference loop; with them, pinned positions
@@ -160,7 +173,10 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
     pending: list[tuple] = []
     for index, cur_step in enumerate(range(n, 0, -1), start=1):
         # (Fast mode runs its own loop over the same states: fast.denoise_block.)
-        logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
+        if external_decoder:
+            logits = yield DenoiseCall(canvas, cache, self_cond, request.self_conditioning_top_k)
+        else:
+            logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
         t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
         u, r = noise.step(block, index, 1, c, vocab)
         if state is None:  # the exact reference path
@@ -219,10 +235,13 @@ def run(
     decode: Callable[[list[int]], str] | None = None,
     detokenizer: Any = None,
     noise: NoiseSource | None = None,
+    external_decoder: bool = False,
 ) -> Iterator[StepEvent | BlockEvent | GenerationResult]:
     """Generate for one prompt. `cache` (optional) already holds a prefix: only
     `request.prompt_ids` are encoded after it; the cache ends holding every committed block but
-    the last. Closing the generator stops the work (cancellation)."""
+    the last. Closing the generator stops the work (cancellation). With `external_decoder` the
+    generator also yields a `DenoiseCall` wherever it needs a decoder pass and expects the logits
+    sent back (a server batches concurrent requests this way); nothing else changes."""
     defaults = getattr(model, "generation", None) or GenerationDefaults()
     opts = request.sampler.resolve(defaults)
     eos = mx.array(list(defaults.eos_token_ids), dtype=mx.int32)
@@ -273,8 +292,8 @@ def run(
     padded_rows: list[list[int]] = []
     for block in range(n_blocks):
         if fast_opts is None:
-            outcome = yield from _denoise_block(model, cache, block, opts, request, noise, decode)
-        else:
+            outcome = yield from _denoise_block(model, cache, block, opts, request, noise, decode, external_decoder)
+        else:  # fast mode runs its own decoder passes (external_decoder does not apply)
             outcome = yield from fast_mode.denoise_block(model, cache, block, opts, request, noise, decode,
                                                          fast_opts, tuple(defaults.eos_token_ids), StepEvent)
             live_rows.append(outcome.live_rows)

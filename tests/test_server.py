@@ -161,7 +161,7 @@ def test_drafts_stream_extension(server, demo):
 
 
 def test_concurrent_streams_each_equal_their_solo_result(server):
-    """Fair interleaving changes no request's tokens: each of 4 concurrent streams equals the
+    """Batched denoising changes no request's tokens: each of 4 concurrent streams equals the
     same request made alone."""
     c = client(server)
     solo = {s: chat(c, f"prompt {s}", max_tokens=64, seed=s).choices[0].message.content or "" for s in range(4)}
@@ -175,12 +175,16 @@ def test_concurrent_streams_each_equal_their_solo_result(server):
         except Exception as e:  # collected: an assert in a thread would be lost
             errors.append(e)
 
+    before = health(server)["batch_sizes"]
     threads = [threading.Thread(target=one, args=(s,)) for s in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not errors and got == solo
+    # And they were denoised together: decoder passes over more than one request happened.
+    after = health(server)["batch_sizes"]
+    assert any(int(n) > 1 and after[n] > before.get(n, 0) for n in after), after
 
 
 def test_stop_strings_cut_the_text(server):
@@ -479,3 +483,98 @@ def test_cli_serve(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------- streaming inside a canvas
+
+
+def test_prefix_streamer_pins_what_it_emits(demo):
+    """On the engine directly: every emitted token is committed where it was emitted (a prefix of
+    its block, never taken back), and some text leaves before its block's last step."""
+    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
+    from mlx_diffusiongemma.events import BlockEvent, StepEvent
+    from mlx_diffusiongemma.server.in_canvas import PrefixStreamer
+
+    model, tok = demo
+    ids = tok.encode("<|turn>user\nhello<turn|>\n<|turn>model\n")
+    early = 0
+    for seed in range(3):
+        # Permissive thresholds: on random weights nothing is confident, stability alone decides.
+        streamer = PrefixStreamer(model.generation.eos_token_ids, 96, stability=2, max_entropy=100.0)
+        emitted: dict[int, list[int]] = {}
+        last_step: dict[int, int] = {}
+        for event in run(model, Request(ids, max_tokens=96, seed=seed, sampler=SamplerOptions(max_denoising_steps=8),
+                                        hooks=(streamer,))):
+            if isinstance(event, StepEvent):
+                got = streamer.take()
+                if got:
+                    emitted.setdefault(event.block, []).extend(got)
+                    early += event.step < 8
+                last_step[event.block] = event.step
+            elif isinstance(event, BlockEvent):
+                sent = emitted.get(event.block, [])
+                assert event.tokens[: len(sent)] == sent
+                assert sent == streamer.emitted_in(event.block)
+    assert early > 0
+
+
+def test_in_canvas_stream_over_http(scripted, demo):
+    """Scripted (certain) predictions with stability 1: each block's text leaves after its first
+    step, before the block commits at its second; the text is the block-only text."""
+    _, tok = demo
+    script = "In-canvas streaming sends settled text early. " * 2
+    c = client(scripted(script))
+    kw = dict(model="demo", messages=[{"role": "user", "content": "?"}], max_tokens=96, stream=True)
+    plain = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw) if ch.choices)
+    chunks = list(c.chat.completions.create(
+        **kw, stream_options={"in_canvas": True, "include_drafts": True},
+        extra_body={"in_canvas_stability": 1, "in_canvas_max_entropy": 0.1}))
+    order = []  # ("draft", block, step) and ("text", n chars) in arrival order
+    for ch in chunks:
+        d = ch.model_extra.get("draft")
+        if d:
+            order.append(("draft", d["block"], d["step"], sum(d["pinned"] or [])))
+        elif ch.choices and ch.choices[0].delta.content:
+            order.append(("text", len(ch.choices[0].delta.content)))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == plain == script
+    # Block 0: step 1's draft, then its text (emitted and pinned), then step 2 shows it pinned.
+    assert order[:3] == [("draft", 0, 1, 0), ("text", CANVAS), ("draft", 0, 2, CANVAS)]
+
+
+def test_in_canvas_parameters_are_checked(server):
+    got, answer = raw(server, "POST", CHAT, body(stream=True, stream_options={"in_canvas": "yes"}))
+    assert got == 400 and answer["error"]["param"] == "in_canvas"
+    got, answer = raw(server, "POST", CHAT, body(in_canvas_stability=0))
+    assert got == 400 and answer["error"]["param"] == "in_canvas_stability"
+
+
+# ----------------------------------------------------------------------------------- batched decoder
+
+
+def test_batched_decoder_rows_equal_single_passes(tmp_path_factory):
+    """denoise_batch over requests with different prefixes (shorter and longer than the sliding
+    window), with and without self-conditioning and top-k: each row equals that request's own
+    decoder pass to float32 tolerance, and gives the same argmax."""
+    import mlx.core as mx
+
+    from mlx_diffusiongemma.engine import DenoiseCall
+    from mlx_diffusiongemma.loading import load_model
+    from mlx_diffusiongemma.server.batch import denoise_batch
+
+    model, _ = load_model(ensure_demo(tmp_path_factory.mktemp("demo32") / "demo"), dtype=mx.float32)
+    assert model.text.sliding_window < 100
+    key = mx.random.key(3)
+    calls = []
+    for r, (n, sc, top_k) in enumerate([(5, False, None), (100, True, None), (40, True, 16), (1, True, None)]):
+        cache = model.make_cache()
+        model.extend(cache, [(7 * i + r) % model.vocab_size for i in range(n)])
+        k1, k2, key = mx.random.split(key, 3)
+        canvas = mx.random.randint(0, model.vocab_size, (1, CANVAS), key=k1)
+        cond = mx.random.normal((1, CANVAS, model.vocab_size), key=k2) * 3 if sc else None
+        calls.append(DenoiseCall(canvas, cache, cond, top_k))
+    batched = denoise_batch(model, calls)
+    for r, c in enumerate(calls):
+        alone = model.denoise(c.canvas, c.cache, c.self_conditioning, self_conditioning_top_k=c.top_k)
+        assert mx.allclose(batched[r : r + 1], alone, atol=1e-4, rtol=1e-4).item()
+        assert (batched[r].argmax(-1) == alone[0].argmax(-1)).all().item()

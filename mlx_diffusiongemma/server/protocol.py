@@ -60,6 +60,8 @@ class Params:
     include_usage: bool = False
     include_drafts: bool = False
     in_canvas: bool = False
+    in_canvas_stability: int = 2
+    in_canvas_max_entropy: float = 0.5
     sampler: SamplerOptions = SamplerOptions()
     has_tools: bool = False
 
@@ -139,7 +141,13 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
         stop=[s for s in stop if s], stream=stream,
         include_usage=_bool(options, "include_usage"), include_drafts=_bool(options, "include_drafts"),
         in_canvas=_bool(options, "in_canvas"), sampler=sampler,
+        in_canvas_stability=_number(body, "in_canvas_stability", int, lo=1, hi=64) or 2,
+        in_canvas_max_entropy=_or(_number(body, "in_canvas_max_entropy", float, lo=0), 0.5),
     )
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _text_content(content: Any, where: str) -> str:

@@ -1,14 +1,18 @@
-"""The engine's one thread: a bounded queue of jobs, served fairly, one denoising step at a time.
+"""The engine's one thread: a bounded queue of jobs, denoised together one step at a time.
 
 The HTTP side (an asyncio event loop) never touches MLX. It submits a `Job` and reads plain
 Python items from the job's asyncio queue; this thread runs every job's engine generator and
 hands items over with `call_soon_threadsafe`.
 
-Scheduling (fair queuing, not batching): up to `max_active` jobs are admitted in arrival order;
-each round advances every admitted job by one unit of work (one prefill chunk or one denoising
-step), so a long reply never starves a short one and every client sees its blocks condense at
-the same pace. A job whose client went away is closed at its next turn (its generator is closed,
-which stops the engine mid-block). More than `max_queue` jobs waiting: `QueueFull` (HTTP 503).
+Scheduling: up to `max_active` jobs are admitted in arrival order (the rest wait; more than
+`max_queue` waiting: `QueueFull`, HTTP 503). Each round advances every admitted job to its next
+decoder pass (the engine runs with `external_decoder=True` and yields a `DenoiseCall` there);
+the round's calls go through the decoder as ONE batch (batch.py), and each job gets its row of
+logits back. The sampler, stop test, commit and encoder passes stay per request, in the
+engine's own code, so a request gives the same tokens alone or in a batch. A job whose block
+stops simply leaves the batch (no row is computed for it), a job still prefilling takes one
+prompt chunk per round and joins the batch when it is ready. A job whose client went away is
+closed at its next turn (its generator is closed, which stops the engine mid-block).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from ..engine import Request, run
+from ..engine import DenoiseCall, Request, run
 from ..events import BlockEvent, GenerationResult, StepEvent
+from .batch import denoise_batch
+from .in_canvas import PrefixStreamer
 from .prompt_cache import PromptCacheStore
 from .protocol import Params
 
@@ -53,6 +59,13 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    items: Iterator
+    send: Any = None  # what to send into `items` next (the logits of its last decoder call)
 
 
 class TokenLabels:
@@ -87,6 +100,7 @@ class Worker:
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
+        self.batch_sizes: dict[int, int] = {}  # decoder passes by number of requests in them
         self._thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
 
     # -- called from the event loop --------------------------------------------------------------
@@ -111,6 +125,7 @@ class Worker:
             waiting, active = len(self._pending), len(self._active)
         return {"active": active, "waiting": waiting, "completed": self.completed,
                 "cancelled": self.cancelled, "failed": self.failed,
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "prompt_cache": {"entries": len(self.store), "hits": self.store.hits,
                                  "reused_tokens": self.store.reused_tokens}}
 
@@ -126,39 +141,69 @@ class Worker:
                     break
                 while self._pending and len(self._active) < self.max_active:
                     job = self._pending.popleft()
-                    self._active.append((job, self._job_items(job)))
+                    self._active.append(_Running(job, self._job_items(job)))
                 round_ = list(self._active)
-            for entry in round_:
-                self._advance(*entry)
-        for job, items in self._active + [(j, None) for j in self._pending]:
-            if items is not None:
-                items.close()
+            self._round(round_)
+        for entry in self._active:
+            entry.items.close()
+        for job in [e.job for e in self._active] + list(self._pending):
             job.put(("error", RuntimeError("the server is shutting down")))
 
-    def _advance(self, job: Job, items: Iterator) -> None:
-        done = True
+    def _round(self, running: list["_Running"]) -> None:
+        """Advance every job to its next decoder pass, then run those passes as one batch."""
+        calls: list[tuple[_Running, DenoiseCall]] = []
+        for entry in running:
+            call = self._advance(entry)
+            if call is not None:
+                calls.append((entry, call))
+        if not calls:
+            return
+        self.batch_sizes[len(calls)] = self.batch_sizes.get(len(calls), 0) + 1
         try:
-            if job.cancelled.is_set():
-                self.cancelled += 1
-                return
-            item = next(items)
-            done = False
-            if item is not None:
+            logits = denoise_batch(self.model, [c for _, c in calls])
+        except Exception as e:
+            log.exception("decoder pass failed")
+            for entry, _ in calls:
+                self._finish(entry, error=e)
+            return
+        for r, (entry, _) in enumerate(calls):
+            entry.send = logits[r : r + 1]
+
+    def _advance(self, entry: "_Running") -> DenoiseCall | None:
+        """Run one job until it needs the decoder (returns the call) or has done one other unit
+        of work (a prompt chunk) or finished; client items found on the way are handed over."""
+        job = entry.job
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            self._finish(entry)
+            return None
+        try:
+            item = entry.items.send(entry.send)
+            entry.send = None
+            while item is not None:
+                if item[0] == "denoise":
+                    return item[1]
                 job.put(item)
+                item = next(entry.items)
         except StopIteration:
             self.completed += 1
+            self._finish(entry)
         except Exception as e:  # a bug or an engine error: this request fails, the server goes on
             log.exception("generation failed")
+            self._finish(entry, error=e)
+        return None
+
+    def _finish(self, entry: "_Running", error: Exception | None = None) -> None:
+        if error is not None:
             self.failed += 1
-            job.put(("error", e))
-        finally:
-            if done:
-                items.close()
-                with self._cond:
-                    self._active.remove((job, items))
+            entry.job.put(("error", error))
+        entry.items.close()
+        with self._cond:
+            self._active.remove(entry)
 
     def _job_items(self, job: Job) -> Iterator[tuple[str, Any] | None]:
-        """One job as a sequence of small units of work; yields items for the client (or None)."""
+        """One job as a generator: yields items for the client, ("denoise", call) where it needs
+        a decoder pass (and receives the logits), and None after each prompt chunk (its turn ends)."""
         p = job.params
         model = self.model
         ids = p.prompt_ids
@@ -175,20 +220,49 @@ class Worker:
         yield ("prefill", {"prompt_tokens": len(ids), "cached_tokens": cached,
                            "prefill_time": time.perf_counter() - t0,
                            "queued_time": t0 - job.submitted})
-        request = Request([], max_tokens=p.max_tokens, sampler=p.sampler, seed=p.seed)
+        streamer = None
+        if p.in_canvas:
+            streamer = PrefixStreamer(self.eos_ids, p.max_tokens, p.in_canvas_stability, p.in_canvas_max_entropy)
+        request = Request([], max_tokens=p.max_tokens, sampler=p.sampler, seed=p.seed,
+                          hooks=(streamer,) if streamer else ())
         detok = self.tokenizer.detokenizer
         eos = set(self.eos_ids)
-        events = run(model, request, cache=cache)
+
+        def text(tokens: list[int], **extra) -> tuple[str, dict[str, Any]]:
+            for t in tokens:
+                if t not in eos:
+                    detok.add_token(t)
+            return ("text", {"text": detok.last_segment, "tokens": len(tokens), **extra})
+
+        produced = 0
+        events = run(model, request, cache=cache, external_decoder=True)
+        logits = None
         try:
-            for event in events:
+            while True:
+                try:
+                    event = events.send(logits)
+                except StopIteration:
+                    break
+                logits = None
+                if isinstance(event, DenoiseCall):
+                    logits = yield ("denoise", event)  # the worker sends back this row's logits
+                    continue
                 if isinstance(event, StepEvent):
-                    yield ("draft", self._draft(event)) if p.include_drafts else None
+                    if p.include_drafts:
+                        yield ("draft", self._draft(event))
+                    if streamer is not None:
+                        emitted = streamer.take()
+                        if emitted:  # a settled prefix, pinned: it will be committed as it is
+                            yield text(emitted, block=event.block, step=event.step)
                 elif isinstance(event, BlockEvent):
-                    for t in event.tokens:
-                        if t not in eos:
-                            detok.add_token(t)
-                    yield ("text", {"text": detok.last_segment, "tokens": len(event.tokens),
-                                    "block": event.block, "steps": event.steps, "reason": event.stop_reason})
+                    sent = streamer.emitted_in(event.block) if streamer is not None else []
+                    if event.tokens[: len(sent)] != sent:  # pins are committed as given: never
+                        raise RuntimeError("the committed block does not start with its streamed prefix")
+                    produced += len(event.tokens)
+                    if streamer is not None:
+                        streamer.room = p.max_tokens - produced
+                    yield text(event.tokens[len(sent):], block=event.block, steps=event.steps,
+                               reason=event.stop_reason)
                 elif isinstance(event, GenerationResult):
                     detok.finalize()
                     tail = detok.last_segment
@@ -212,4 +286,5 @@ class Worker:
         ids = event.argmax.tolist()
         return {"block": event.block, "step": event.step, "max_steps": event.max_steps,
                 "pieces": [self.labels(t) for t in ids], "accepted": [int(a) for a in event.accepted.tolist()],
-                "eos": [int(t in self.labels._eos) for t in ids], "mean_entropy": event.mean_entropy}
+                "eos": [int(t in self.labels._eos) for t in ids], "mean_entropy": event.mean_entropy,
+                "pinned": None if event.pinned is None else [int(x) for x in event.pinned.tolist()]}
