@@ -9,6 +9,7 @@ and the real sampler, engine and server do the rest.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -35,10 +36,38 @@ CANVAS = 32
 FAST = {"max_denoising_steps": 4}  # keeps every request short on a CPU
 
 
+@contextlib.contextmanager
+def _home(home):
+    """MLX_DIFFUSIONGEMMA_HOME set to `home` (where `--model demo` lives) for a while."""
+    saved = os.environ.get("MLX_DIFFUSIONGEMMA_HOME")
+    os.environ["MLX_DIFFUSIONGEMMA_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MLX_DIFFUSIONGEMMA_HOME"]
+        else:
+            os.environ["MLX_DIFFUSIONGEMMA_HOME"] = saved
+
+
+def demo_folder(home):
+    from mlx_diffusiongemma.demo import demo_dir
+
+    with _home(home):
+        return demo_dir()
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    folder = ensure_demo(tmp_path_factory.mktemp("demo") / "demo")
-    return dg.load(folder)
+def demo_home(tmp_path_factory):
+    """A home for the demo checkpoint, shared by the in-process tests and `dgemma serve`."""
+    home = tmp_path_factory.mktemp("home")
+    ensure_demo(demo_folder(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def demo(demo_home):
+    return dg.load(demo_folder(demo_home))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +78,7 @@ def server(demo):
 
 
 def client(url: str, **kw) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=300, **kw)
 
 
 def chat(c, content="Tell me a story", **kw):
@@ -456,8 +485,8 @@ def test_web_page_is_served(server):
     assert got == 200 and "<title>DiffusionGemma chat</title>" in page and "include_drafts" in page
 
 
-def test_cli_serve(tmp_path):
-    env = {**os.environ, "MLX_DIFFUSIONGEMMA_HOME": str(tmp_path)}
+def test_cli_serve(demo_home):
+    env = {**os.environ, "MLX_DIFFUSIONGEMMA_HOME": str(demo_home)}
     bad = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.cli.app", "serve", "--model", "demo",
                           "--chat-template-args", "{nope"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --chat-template-args")
@@ -552,7 +581,7 @@ def test_in_canvas_parameters_are_checked(server):
 # ----------------------------------------------------------------------------------- batched decoder
 
 
-def test_batched_decoder_rows_equal_single_passes(tmp_path_factory):
+def test_batched_decoder_rows_equal_single_passes(demo_home):
     """denoise_batch over requests with different prefixes (shorter and longer than the sliding
     window), with and without self-conditioning and top-k: each row equals that request's own
     decoder pass to float32 tolerance, and gives the same argmax."""
@@ -562,7 +591,7 @@ def test_batched_decoder_rows_equal_single_passes(tmp_path_factory):
     from mlx_diffusiongemma.loading import load_model
     from mlx_diffusiongemma.server.batch import denoise_batch
 
-    model, _ = load_model(ensure_demo(tmp_path_factory.mktemp("demo32") / "demo"), dtype=mx.float32)
+    model, _ = load_model(demo_folder(demo_home), dtype=mx.float32)
     assert model.text.sliding_window < 100
     key = mx.random.key(3)
     calls = []
@@ -578,3 +607,34 @@ def test_batched_decoder_rows_equal_single_passes(tmp_path_factory):
         alone = model.denoise(c.canvas, c.cache, c.self_conditioning, self_conditioning_top_k=c.top_k)
         assert mx.allclose(batched[r : r + 1], alone, atol=1e-4, rtol=1e-4).item()
         assert (batched[r].argmax(-1) == alone[0].argmax(-1)).all().item()
+
+
+# ----------------------------------------------------------------------------------- bounded load
+
+
+def test_load_concurrent_streams_complete_and_memory_is_flat(demo):
+    """3 rounds of 6 concurrent streaming clients (more than the 4 denoised at once, so some
+    wait): every stream complete and well formed (scripts/server_load.py checks each chunk), and
+    MLX's active memory and the process's resident memory no higher after round 3 than after
+    round 1 (the prompt cache is bounded, finished requests leave nothing behind)."""
+    import mlx.core as mx
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from server_load import rss_mb, run_level
+
+    model, tok = demo
+    config = ServerConfig(model_id="demo", max_active=4, max_queue=8, prompt_cache_size=2)
+    base = {"model": "demo", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 64, **FAST}
+    with running(create_app(model, tok, config)) as url:
+        memory = []
+        for _ in range(3):
+            level = run_level(url, 6, 1, base, timeout=120)
+            assert level["errors"] == [] and level["responses"] == 6 and level["tokens"] > 0
+            wait_idle(url)
+            memory.append((mx.get_active_memory() / 2**20, rss_mb(os.getpid())))
+        h = health(url)
+    assert h["completed"] >= 18 and h["failed"] == 0
+    assert max(int(n) for n in h["batch_sizes"]) > 1
+    (active1, rss1), _, (active3, rss3) = memory
+    assert active3 <= active1 + 2, memory  # MB
+    assert rss3 <= rss1 + 40, memory
