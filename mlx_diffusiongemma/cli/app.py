@@ -435,6 +435,7 @@ def convert(
 @app.command()
 def serve(
     model: Model = DEFAULT_MODEL,
+    adapter_path: AdapterPath = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8080,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Default max_tokens of a request.")] = 512,
