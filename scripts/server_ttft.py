@@ -35,11 +35,12 @@ def prompts(n: int) -> tuple[list[tuple[str, str | None, object]], bool]:
         return [(f"{base[i % len(base)]} ({i})", None, None) for i in range(n)], False
     names = list(families)
     out = []
-    per = max(1, n // len(names))
-    for name in names:
-        for prompt, ref in tasks.held_out_set(name, per):
+    per = -(-n // len(names))
+    for k in range(per):  # round robin over the families
+        for name in names:
+            prompt, ref = tasks.held_out_set(name, per)[k]
             out.append((prompt, ref, families[name].judge))
-    return out[:n] if len(out) >= n else out, True
+    return out[:n], True
 
 
 def main(argv=None) -> int:
@@ -84,17 +85,16 @@ def main(argv=None) -> int:
     print(f"model {args.model} · {len(items)} prompts · max_tokens {args.max_tokens} · steps {args.steps or 'default'}"
           f" · in-canvas rule: argmax stable {args.stability} steps, entropy < {args.max_entropy}")
     print()
-    print("| mode | mean first text s | median first text s | mean total s | " +
-          ("task accuracy |" if judged else "replies equal to block-only |"))
-    print("|---|---:|---:|---:|---:|")
+    print("| mode | mean first text s | median first text s | mean total s | replies equal to block-only |"
+          + (" task accuracy |" if judged else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if judged else ""))
     for mode, outs in rows.items():
         ttft = [o["ttft"] for o in outs if o["ttft"] is not None]
         total = statistics.mean(o["wall"] for o in outs)
+        same = sum(o["text"] == b["text"] for o, b in zip(outs, rows["block"]))
+        score = f"{same}/{len(outs)}"
         if judged:
-            score = f"{sum(bool(o['correct']) for o in outs) / len(outs):.1%}"
-        else:
-            same = sum(o["text"] == b["text"] for o, b in zip(outs, rows["block"]))
-            score = f"{same}/{len(outs)}"
+            score += f" | {sum(bool(o['correct']) for o in outs)}/{len(outs)}"
         print(f"| {mode} | {statistics.mean(ttft):.3f} | {statistics.median(ttft):.3f} | {total:.3f} | {score} |")
     return 0
 
