@@ -450,7 +450,6 @@ def serve(
     prompt_cache_size: Annotated[int, typer.Option("--prompt-cache-size", min=0, help="KV caches kept.")] = 8,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
     offline: Offline = False,
-    adapter_path: AdapterPath = None,
     debug: Debug = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (and a web chat at /)."""
