@@ -36,8 +36,12 @@ conversion cleanly, like any other interruption.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +51,13 @@ import mlx.core as mx
 from mlx_diffusiongemma import weights as W
 from mlx_diffusiongemma.config import parse_model_args, read_json
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import check_safetensors, check_tensors, resolve, safetensors_files
+from mlx_diffusiongemma.loading import (
+    check_config_against_headers,
+    check_safetensors,
+    check_tensors,
+    resolve,
+    safetensors_files,
+)
 
 from .plan import Plan, SizeEstimate, TensorPlan, projected_size
 from .writer import ShardWriter, put_in_place, remove
@@ -157,8 +167,11 @@ def convert(
 
     if text_only:
         args.vision = None
-    plan = Plan(args, recipe)
     inventory = _inventory(folder, vision=args.vision is not None)
+    # The config against the weight files' headers before the plan builds the (lazy) model: a
+    # config naming a million layers is refused here.
+    check_config_against_headers(args, {t.target: t.shape for t in inventory if t.target}, str(folder))
+    plan = Plan(args, recipe)
     _validate(folder, inventory, plan)
     _check_disk_space(dst, plan.estimate().bytes)
 
@@ -167,22 +180,25 @@ def convert(
     report.messages += _remove_stale_partials(dst)
     remove(tmp)  # a leftover of an earlier run of a process with our pid
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-    try:
-        writer = ShardWriter(tmp, shard_size_bytes)
-        _stream(inventory, plan, writer, report, progress)
-        report.shards = writer.finish(report.parameters_written)
-        report.weight_bytes = writer.total_size
-        for name in writer.oversized:
-            report.messages.append(
-                f"{name} alone is larger than the shard size ({shard_size_bytes} bytes): it has a shard of its own"
-            )
-        _write_config(tmp / "config.json", config, plan, text_only=args.vision is None)
-        report.copied_files = _copy_aux(folder, tmp)
-        report.replaced_existing = put_in_place(tmp, dst, replace=force)
-    except BaseException:
-        remove(tmp)
-        raise
+    with _signals_interrupt():
+        tmp.mkdir()
+        try:
+            writer = ShardWriter(tmp, shard_size_bytes)
+            _stream(inventory, plan, writer, report, progress)
+            with _write_errors(tmp):
+                report.shards = writer.finish(report.parameters_written)
+                report.weight_bytes = writer.total_size
+                for name in writer.oversized:
+                    report.messages.append(
+                        f"{name} alone is larger than the shard size ({shard_size_bytes} bytes): "
+                        "it has a shard of its own"
+                    )
+                _write_config(tmp / "config.json", config, plan, text_only=args.vision is None)
+                report.copied_files = _copy_aux(folder, tmp)
+                report.replaced_existing = put_in_place(tmp, dst, replace=force)
+        except BaseException:
+            remove(tmp)
+            raise
 
     report.bytes_on_disk = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     if report.parameters_written:
@@ -193,6 +209,65 @@ def convert(
 
 
 # -- checks before anything is written ---------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived during a conversion: raised like Ctrl-C's KeyboardInterrupt so
+    that the partial folder is removed on the way out. `signum` says which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def _signals_interrupt():
+    """While converting, SIGTERM and SIGHUP interrupt like SIGINT does (their default action
+    kills the process at once and leaves `DST.partial-PID` behind). Only in the main thread
+    (where Python runs signal handlers) and only over the default action: a handler the
+    application installed is left alone."""
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    for s in wanted:
+        if signal.getsignal(s) == signal.SIG_DFL:
+            previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _disk_full_message(path: Path, error: BaseException) -> str:
+    free = None
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        pass
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
+    if full:
+        where = f" ({free / 1e6:.0f} MB free)" if free is not None else ""
+        return (f"the disk is full{where}: could not write {path}; free some space, or convert to "
+                "a disk with room (nothing was left behind)")
+    detail = getattr(error, "strerror", None) or str(error)
+    return f"could not write {path}: {detail}"
+
+
+@contextmanager
+def _write_errors(path: Path):
+    """mlx reports a failed write as RuntimeError('[write] Unable to write ...') without the
+    file or the cause: name both."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(_disk_full_message(path, e)) from None
 
 
 def _remove_stale_partials(dst: Path) -> list[str]:
@@ -228,6 +303,24 @@ def _check_destination(folder: Path, dst: Path, force: bool) -> None:
                 f"{dst} already exists; choose another destination, or force (--force) to replace it "
                 "(the old folder is removed only once the new one is complete)"
             )
+        if not _replaceable(dst):
+            raise CheckpointError(
+                f"{dst} exists and is not a model folder (config.json and *.safetensors weights); "
+                "--force replaces only a model folder: choose another destination, or delete it yourself"
+            )
+
+
+def _replaceable(dst: Path) -> bool:
+    """What --force may delete: an empty folder, or a folder that holds a model (config.json and
+    safetensors weights) — never a file, a link, or a folder of anything else."""
+    if dst.is_symlink() or not dst.is_dir():
+        return False
+    entries = list(dst.iterdir())
+    if not entries:
+        return True
+    has_config = (dst / "config.json").is_file()
+    has_weights = any(p.suffix == ".safetensors" for p in entries) or (dst / "model.safetensors.index.json").is_file()
+    return has_config and has_weights
 
 
 def _inventory(folder: Path, vision: bool = True) -> list[_SourceTensor]:
@@ -326,11 +419,9 @@ def _stream(
                 outputs = _prepare(arrays.pop(t.key), target)
             except (RuntimeError, ValueError) as e:  # mlx reports read errors this way
                 raise CheckpointError(f"could not read {t.key!r} from {t.file.name}: {e}") from None
-            try:
+            with _write_errors(writer.folder):  # e.g. the disk filled up
                 for name, array in outputs:
                     writer.add(name, array)
-            except (OSError, RuntimeError) as e:  # e.g. the disk filled up
-                raise CheckpointError(f"could not write to {writer.folder}: {e}") from None
             bits = target.quant["bits"] if target.quant else outputs[0][1].dtype.size * 8
             report.tensors_written += len(outputs)
             report.parameters_written += target.parameters

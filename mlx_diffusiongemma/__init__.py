@@ -7,7 +7,7 @@
 """
 
 from .engine import NoiseSource, SamplerOptions
-from .errors import CheckpointError, ContextLengthError, DiffusionGemmaError
+from .errors import CheckpointError, ContextLengthError, DiffusionGemmaError, NumericalError
 from .fast import FastOptions
 from .events import BlockEvent, GenerationResult, StepEvent, split_thinking
 from .editing import (InfillResult, ScoreResult, edit, fill_json, infill, score, stream_edit, stream_fill_json,
@@ -24,5 +24,5 @@ __all__ = [
     "InfillResult", "ScoreResult", "TemplateError",
     "StepEvent", "BlockEvent", "GenerationResult", "split_thinking",
     "SamplerOptions", "NoiseSource", "FastOptions",
-    "DiffusionGemmaError", "CheckpointError", "ContextLengthError",
+    "DiffusionGemmaError", "CheckpointError", "ContextLengthError", "NumericalError",
 ]

@@ -9,6 +9,9 @@ use K=V (no `v_proj`), whatever the config says about `attention_k_eq_v`.
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,25 @@ DEFAULT_GENERATION = {
     "t_max": 0.8,
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
+}
+
+# Upper bounds on config.json values, far above any real DiffusionGemma (the released model has
+# 30 layers, hidden 2816, vocab 262144, 128 experts, canvas 256): a hostile or corrupt config must
+# not make the loader build a model that exhausts memory before a single weight is checked.
+LIMITS = {
+    "num_hidden_layers": 512,
+    "hidden_size": 65_536,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "vocab_size": 1 << 24,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "num_experts": 4096,
+    "top_k_experts": 4096,
+    "sliding_window": 1 << 24,
+    "max_position_embeddings": 1 << 26,
+    "canvas_length": 1 << 16,
 }
 
 _DEFAULT_ROPE = {
@@ -47,6 +69,7 @@ class TextArgs:
     rms_norm_eps: float = 1e-6
     sliding_window: int = 1024
     final_logit_softcapping: float = 30.0
+    attention_bias: bool = False
     hidden_activation: str = "gelu_pytorch_tanh"
     max_position_embeddings: int = 131_072
     pad_token_id: int | None = 0
@@ -109,6 +132,39 @@ class GenerationDefaults:
     confidence_threshold: float = 0.005
     eos_token_ids: tuple[int, ...] = (1,)
     pad_token_id: int | None = 0
+    # The API's default reply length (`max_new_tokens` of generation_config.json; the reference
+    # default is 256).
+    max_new_tokens: int = 256
+
+
+def _int(value: Any, name: str, *, low: int = 1, high: int | None = None) -> int:
+    """A config.json integer in [low, high], or a CheckpointError naming the field."""
+    high = LIMITS.get(name.rsplit(".", 1)[-1], high) if high is None else high
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise CheckpointError(f"config.json: {name} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+        ok = math.isfinite(number) and number == int(number)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"config.json: {name} must be an integer, got {value!r}")
+    number = int(number)
+    if number < low or (high is not None and number > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise CheckpointError(f"config.json: {name} is {number}; it must be {bound}")
+    return number
+
+
+def _float(value: Any, name: str, *, positive: bool = True) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: {name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or (positive and number <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise CheckpointError(f"config.json: {name} must be {need}, got {value!r}")
+    return number
 
 
 def _layer_overrides(text: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -116,13 +172,19 @@ def _layer_overrides(text: dict[str, Any]) -> dict[int, dict[str, Any]]:
     if not raw:
         return {}
     if isinstance(raw, list):  # a list indexed by layer is the other way it could be written
+        if not all(isinstance(v, (dict, type(None))) for v in raw):
+            raise CheckpointError("config.json: per_layer_config entries must be objects")
         return {i: dict(v or {}) for i, v in enumerate(raw)}
+    if not isinstance(raw, dict):
+        raise CheckpointError("config.json: per_layer_config must be an object keyed by layer index")
     out: dict[int, dict[str, Any]] = {}
     for key, value in raw.items():
         try:
             idx = int(key)  # "5", "05" and 5 are the same layer
         except (TypeError, ValueError):
             raise CheckpointError(f"config.json: per_layer_config key {key!r} is not a layer index") from None
+        if not isinstance(value, (dict, type(None))):
+            raise CheckpointError(f"config.json: per_layer_config[{key!r}] is not an object")
         out[idx] = dict(value or {})
     return out
 
@@ -132,53 +194,81 @@ def parse_text_args(text: dict[str, Any]) -> TextArgs:
 
     Absent fields take the reference class defaults (`DiffusionGemmaTextConfig`), not the
     released model's values, so a hand-written config means what it means to transformers."""
-    n_layers = int(text.get("num_hidden_layers", 30))
-    layer_types = list(text.get("layer_types") or [])
+    n_layers = _int(text.get("num_hidden_layers", 30), "num_hidden_layers")
+    layer_types = text.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise CheckpointError("config.json: layer_types must be a list")
+    layer_types = list(layer_types)
     if not layer_types:
         layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)]
     if len(layer_types) != n_layers:
         raise CheckpointError(
             f"config.json: layer_types has {len(layer_types)} entries for {n_layers} layers"
         )
+    unknown = sorted({str(t) for t in layer_types} - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise CheckpointError(f"config.json: unknown layer type {unknown[0]!r} in layer_types")
     # The reference forces the last layer to full attention.
     layer_types[-1] = "full_attention"
+    _check_reference_switches(text)
 
-    head_dim = int(text.get("head_dim", 256))
-    kv_heads = int(text.get("num_key_value_heads", 4))
+    head_dim = _int(text.get("head_dim", 256), "head_dim")
+    kv_heads = _int(text.get("num_key_value_heads", 4), "num_key_value_heads")
     overrides = _layer_overrides(text)
     if "per_layer_config" in text:
         pass  # present, even empty: the legacy fields are ignored (as in transformers 5.23)
     else:
         # Legacy fields of the released config.json (no per_layer_config).
-        full_overrides = {"head_dim": int(text.get("global_head_dim", 512) or 512)}
+        full_overrides = {"head_dim": _int(text.get("global_head_dim", 512) or 512, "global_head_dim",
+                                           high=LIMITS["head_dim"])}
         if text.get("num_global_key_value_heads") is not None:
-            full_overrides["num_key_value_heads"] = int(text["num_global_key_value_heads"])
+            full_overrides["num_key_value_heads"] = _int(
+                text["num_global_key_value_heads"], "num_global_key_value_heads", high=LIMITS["num_key_value_heads"])
         overrides = {i: full_overrides for i, t in enumerate(layer_types) if t == "full_attention"}
 
     head_dims, kv = [], []
     for i in range(n_layers):
         o = overrides.get(i, {})
-        head_dims.append(int(o.get("head_dim", head_dim)))
-        kv.append(int(o.get("num_key_value_heads", kv_heads)))
+        head_dims.append(_int(o.get("head_dim", head_dim), f"layer {i} head_dim", high=LIMITS["head_dim"]))
+        kv.append(_int(o.get("num_key_value_heads", kv_heads), f"layer {i} num_key_value_heads",
+                       high=LIMITS["num_key_value_heads"]))
 
     rope = dict(_DEFAULT_ROPE)
-    rope.update(text.get("rope_parameters") or {})
+    rope_config = text.get("rope_parameters") or {}
+    if not isinstance(rope_config, dict):
+        raise CheckpointError("config.json: rope_parameters must be an object")
+    rope.update(rope_config)
+
+    softcap = text.get("final_logit_softcapping", 30.0)
+    if softcap is None:
+        # The reference divides the logits by it unconditionally (a null fails there too).
+        raise CheckpointError(
+            "config.json: final_logit_softcapping is null; DiffusionGemma needs a number "
+            "(the released model uses 30.0), as the transformers implementation does"
+        )
+    attention_bias = text.get("attention_bias", False)
+    if not isinstance(attention_bias, bool):
+        raise CheckpointError(f"config.json: attention_bias must be true or false, got {attention_bias!r}")
+    pad = text.get("pad_token_id", 0)
+    if pad is not None:
+        pad = _int(pad, "pad_token_id", low=0, high=LIMITS["vocab_size"])
 
     args = TextArgs(
-        vocab_size=int(text.get("vocab_size", 262_144)),
-        hidden_size=int(text.get("hidden_size", 2304)),
-        intermediate_size=int(text.get("intermediate_size", 9216)),
-        moe_intermediate_size=int(text.get("moe_intermediate_size") or 704),
+        vocab_size=_int(text.get("vocab_size", 262_144), "vocab_size"),
+        hidden_size=_int(text.get("hidden_size", 2304), "hidden_size"),
+        intermediate_size=_int(text.get("intermediate_size", 9216), "intermediate_size"),
+        moe_intermediate_size=_int(text.get("moe_intermediate_size") or 704, "moe_intermediate_size"),
         num_hidden_layers=n_layers,
-        num_attention_heads=int(text.get("num_attention_heads", 8)),
-        num_experts=int(text.get("num_experts") or 128),
-        top_k_experts=int(text.get("top_k_experts") or 8),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        sliding_window=int(text.get("sliding_window", 512)),
-        final_logit_softcapping=float(text.get("final_logit_softcapping") or 30.0),
+        num_attention_heads=_int(text.get("num_attention_heads", 8), "num_attention_heads"),
+        num_experts=_int(text.get("num_experts") or 128, "num_experts"),
+        top_k_experts=_int(text.get("top_k_experts") or 8, "top_k_experts"),
+        rms_norm_eps=_float(text.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        sliding_window=_int(text.get("sliding_window", 512), "sliding_window"),
+        final_logit_softcapping=_float(softcap, "final_logit_softcapping"),
+        attention_bias=attention_bias,
         hidden_activation=str(text.get("hidden_activation", "gelu_pytorch_tanh")),
-        max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
-        pad_token_id=text.get("pad_token_id", 0),
+        max_position_embeddings=_int(text.get("max_position_embeddings", 131_072), "max_position_embeddings"),
+        pad_token_id=pad,
         layer_types=layer_types,
         head_dims=head_dims,
         kv_heads=kv,
@@ -186,6 +276,24 @@ def parse_text_args(text: dict[str, Any]) -> TextArgs:
     )
     _validate(args)
     return args
+
+
+def _check_reference_switches(text: dict[str, Any]) -> None:
+    """Refuse the reference's switches this runtime does not implement, instead of running a
+    different model silently."""
+    mode = text.get("use_bidirectional_attention")
+    if mode == "all":
+        # The reference then makes the ENCODER non-causal and halves the sliding window
+        # (DiffusionGemmaTextConfig.__post_init__): a different model from the released one.
+        raise CheckpointError(
+            "config.json: use_bidirectional_attention is 'all' (a non-causal encoder with a halved "
+            "sliding window); this runtime implements the released model's causal encoder only "
+            "(null or 'vision')"
+        )
+    if mode not in (None, "vision"):
+        raise CheckpointError(
+            f"config.json: use_bidirectional_attention must be null, 'vision' or 'all', got {mode!r}"
+        )
 
 
 def _validate(a: TextArgs) -> None:
@@ -200,6 +308,9 @@ def _validate(a: TextArgs) -> None:
             raise CheckpointError(
                 f"config.json: layer {i} has {kv} KV heads for {a.num_attention_heads} query heads"
             )
+    for i, d in enumerate(a.head_dims):
+        if d % 2:
+            raise CheckpointError(f"config.json: layer {i} has head_dim {d}; RoPE needs an even head_dim")
 
 
 def parse_model_args(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
@@ -223,10 +334,14 @@ def parse_model_args(config: dict[str, Any], source: str = "config.json") -> Mod
         raise CheckpointError(
             f"{source}: use_bidirectional_attention {bidirectional!r} is not supported (None or 'vision')"
         )
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(f"{source}: quantization must be an object")
+    canvas = config.get("canvas_length", 256)
     return ModelArgs(
         text=parse_text_args(text),
-        canvas_length=int(config.get("canvas_length") or 256),
-        quantization=config.get("quantization") or config.get("quantization_config"),
+        canvas_length=_int(256 if canvas is None else canvas, "canvas_length"),
+        quantization=quantization,
         has_vision=vision is not None,
         vision=parse_vision_args(vision, source) if vision is not None else None,
         image_token_id=int(_pick(config.get("image_token_id"), 258_880)),
@@ -273,12 +388,36 @@ def parse_vision_args(vision: dict[str, Any], source: str = "config.json") -> Vi
     return args
 
 
+# JSON files of a checkpoint are small; a larger one is corrupt or hostile.
+MAX_JSON_BYTES = 64 << 20
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """stat() a file the loader will open, refusing anything that is not a regular file (a FIFO
+    or a device would block or never end): a CheckpointError naming it."""
+    try:
+        info = os.stat(path)  # follows symlinks, as the hub cache uses them
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise CheckpointError(f"{path} is {kind}; a checkpoint holds regular files only")
+    return info
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    info = check_regular_file(Path(path))
+    if info.st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is {info.st_size} bytes; a JSON config this large is not a checkpoint's")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -298,22 +437,45 @@ def _pick(*values: Any) -> Any:
 
 
 def load_generation_defaults(folder: Path, config: dict[str, Any] | None = None) -> GenerationDefaults:
-    """Sampler defaults from generation_config.json, falling back to the reference defaults."""
+    """Sampler defaults from generation_config.json, falling back to the reference defaults.
+
+    Without generation_config.json, the `generation_config` block that mlx-vlm conversions embed
+    in config.json is read instead (its nulls, like the file's, fall back to the defaults)."""
     path = Path(folder) / "generation_config.json"
-    gen = read_json(path) if path.exists() else {}
     config = config or {}
+    source = str(path)
+    if path.exists() or path.is_symlink():
+        gen = read_json(path)
+    else:
+        gen = config.get("generation_config") or {}
+        source = f"{Path(folder) / 'config.json'} (generation_config)"
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{source} is not an object")
     text = config.get("text_config") or {}
     sampler = gen.get("sampler_config") or {}
+    if not isinstance(sampler, dict):
+        raise CheckpointError(f"{source}: sampler_config must be an object")
     d = DEFAULT_GENERATION
     eos = _pick(gen.get("eos_token_id"), config.get("eos_token_id"), text.get("eos_token_id"), 1)
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    return GenerationDefaults(
-        max_denoising_steps=int(_pick(gen.get("max_denoising_steps"), d["max_denoising_steps"])),
-        entropy_bound=float(_pick(sampler.get("entropy_bound"), d["entropy_bound"])),
-        t_min=float(_pick(gen.get("t_min"), d["t_min"])),
-        t_max=float(_pick(gen.get("t_max"), d["t_max"])),
-        stability_threshold=int(_pick(gen.get("stability_threshold"), d["stability_threshold"])),
-        confidence_threshold=float(_pick(gen.get("confidence_threshold"), d["confidence_threshold"])),
-        eos_token_ids=eos_ids,
-        pad_token_id=_pick(gen.get("pad_token_id"), text.get("pad_token_id"), 0),
-    )
+    try:
+        eos_ids = tuple(_int(e, "eos_token_id", low=0, high=LIMITS["vocab_size"])
+                        for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+        pad = _pick(gen.get("pad_token_id"), text.get("pad_token_id"), 0)
+        out = GenerationDefaults(
+            max_denoising_steps=_int(_pick(gen.get("max_denoising_steps"), d["max_denoising_steps"]),
+                                     "max_denoising_steps", high=1 << 20),
+            entropy_bound=_float(_pick(sampler.get("entropy_bound"), d["entropy_bound"]), "entropy_bound"),
+            t_min=_float(_pick(gen.get("t_min"), d["t_min"]), "t_min", positive=False),
+            t_max=_float(_pick(gen.get("t_max"), d["t_max"]), "t_max"),
+            stability_threshold=_int(_pick(gen.get("stability_threshold"), d["stability_threshold"]),
+                                     "stability_threshold", low=0, high=1 << 20),
+            confidence_threshold=_float(_pick(gen.get("confidence_threshold"), d["confidence_threshold"]),
+                                        "confidence_threshold", positive=False),
+            eos_token_ids=eos_ids,
+            pad_token_id=None if pad is None else _int(pad, "pad_token_id", low=0, high=LIMITS["vocab_size"]),
+            max_new_tokens=_int(_pick(gen.get("max_new_tokens"), 256), "max_new_tokens", high=1 << 24),
+        )
+    except CheckpointError as e:
+        # _int/_float name config.json; say which file the value came from.
+        raise CheckpointError(str(e).replace("config.json:", f"{source}:", 1)) from None
+    return out

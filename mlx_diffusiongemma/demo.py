@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_NAME = "demo"
@@ -120,7 +121,35 @@ def demo_dir() -> Path:
 
 
 def ensure_demo(folder: Path | None = None, seed: int = 0) -> Path:
-    """Create the demo checkpoint if it is not there yet (atomically); return its folder."""
+    """Create the demo checkpoint if it is not there yet (atomically, and safely when several
+    processes start at once: one builds it under a lock, the others wait and use it); return
+    its folder."""
+    folder = Path(folder) if folder else demo_dir()
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _creation_lock(folder):
+        # Another process may have created it while this one waited for the lock.
+        if (folder / "config.json").exists():
+            return folder
+        _create(folder, seed)
+    return folder
+
+
+@contextmanager
+def _creation_lock(folder: Path):
+    """One creator at a time, across processes (several first-time `--model demo` at once)."""
+    with open(folder.with_name(folder.name + ".lock"), "a+") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: the rename below still never removes a finished folder
+            pass
+        yield
+
+
+def _create(folder: Path, seed: int) -> None:
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
@@ -128,9 +157,6 @@ def ensure_demo(folder: Path | None = None, seed: int = 0) -> Path:
     from .config import parse_model_args
     from .model import Model
 
-    folder = Path(folder) if folder else demo_dir()
-    if (folder / "config.json").exists():
-        return folder
     tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -165,10 +191,14 @@ def ensure_demo(folder: Path | None = None, seed: int = 0) -> Path:
                 value = 0.08 * rng.standard_normal(p.shape)
             weights[name] = mx.array(value.astype(np.float32)).astype(mx.bfloat16)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, folder)
+        if folder.exists() and not (folder / "config.json").exists():
+            shutil.rmtree(folder)  # an unfinished folder of an older version
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            # Use the folder that won: a finished demo folder is never removed, since another
+            # process may be loading it.
+            if not (folder / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -9,6 +9,7 @@ so a test can replay the same stream through the reference.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, fields
@@ -22,7 +23,7 @@ from . import sampler
 from .canvas import CanvasState, StepHook, StepView
 from .cache import PromptCache
 from .config import GenerationDefaults
-from .errors import ContextLengthError
+from .errors import ContextLengthError, NumericalError
 from .events import BlockEvent, GenerationResult, StepEvent
 
 
@@ -42,17 +43,44 @@ class SamplerOptions:
     confidence_threshold: float | None = None
 
     def resolve(self, defaults: GenerationDefaults) -> "SamplerOptions":
+        """Fill `None`s from the checkpoint's defaults and check every value.
+
+        The checks follow the reference (`DiffusionGemmaGenerationConfig.validate`): t_min >= 0,
+        t_max > t_min (t_min = 0 is fine: every step's temperature is then still > 0). Beyond
+        it: every value must be a finite number (an infinite temperature turns every
+        distribution uniform and the reply into noise), and the step counts are bounded.
+        `confidence_threshold` may be any finite number (<= 0: the adaptive stop never fires).
+        """
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         out = {k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()}
+        for name in ("max_denoising_steps", "stability_threshold"):
+            v = out[name]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {v!r}")
+            out[name] = int(v)
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            v = out[name]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            out[name] = float(v)
         if not 1 <= out["max_denoising_steps"] <= _MAX_STEPS:
             raise ValueError(f"max_denoising_steps must be between 1 and {_MAX_STEPS}")
         if out["entropy_bound"] <= 0:
             raise ValueError("entropy_bound must be > 0")
-        if out["stability_threshold"] < 0:
-            raise ValueError("stability_threshold must be >= 0")
-        if not (out["t_min"] > 0 and out["t_max"] > 0):
-            raise ValueError("temperatures t_min and t_max must be > 0")
+        if not 0 <= out["stability_threshold"] <= _MAX_STEPS:
+            raise ValueError(f"stability_threshold must be between 0 and {_MAX_STEPS}")
+        if out["t_min"] < 0:
+            raise ValueError(f"t_min must be >= 0, got {out['t_min']}")
+        if out["t_max"] <= out["t_min"]:
+            raise ValueError(f"t_max must be greater than t_min (got t_max {out['t_max']}, t_min {out['t_min']})")
         return SamplerOptions(**out)
+
+
+def check_seed(seed) -> int:
+    """A seed is a whole number in [0, 2**64 - 1] (what `mx.random.key` takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
+    return int(seed)
 
 
 class NoiseSource:
@@ -67,6 +95,7 @@ class NoiseSource:
     def __init__(self, seed: int | None = None):
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
+        seed = check_seed(seed)
         self.seed = seed
         self._base = mx.random.key(seed)
         self._block_keys: dict[int, mx.array] = {}
@@ -126,10 +155,12 @@ def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None
     need = cached + prompt_len + math.ceil(max_tokens / c) * c
     limit = model.text.max_position_embeddings
     if need > limit:
-        raise ContextLengthError(
+        error = ContextLengthError(
             f"prompt ({cached + prompt_len} tokens) plus {math.ceil(max_tokens / c)} canvas(es) of {c} "
             f"needs {need} positions; the model's context is {limit}. Shorten the prompt or lower max_tokens."
         )
+        error.need, error.limit = need, limit  # a chat front end words its own advice (/reset)
+        raise error
 
 
 @dataclass
@@ -170,6 +201,7 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
     argmax = canvas
     stopped = mx.zeros((1,), dtype=mx.bool_)
     steps = syncs = 0
+    finite: mx.array | None = None
     pending: list[tuple] = []
     for index, cur_step in enumerate(range(n, 0, -1), start=1):
         # (Fast mode runs its own loop over the same states: fast.denoise_block.)
@@ -177,6 +209,11 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
             logits = yield DenoiseCall(canvas, cache, self_cond, request.self_conditioning_top_k)
         else:
             logits = model.denoise(canvas, cache, self_cond, self_conditioning_top_k=request.self_conditioning_top_k)
+        if index == 1:
+            # NaN/inf weights (or an overflow) make every distribution NaN and the reply all <pad>:
+            # check the first step's logits. The flag rides along with the step's outputs to the
+            # block's first sync, so no synchronisation is added and no value changes.
+            finite = mx.isfinite(logits).all()
         t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
         u, r = noise.step(block, index, 1, c, vocab)
         if state is None:  # the exact reference path
@@ -215,8 +252,17 @@ def _denoise_block(model, cache: PromptCache, block: int, opts: SamplerOptions, 
         pending.append((next_canvas, res.argmax, res.accepted, mean_entropy, stop, pinned))
         if len(pending) < interval and cur_step > 1:
             continue
-        mx.eval([x for p in pending for x in p if x is not None], argmax, canvas, history, self_cond)  # the one sync
+        mx.eval([x for p in pending for x in p if x is not None], argmax, canvas, history, self_cond,
+                *([finite] if finite is not None else []))  # the one sync
         syncs += 1
+        if finite is not None:
+            if not finite.item():
+                raise NumericalError(
+                    f"the model produced non-finite logits (NaN or inf) at the first denoising step of "
+                    f"block {block + 1}: the checkpoint's weights hold NaN/inf values or overflow in "
+                    f"{str(model.embed_dtype).rsplit('.', 1)[-1]}; check or re-download the weights"
+                )
+            finite = None
         for next_c, step_argmax, accepted, mean_e, step_stop, step_pinned in pending:
             steps += 1
             yield StepEvent(block, steps, n, next_c[0], step_argmax[0], accepted[0], mean_e.item(), decode,

@@ -11,3 +11,7 @@ class CheckpointError(DiffusionGemmaError):
 
 class ContextLengthError(DiffusionGemmaError):
     """A request cannot fit the model's context."""
+
+
+class NumericalError(DiffusionGemmaError):
+    """The model produced NaN or infinite values (broken weights or an overflow)."""

@@ -280,6 +280,8 @@ def denoise_block(model, cache, block: int, opts, request, noise, decode, fast: 
         pad1 = lambda a: mx.concatenate([a, a[..., :1]], axis=-1)  # noqa: E731 (slot C: padding rows)
         soft = None if soft_buf is None else soft_buf[:, rows]
         logits = model.denoise_rows(canvas, rows, cache, kv, soft)
+        # NaN/inf weights: caught at the block's first step, as on the exact path (engine.py).
+        finite = mx.isfinite(logits[:, : len(live)]).all() if index == 1 else None
         if state.allowed is not None:
             allowed = mx.concatenate([state.allowed, state.allowed[:1]], axis=0)[rows]
             logits = mx.where(allowed[None], logits, mx.array(-float("inf"), dtype=logits.dtype))
@@ -329,8 +331,16 @@ def denoise_block(model, cache, block: int, opts, request, noise, decode, fast: 
         argmax = mx.where(state.pinned[None], state.ids[None], argmax)
         previous = argmax[0]
         mx.eval(canvas, argmax, accepted, soft_buf, kv.state(), history, stop, mean_entropy, min_gap,
-                state.pinned, state.ids, state.frozen)
+                state.pinned, state.ids, state.frozen, *([finite] if finite is not None else []))
         syncs += 1
+        if finite is not None and not finite.item():
+            from .errors import NumericalError
+
+            raise NumericalError(
+                f"the model produced non-finite logits (NaN or inf) at the first denoising step of "
+                f"block {block + 1}: the checkpoint's weights hold NaN/inf values or overflow in "
+                f"{str(model.embed_dtype).rsplit('.', 1)[-1]}; check or re-download the weights"
+            )
         live_trace.append(len(live))
         padded_trace.append(width)
         yield make_event(block, index, n, canvas[0], argmax[0], accepted[0], mean_entropy.item(), decode,

@@ -12,11 +12,15 @@ import mlx.core as mx
 from .engine import Request, SamplerOptions, run
 from .events import BlockEvent, GenerationResult, StepEvent
 from .processor import ImageError, ProcessedImage, expand_image_tokens
+from .timelimit import time_limit
 
 Event = StepEvent | BlockEvent | GenerationResult
 Messages = Sequence[dict[str, Any]]
 
 _SAMPLER_KEYS = {f for f in SamplerOptions.__dataclass_fields__}
+
+# Longest a chat template may take to render (the Gemma 4 template takes milliseconds).
+TEMPLATE_TIME_LIMIT = 10.0
 
 
 def render_messages(tokenizer, messages: Messages, thinking: bool = False) -> list[int]:
@@ -24,9 +28,10 @@ def render_messages(tokenizer, messages: Messages, thinking: bool = False) -> li
     if getattr(tokenizer, "chat_template", None) is None:
         text = "\n".join(str(m.get("content", "")) for m in messages)
         return list(tokenizer.encode(text))
-    ids = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, tokenize=True, enable_thinking=thinking
-    )
+    with time_limit(TEMPLATE_TIME_LIMIT, "rendering the chat template"):
+        ids = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, enable_thinking=thinking
+        )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]
@@ -188,12 +193,17 @@ def make_request(ids: list[int], options: dict[str, Any]) -> Request:
     return Request(ids, sampler=sampler, **fields)
 
 
+def default_max_tokens(model) -> int:
+    """The checkpoint's `max_new_tokens` (generation_config.json), else the reference's 256."""
+    return int(getattr(getattr(model, "generation", None), "max_new_tokens", 256) or 256)
+
+
 def stream_generate(
     model,
     tokenizer,
     prompt: str | Messages | Sequence[int] | mx.array,
     *,
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
     seed: int | None = None,
     thinking: bool = False,
     prefill_chunk: int = 512,
@@ -214,7 +224,10 @@ def stream_generate(
     `FastOptions` to switch its techniques one by one); `mode="exact"` is the reference sampler.
     `images` (file paths, bytes, PIL images or uint8 arrays) go at the start of the user
     message; messages may also carry `{"type": "image", "image": ...}` content parts. Bad images
-    raise `ImageError` before any model work. Close the generator to cancel."""
+    raise `ImageError` before any model work. `max_tokens` defaults to the checkpoint's
+    `max_new_tokens` (256 when it has none). Close the generator to cancel."""
+    if max_tokens is None:
+        max_tokens = default_max_tokens(model)
     ids, processed = prepare_prompt(model, tokenizer, prompt, thinking, images)
     request = make_request(ids, dict(
         sampler_options, max_tokens=max_tokens, seed=seed, prefill_chunk=prefill_chunk,
@@ -251,12 +264,12 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = False,
-                 max_tokens: int = 256, seed: int | None = None, **sampler_options: Any):
+                 max_tokens: int | None = None, seed: int | None = None, **sampler_options: Any):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
         self.thinking = thinking
-        self.max_tokens = max_tokens
+        self.max_tokens = default_max_tokens(model) if max_tokens is None else max_tokens
         self.seed = seed
         self.sampler_options = dict(sampler_options)
         self.reset()

@@ -46,13 +46,14 @@ class Attention(nn.Module):
         self.head_dim = args.head_dims[layer]
         self.eps = args.rms_norm_eps
         d = args.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        bias = args.attention_bias  # as the reference: q/k/v/o projections all get a bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         # Full-attention layers have no v_proj: values are v_norm(k_proj(x)) (K=V), whatever the
         # config says about `attention_k_eq_v`.
         if self.is_sliding:
-            self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+            self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
         kind = "sliding_attention" if self.is_sliding else "full_attention"
@@ -65,15 +66,27 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def _project(self, name: str, x: mx.array, biases: "AttentionBiases | None") -> mx.array:
+        """`name`'s projection of x, with the encoder's own bias when `biases` is given: the
+        reference ties only the WEIGHTS of the encoder to the decoder's, so with
+        `attention_bias` each pass has its own biases (the decoder's live in the Linear)."""
+        proj = getattr(self, name)
+        if biases is None:
+            return proj(x)
+        return _linear_without_bias(proj, x) + getattr(biases, name).bias.astype(x.dtype)
+
+    def qkv(self, x: mx.array, offset: int | mx.array,
+            biases: "AttentionBiases | None" = None) -> tuple[mx.array, mx.array, mx.array]:
         """Projected, normalised, rotated q/k/v, each `[B, heads, L, head_dim]`.
 
         `offset` is the position of the first row (rows are consecutive), or an int32 array `[L]`
-        with each row's own position (the live rows of a fast-mode decoder pass, batch 1)."""
+        with each row's own position (the live rows of a fast-mode decoder pass, batch 1).
+        `biases`: the encoder's own attention biases (see `_project`)."""
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, self.head_dim))
-        k = self.k_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim) if self.is_sliding else k
+        q = self.q_norm(self._project("q_proj", x, biases).reshape(b, n, self.n_heads, self.head_dim))
+        k = self._project("k_proj", x, biases).reshape(b, n, self.n_kv_heads, self.head_dim)
+        v = (self._project("v_proj", x, biases).reshape(b, n, self.n_kv_heads, self.head_dim)
+             if self.is_sliding else k)
         k = self.k_norm(k)
         v = rms_norm_no_scale(v, self.eps)  # taken before k_norm and RoPE when K=V
         if isinstance(offset, mx.array):
@@ -91,9 +104,40 @@ class Attention(nn.Module):
         rows = x.transpose(1, 2, 0, 3)  # [L, H, 1, D]
         return self.rope(rows, offset=positions).transpose(2, 1, 0, 3)
 
-    def out(self, o: mx.array) -> mx.array:
+    def out(self, o: mx.array, biases: "AttentionBiases | None" = None) -> mx.array:
         b, _, n, _ = o.shape
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        return self._project("o_proj", o.transpose(0, 2, 1, 3).reshape(b, n, -1), biases)
+
+
+def _linear_without_bias(proj: nn.Module, x: mx.array) -> mx.array:
+    """x @ W^T of a Linear or QuantizedLinear, leaving out its own bias."""
+    if isinstance(proj, nn.QuantizedLinear):
+        return mx.quantized_matmul(x, proj.weight, proj.scales, proj.get("biases"), transpose=True,
+                                   group_size=proj.group_size, bits=proj.bits, mode=getattr(proj, "mode", "affine"))
+    if isinstance(proj, nn.Linear):
+        return x @ proj.weight.T
+    inner = getattr(proj, "linear", proj)  # a wrapper (a LoRA adapter): take its layer's bias out
+    return proj(x) - inner.bias.astype(x.dtype)
+
+
+class _Bias(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.bias = mx.zeros((dims,))
+
+
+class AttentionBiases(nn.Module):
+    """The encoder's own attention biases (`model.encoder.language_model.layers.N.self_attn.*_proj.bias`),
+    present only with `attention_bias: true`."""
+
+    def __init__(self, args: TextArgs, layer: int):
+        super().__init__()
+        heads, kv, d = args.num_attention_heads, args.kv_heads[layer], args.head_dims[layer]
+        self.q_proj = _Bias(heads * d)
+        self.k_proj = _Bias(kv * d)
+        if args.is_sliding(layer):
+            self.v_proj = _Bias(kv * d)
+        self.o_proj = _Bias(args.hidden_size)
 
 
 def split_attention(
@@ -309,9 +353,10 @@ class Layer(nn.Module):
         offset: int,
         attend: Callable[[mx.array, mx.array, mx.array], mx.array],
         layer_scalar: mx.array,
+        biases: AttentionBiases | None = None,
     ) -> mx.array:
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), offset)
-        h = x + self.post_attention_layernorm(self.self_attn.out(attend(q, k, v)))
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), offset, biases)
+        h = x + self.post_attention_layernorm(self.self_attn.out(attend(q, k, v), biases))
         return self.feed_forward(h) * layer_scalar.astype(h.dtype)
 
 
@@ -344,15 +389,24 @@ class Decoder(nn.Module):
 
 
 class EncoderLayerScalar(nn.Module):
-    def __init__(self):
+    """What the encoder does not share with the decoder: its layer scalar, and its attention
+    biases when the config has `attention_bias`."""
+
+    def __init__(self, args: TextArgs | None = None, layer: int = 0):
         super().__init__()
         self.layer_scalar = mx.ones((1,))
+        if args is not None and args.attention_bias:
+            self.self_attn = AttentionBiases(args, layer)
+
+    @property
+    def biases(self) -> AttentionBiases | None:
+        return self.get("self_attn")
 
 
 class EncoderLanguageModel(nn.Module):
     def __init__(self, args: TextArgs):
         super().__init__()
-        self.layers = [EncoderLayerScalar() for _ in range(args.num_hidden_layers)]
+        self.layers = [EncoderLayerScalar(args, i) for i in range(args.num_hidden_layers)]
 
 
 class Encoder(nn.Module):
@@ -556,10 +610,10 @@ class Model(nn.Module):
             if i == last:
                 # The encoder's output is never read: the last layer only has to write its K/V.
                 attn = layer.self_attn
-                _, k, v = attn.qkv(layer.input_layernorm(h), pos)
+                _, k, v = attn.qkv(layer.input_layernorm(h), pos, scalars[i].biases)
                 kv.append(k, v)
                 break
-            h = layer(h, pos, attend, scalars[i].layer_scalar)
+            h = layer(h, pos, attend, scalars[i].layer_scalar, scalars[i].biases)
         cache.length += n
 
     # -- decoder pass --------------------------------------------------------------------------

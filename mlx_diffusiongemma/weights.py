@@ -16,7 +16,10 @@ from typing import Any
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _UNUSED_SUFFIXES = (".input_min", ".input_max", ".output_min", ".output_max")
 _ENCODER_TEXT = "model.encoder.language_model."
-_ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+# The encoder's own tensors: layer scalars, and attention biases (`attention_bias: true`), which
+# the reference does not tie to the decoder's (it ties weights only).
+_ENCODER_SCALAR = re.compile(
+    r"^model\.encoder\.language_model\.layers\.(\d+)\.(layer_scalar|self_attn\.[qkvo]_proj\.bias)$")
 _EXPERT_BARE = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 # Quantization recipes: name -> rule per module kind. "bits" of None keeps the weight as is.

@@ -167,7 +167,7 @@ def test_generate_empty_stdin_prompt(runner):
 @pytest.mark.parametrize("args", [
     ["chat", "--steps", "0"],
     ["generate", "--prompt", "x", "--max-tokens", "0"],
-    ["generate", "--prompt", "x", "--t-min", "0"],
+    ["generate", "--prompt", "x", "--t-min", "-1"],  # t_min = 0 is valid, as in the reference
     ["generate", "--prompt", "x", "--entropy-bound", "-1"],
     ["chat", "--stability-threshold", "-1"],
     ["generate"],  # --prompt is required

@@ -267,6 +267,9 @@ def test_existing_destination_refused_and_force_replaces(work, hf_src):
     dst = work / "existing"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
+    # --force replaces only what looks like a model folder (issue 14): config.json and weights.
+    (dst / "config.json").write_text("{}")
+    (dst / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="already exists"):
         convert(hf_src, dst, recipe="bf16")
     assert (dst / "keep.txt").read_text() == "old"

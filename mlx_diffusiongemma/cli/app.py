@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -36,8 +37,20 @@ app = typer.Typer(
 
 
 def _positive(value):
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value} is not > 0")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise typer.BadParameter(f"{value} is not a finite number > 0")
+    return value
+
+
+def _non_negative(value):
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise typer.BadParameter(f"{value} is not a finite number >= 0")
+    return value
+
+
+def _finite(value):
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
     return value
 
 
@@ -50,20 +63,24 @@ def _recipe(value: str) -> str:
 Model = Annotated[str, typer.Option(
     "--model", "-m", help="Hub repo id or local folder; 'demo' is a tiny random model (offline, noise).")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per reply.")]
+MAX_STEPS = 1024  # == engine._MAX_STEPS
 Steps = Annotated[Optional[int], typer.Option(
-    "--steps", min=1, help="Max denoising steps per block (default: the checkpoint's).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: fresh each run).")]
+    "--steps", min=1, max=MAX_STEPS, help="Max denoising steps per block (default: the checkpoint's).")]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", min=0, max=2**64 - 1, help="Random seed, 0 to 2^64-1 (default: fresh each run).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 Think = Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (thought channel shown dimmed).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No redrawn view of the block being refined.")]
 EntropyBound = Annotated[Optional[float], typer.Option(
     "--entropy-bound", callback=_positive, help="Sampler: entropy budget accepted per step.")]
-TMin = Annotated[Optional[float], typer.Option("--t-min", callback=_positive, help="Sampler: final temperature.")]
+TMin = Annotated[Optional[float], typer.Option(
+    "--t-min", callback=_non_negative, help="Sampler: final temperature (>= 0, below --t-max).")]
 TMax = Annotated[Optional[float], typer.Option("--t-max", callback=_positive, help="Sampler: first temperature.")]
 Stability = Annotated[Optional[int], typer.Option(
-    "--stability-threshold", min=0, help="Sampler: steps the draft must stay unchanged to stop.")]
+    "--stability-threshold", min=0, max=MAX_STEPS, help="Sampler: steps the draft must stay unchanged to stop.")]
 Confidence = Annotated[Optional[float], typer.Option(
-    "--confidence-threshold", min=0, help="Sampler: mean entropy under which a stable block stops.")]
+    "--confidence-threshold", min=0, callback=_finite,
+    help="Sampler: mean entropy under which a stable block stops.")]
 Fast = Annotated[bool, typer.Option(
     "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; see docs/performance.md) "
                            "or the exact reference sampler.")]
@@ -91,6 +108,11 @@ def _fail(message: str, code: int = 1):
 
 
 @contextmanager
+def _nothing():
+    yield
+
+
+@contextmanager
 def handle_errors(debug: bool):
     """One line on stderr and exit 1 for errors; the traceback too with --debug."""
     from mlx_diffusiongemma.errors import DiffusionGemmaError
@@ -99,11 +121,12 @@ def handle_errors(debug: bool):
         yield
     except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
-        print("interrupted", file=sys.stderr)
-        raise typer.Exit(130)
+        signum = getattr(e, "signum", 2)  # convert turns SIGTERM/SIGHUP into an interrupt too
+        print("interrupted" if signum == 2 else f"interrupted ({e})", file=sys.stderr)
+        raise typer.Exit(128 + signum)
     except BrokenPipeError:
         # The reader went away (`dgemma generate ... | head`): stop quietly, like other CLI tools.
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
@@ -120,25 +143,58 @@ def handle_errors(debug: bool):
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
 
 
+def read_stdin_text() -> str:
+    """All of stdin as text; invalid UTF-8 is reported, not passed on (see check_text)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, bytes):
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"the prompt on stdin is not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
+            ) from None
+    return data
+
+
+def check_text(text: str, what: str) -> None:
+    """Undecodable bytes reach Python as lone surrogates (from argv or a non-UTF-8 stream): the
+    tokenizer would reject them with an internal message."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid UTF-8 text (an undecodable byte at character {e.start}); "
+            "convert it to UTF-8 first, e.g. `iconv -f LATIN1 -t UTF-8`"
+        ) from None
+
+
 def _is_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None, text_only: bool = False):
-    """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use."""
-    from mlx_diffusiongemma.loading import load
-
+    """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use.
+    In a terminal, a line says what is happening before the slow imports and the loading."""
+    t0 = time.perf_counter()
     if name == "demo":
-        from mlx_diffusiongemma.demo import demo_dir, ensure_demo
+        from mlx_diffusiongemma.demo import demo_dir
 
         if not (demo_dir() / "config.json").exists():
-            ui.print(f"[dim]creating the demo model in {demo_dir()}…[/]")
-        folder = ensure_demo()
+            ui.print(f"[dim]creating the demo model in {demo_dir()} (first use only, a few seconds)…[/]")
+        elif ui.is_terminal:
+            ui.print("[dim]loading the demo model…[/]")
+        with ui.status("[dim]preparing the demo model…[/]") if ui.is_terminal else _nothing():
+            from mlx_diffusiongemma.demo import ensure_demo
+            from mlx_diffusiongemma.loading import load
+
+            model, tokenizer = load(ensure_demo(), adapter_path=adapter_path, text_only=text_only)
         ui.print("[yellow]demo model: random weights, its output is noise.[/]")
-        return load(folder, adapter_path=adapter_path, text_only=text_only)
-    t0 = time.perf_counter()
+        return model, tokenizer
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")
+    from mlx_diffusiongemma.loading import load
+
     model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path, text_only=text_only)
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
@@ -175,14 +231,16 @@ def chat(
     interactive = _is_terminal()
     ui = Console(stderr=not interactive, highlight=False)
     with handle_errors(debug):
-        from mlx_diffusiongemma.generate import ChatSession
-
+        if system is not None:
+            check_text(system, "the system prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
         from .images import check_image_options, preprocess
 
         check_image_options(image, text_only)
         llm, tokenizer = _load(model, offline, ui, adapter_path, text_only)
         pending = preprocess(llm, image)  # checked before the first message
+        from mlx_diffusiongemma.generate import ChatSession
+
         session = ChatSession(llm, tokenizer, system=system, thinking=think, max_tokens=max_tokens,
                               seed=seed, mode="fast" if fast else "exact", **sampler)
         if interactive:
@@ -224,12 +282,13 @@ def generate(
     terminal = _is_terminal() and not as_json
     err = Console(stderr=True, highlight=False)
     with handle_errors(debug):
-        from mlx_diffusiongemma.generate import stream_generate
-
         from . import distributed
 
         if prompt == "-":
-            prompt = sys.stdin.read()
+            prompt = read_stdin_text()
+        check_text(prompt, "the prompt")
+        if system is not None:
+            check_text(system, "the system prompt")
         if not prompt.strip():
             _fail("empty prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
@@ -249,6 +308,8 @@ def generate(
         check_image_options(image, text_only)
         llm, tokenizer = _load(model, offline, err, adapter_path, text_only)
         images = preprocess(llm, image)  # every image checked before any model work
+        from mlx_diffusiongemma.generate import stream_generate
+
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,

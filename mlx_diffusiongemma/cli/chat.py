@@ -17,7 +17,7 @@ from rich.table import Table
 
 from mlx_diffusiongemma import editing
 from mlx_diffusiongemma import template as template_mod
-from mlx_diffusiongemma.errors import DiffusionGemmaError
+from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
 from mlx_diffusiongemma.events import split_thinking
 
 from .fill import CanvasView, run_events, styled_fill
@@ -29,7 +29,7 @@ HELP = """\
 /help            this help
 /reset           forget the conversation
 /stats           numbers of the last reply
-/steps N         max denoising steps per block (no N: show it)
+/steps N         max denoising steps per block, 1 to 1024 (no N: show it)
 /think on|off    thinking mode (the thought channel is shown dimmed)
 /image PATH      attach an image to your next message (repeatable; no PATH: list them)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
@@ -70,7 +70,14 @@ class ChatLoop:
         if sys.stdin.isatty():  # typing, with stdout redirected: the prompt goes to stderr
             sys.stderr.write(PROMPT)
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is not None:
+            # Bytes, decoded here: an invalid UTF-8 line becomes an error for that line (see
+            # reply), not an exception that ends the session.
+            raw = stream.readline()
+            line = raw.decode("utf-8", errors="surrogateescape") if raw else ""
+        else:
+            line = sys.stdin.readline()
         return line.rstrip("\r\n") if line else None
 
     def run(self) -> int:
@@ -108,7 +115,13 @@ class ChatLoop:
             return LiveView(self.out, self.labels)
         return ConsoleView(self.out)
 
+    def _error(self, message: str) -> None:
+        self.failed = True
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
     def reply(self, message: str) -> None:
+        """One turn. Whatever goes wrong is reported and the session goes on: the conversation
+        is as it was before the message."""
         if self.template is not None:
             template, self.template = self.template, None
             history = self.session.messages + [{"role": "user", "content": message}]
@@ -116,17 +129,35 @@ class ChatLoop:
                 self.session.model, self.session.tokenizer, history, template, **kw))
             return
         try:
+            message.encode("utf-8")
+        except UnicodeEncodeError:
+            self._error("that message is not valid UTF-8 text; it was not sent")
+            return
+        events = None
+        try:
             events = self.session.stream(message, images=self.pending_images or None)
             result = render(events, self._view())
         except KeyboardInterrupt:
             self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
             return
-        except DiffusionGemmaError as e:
-            self.failed = True
-            print(f"error: {e}", file=sys.stderr)
+        except ContextLengthError as e:
+            need, limit = getattr(e, "need", None), getattr(e, "limit", None)
+            sizes = f" ({need} positions needed, the model has {limit})" if need and limit else ""
+            if any(m.get("role") == "assistant" for m in self.session.messages):
+                self._error(f"the conversation is too long for the model's context{sizes}; "
+                            "/reset starts a new conversation (or send a shorter message)")
+            else:
+                self._error(f"this message and the reply length (--max-tokens) do not fit the model's "
+                            f"context{sizes}; send a shorter message or start with a lower --max-tokens")
+            return
+        except (DiffusionGemmaError, ValueError, TypeError) as e:
+            self._error(str(e))
+            return
+        except Exception as e:  # never lose the session on an unexpected failure
+            self._error(f"{type(e).__name__}: {e}")
             return
         finally:
-            if "events" in locals():
+            if events is not None:
                 events.close()
         self.pending_images = []  # they are in the conversation now
         if self.interactive and result is not None:
@@ -211,8 +242,12 @@ class ChatLoop:
             current = opts.get("max_denoising_steps") or self.session.model.generation.max_denoising_steps
             self.ui.print(f"max denoising steps per block: {current}")
             return
-        if not arg.isdigit() or int(arg) < 1:
-            self.ui.print("usage: /steps N (a whole number, at least 1)")
+        from mlx_diffusiongemma.engine import _MAX_STEPS
+
+        # isdigit() alone accepts "²" and other digits int() refuses: ASCII digits only.
+        if not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= _MAX_STEPS:
+            self.ui.print(f"usage: /steps N (a whole number from 1 to {_MAX_STEPS}); "
+                          f"{escape(arg)!s} is not one")
             return
         opts["max_denoising_steps"] = int(arg)
         self.ui.print(f"max denoising steps per block: {int(arg)}")

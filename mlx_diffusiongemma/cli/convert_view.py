@@ -51,7 +51,8 @@ def run_convert(src: str, dst: Path, *, recipe: str, force: bool, shard_size_byt
         report = convert(src, dst, recipe=recipe, force=force, shard_size_bytes=shard_size_bytes,
                          progress=on_progress, text_only=text_only)
     finally:
-        progress.stop()
+        if task is not None:  # stopping a bar never started prints a blank line before the error
+            progress.stop()
     out.print(summary_table(report))
     for message in report.messages:
         out.print(f"[dim]note:[/] {escape(message)}")
