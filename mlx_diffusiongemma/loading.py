@@ -173,7 +173,9 @@ def check_config_against_headers(args: ModelArgs, headers: dict[str, tuple[int, 
     t = args.text
     layers = {int(m.group(1)) for name in headers if (m := _LAYER.match(name))}
     found_layers = max(layers) + 1 if layers else 0
-    if found_layers != t.num_hidden_layers:
+    # A config SMALLER than the weights builds a small model, and the name and shape check
+    # reports the unexpected tensors as usual; a larger one is refused before it is built.
+    if t.num_hidden_layers > found_layers:
         raise CheckpointError(
             f"{source}: config.json says num_hidden_layers = {t.num_hidden_layers}, the weight files "
             f"hold {found_layers} layers; the config does not belong to these weights"
@@ -181,7 +183,7 @@ def check_config_against_headers(args: ModelArgs, headers: dict[str, tuple[int, 
     embed = headers.get("model.decoder.embed_tokens.weight")
     if embed is None or len(embed) != 2:
         raise CheckpointError(f"{source}: missing tensor 'model.decoder.embed_tokens.weight'")
-    if embed[0] != t.vocab_size:
+    if t.vocab_size > embed[0]:
         raise CheckpointError(
             f"{source}: tensor 'model.decoder.embed_tokens.weight' has shape {tuple(embed)}, "
             f"config.json implies {t.vocab_size} rows (vocab_size = {t.vocab_size})"

@@ -101,6 +101,9 @@ def test_vocab_must_match_the_embedding(ckpt):
     _edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=5000))
     msg = _error(ckpt)
     assert "vocab_size = 5000" in msg and "embed_tokens" in msg
+    _edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=50))  # smaller: a shape error
+    msg = _error(ckpt)
+    assert "embed_tokens" in msg and "(50, 64)" in msg
 
 
 def test_null_final_logit_softcapping_is_refused(ckpt):

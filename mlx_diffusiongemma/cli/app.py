@@ -96,6 +96,10 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 def _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold) -> dict:
     values = dict(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
                   stability_threshold=stability_threshold, confidence_threshold=confidence_threshold)
+    if t_min is not None and t_max is not None and t_max <= t_min:
+        # Known before loading anything; with only one of them given, the engine checks the pair
+        # against the checkpoint's default for the other.
+        raise ValueError(f"t_max must be greater than t_min (got t_max {t_max}, t_min {t_min})")
     return {k: v for k, v in values.items() if v is not None}
 
 
