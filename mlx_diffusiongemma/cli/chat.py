@@ -92,6 +92,9 @@ class ChatLoop:
             except KeyboardInterrupt:
                 self.ui.print()
                 break
+            except UnicodeDecodeError:  # input() on a terminal that sent invalid UTF-8
+                self._error("that line is not valid UTF-8 text; it was not sent")
+                continue
             if line is None:
                 break
             line = line.strip()
