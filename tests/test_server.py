@@ -383,7 +383,7 @@ def body(**kw):
     (body(n=2), 400, "n"),
     (body(entropy_bound=-1), 400, "entropy_bound"),
     (body(entropy_bound=0), 400, None),
-    (body(t_min=0), 400, None),
+    (body(t_min=5, t_max=0.1), 400, None),  # t_max <= t_min; t_min = 0 is valid (reference, issue 14)
     (body(max_denoising_steps=1.5), 400, "max_denoising_steps"),
     (body(stop=[1]), 400, "stop"),
     (body(stream_options={"include_usage": True}), 400, "stream_options"),
