@@ -329,11 +329,8 @@ def parse_model_args(config: dict[str, Any], source: str = "config.json") -> Mod
     vision = config.get("vision_config")
     if vision is not None and not isinstance(vision, dict):
         raise CheckpointError(f"{source}: vision_config is not an object")
+    _check_reference_switches(text)  # "all" and unknown values, with the reason
     bidirectional = text.get("use_bidirectional_attention")
-    if bidirectional not in (None, "vision"):
-        raise CheckpointError(
-            f"{source}: use_bidirectional_attention {bidirectional!r} is not supported (None or 'vision')"
-        )
     quantization = config.get("quantization") or config.get("quantization_config")
     if quantization is not None and not isinstance(quantization, dict):
         raise CheckpointError(f"{source}: quantization must be an object")
