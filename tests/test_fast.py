@@ -162,7 +162,7 @@ class _Scripted:
 
         return PromptCache([])
 
-    def extend(self, cache, ids, chunk_size=512):
+    def extend(self, cache, ids, chunk_size=512, **_):  # image_features etc.: no encoder here
         cache.length += len(ids)
 
     def make_canvas_kv(self):
