@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten
 
 from .objective import Batch, diffusion_loss
@@ -92,7 +93,7 @@ def train(
         batch = next(it)
         loss, grads = loss_and_grad(model, batch, step_key(seed, step))
         if grad_clip is not None:
-            grads, _ = _clip(grads, grad_clip)
+            grads, _ = clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
         window_loss += loss.item()
@@ -123,8 +124,3 @@ def train(
             t0 = time.perf_counter()
     model.eval()
 
-
-def _clip(grads, max_norm: float):
-    from mlx.optimizers import clip_grad_norm
-
-    return clip_grad_norm(grads, max_norm)
