@@ -56,6 +56,17 @@ def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int):
         pending = pending[batch_size:]
 
 
+def init_qk_norms(model: Model) -> None:
+    """Start q/k norm weights at head_dim**-0.25. Attention runs at scale 1 (as in Gemma 4), so
+    with norm weights of 1 the q.k logits start with std sqrt(head_dim): softmax is saturated and
+    a first run learnt no copying from the prompt in 2000 steps. This gives them std ~1."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        w = attn.head_dim ** -0.25
+        attn.q_norm.weight = mx.full(attn.q_norm.weight.shape, w)
+        attn.k_norm.weight = mx.full(attn.k_norm.weight.shape, w)
+
+
 def save(model: Model, folder: Path, source: Path, meta: dict) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +81,7 @@ def save(model: Model, folder: Path, source: Path, meta: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--iters", type=int, default=1500, help="total optimizer steps of the schedule")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -80,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--steps-per-eval", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="start from OUT/model's weights")
+    p.add_argument("--start-step", type=int, default=0, help="with --resume: the step to continue the schedule at")
     args = p.parse_args(argv)
 
     out = args.out
@@ -103,6 +115,8 @@ def main(argv=None) -> int:
     if args.resume:
         model.load_weights(str(out / "model" / "model.safetensors"))
         model.set_dtype(mx.float32)
+    else:
+        init_qk_norms(model)
     # Training-speed formulations (same functions; see Experts.dense and fastmath): on MLX's CPU
     # backend the gather kernels are no slower than dense experts at this size, GELU/tanh are.
     model.set_training_kernels(dense_experts=False, fast_activations=True)
@@ -121,10 +135,11 @@ def main(argv=None) -> int:
         [optim.linear_schedule(1e-6, args.learning_rate, warm),
          optim.cosine_decay(args.learning_rate, max(1, args.iters - warm), args.learning_rate * 0.05)], [warm])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    optimizer.state["step"] = mx.array(args.start_step, mx.uint64)  # the schedule resumes; moments restart
     log = open(out / "train_log.jsonl", "a")
     t0 = time.perf_counter()
-    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed), iters=args.iters,
-                    seed=args.seed, report_every=25, steps_per_eval=args.steps_per_eval,
+    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed + args.start_step),
+                    iters=args.iters - args.start_step, start_step=args.start_step, seed=args.seed, report_every=25, steps_per_eval=args.steps_per_eval,
                     validate=lambda: evaluate(model, val_batches))
     for r in reports:
         row = {**r.__dict__, "elapsed_s": round(time.perf_counter() - t0, 1)}
