@@ -20,6 +20,11 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 64}
+
+
 def hf_name(name: str) -> str:
     """Our parameter path -> the reference's state-dict key (experts carry no `.weight`)."""
     for suffix in (".experts.gate_up_proj.weight", ".experts.down_proj.weight"):
@@ -44,14 +49,27 @@ def export(src: Path, dst: Path) -> Path:
         raise SystemExit("error: export needs an unquantized folder")
     cfg = {k: v for k, v in config.items() if not k.startswith("mlx_diffusiongemma")}
     cfg.pop("quantization", None)
+    if model.has_vision:
+        vision = None  # the checkpoint's own tower and its config
+    else:
+        # The reference class always builds a vision tower (its default is the 26B's, ~0.5 GB):
+        # a text-only model gets a tiny one, seeded, that text prompts never run.
+        vision = cfg.setdefault("vision_config", TINY_VISION)
+        torch.manual_seed(0)
     hf_config = DiffusionGemmaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     ref = DiffusionGemmaForBlockDiffusion(hf_config).eval()
     ours = {hf_name(k): torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in tree_flatten(model.parameters())}
     state = ref.state_dict()
-    expected = {k for k in state if k != "lm_head.weight"}
-    if set(ours) != expected:
-        raise SystemExit(f"error: names differ: missing {sorted(expected - set(ours))[:3]}, "
-                         f"extra {sorted(set(ours) - expected)[:3]}")
+    # The encoder's text weights are the decoder's (tied in the reference: one storage) and
+    # lm_head is the embedding: each storage must get exactly one of our tensors.
+    groups: dict[int, list[str]] = {}
+    for k, v in state.items():
+        if not (vision is not None and k.startswith(VISION_PREFIXES)):
+            groups.setdefault(v.data_ptr(), []).append(k)
+    missing = [names[0] for names in groups.values() if sum(n in ours for n in names) != 1]
+    extra = sorted(set(ours) - set(state))
+    if missing or extra:
+        raise SystemExit(f"error: names differ: missing {missing[:3]}, extra {extra[:3]}")
     with torch.no_grad():
         for k, v in ours.items():
             if tuple(state[k].shape) != tuple(v.shape):
