@@ -75,6 +75,16 @@ class Batch:
     context: mx.array  # [B, P] int32, left-padded
     context_valid: mx.array  # [B, P] bool, False at padding
     target: mx.array  # [B, C] int32
+    # Counted on the host when the batch is built, so the training step never waits on the device
+    # for them: real context tokens, and whether any context is padded.
+    context_tokens: int | None = None
+    padded: bool | None = None
+
+    def __post_init__(self):
+        if self.context_tokens is None or self.padded is None:
+            n = int(self.context_valid.sum().item())
+            self.context_tokens = n
+            self.padded = n != self.context_valid.size
 
     @property
     def size(self) -> int:
@@ -83,7 +93,7 @@ class Batch:
     @property
     def tokens(self) -> int:
         """Tokens processed (real context tokens plus canvas positions)."""
-        return int(self.context_valid.sum().item()) + self.target.size
+        return self.context_tokens + self.target.size
 
 
 def make_batch(items: Sequence[CanvasItem], pad_id: int = 0, multiple: int = 8) -> Batch:
@@ -93,14 +103,15 @@ def make_batch(items: Sequence[CanvasItem], pad_id: int = 0, multiple: int = 8) 
     width = ((width + multiple - 1) // multiple) * multiple
     ctx = [[pad_id] * (width - len(it.context)) + list(it.context) for it in items]
     valid = [[False] * (width - len(it.context)) + [True] * len(it.context) for it in items]
-    return Batch(mx.array(ctx, dtype=mx.int32), mx.array(valid), mx.array([list(it.target) for it in items], dtype=mx.int32))
+    real = sum(len(it.context) for it in items)
+    return Batch(mx.array(ctx, dtype=mx.int32), mx.array(valid), mx.array([list(it.target) for it in items], dtype=mx.int32),
+                 context_tokens=real, padded=real != width * len(items))
 
 
 def encode_context(model, batch: Batch):
     """The encoder pass over the context, one chunk, differentiable (no intermediate eval)."""
     cache = model.make_cache()
-    padded = not bool(batch.context_valid.all().item())
-    model._encode_chunk(cache, batch.context, batch.context_valid if padded else None)
+    model._encode_chunk(cache, batch.context, batch.context_valid if batch.padded else None)
     return cache
 
 
