@@ -1,8 +1,12 @@
-"""`--model demo`: a small random-weight DiffusionGemma generated on first use, without network.
+"""The demo models, both offline.
 
-Its output is noise (the weights are random); it exists so that `dgemma chat --model demo` shows
-the live view on any machine, and so tests have a tokenizer with the Gemma 4 chat format.
-The folder is written deterministically (fixed seed) into the user's cache directory.
+- `--model demo`: the trained demo model that ships inside the package (`demo_model/`): a
+  2.9M-parameter DiffusionGemma (routed experts, sliding and full layers, self-conditioning,
+  canvas 64) trained by `scripts/train_demo.py` on the toy tasks of `demo_tasks` (sorting,
+  arithmetic, reversing, 4x4 sudoku, ...). It answers those tasks; it knows nothing else.
+- `--model demo-random`: a tiny random-weight model with a character-level tokenizer, built on
+  first use into the user's cache directory (fixed seed). Its output is noise; tests and
+  mechanics checks use it because it is smaller still and every character is one token.
 """
 
 from __future__ import annotations
@@ -13,8 +17,19 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-DEMO_NAME = "demo"
+DEMO_NAME = "demo"  # the trained demo model (package data)
+RANDOM_DEMO_NAME = "demo-random"  # the random one, built on first use
 DEMO_VERSION = 1
+
+
+def shipped_demo_dir() -> Path:
+    """The trained demo model's folder inside the installed package."""
+    return Path(__file__).resolve().parent / "demo_model"
+
+
+def is_trained_demo(config: dict) -> bool:
+    """Whether a checkpoint's config.json is the trained demo model's (its chat lists its tasks)."""
+    return config.get("mlx_diffusiongemma_demo") == "trained"
 
 # Special tokens of the Gemma 4 chat format, at fixed ids (pad 0, eos 1, bos 2 as in Gemma).
 SPECIAL_TOKENS = [

@@ -26,6 +26,7 @@ from .config import (
     parse_model_args,
     read_json,
 )
+from .demo import is_trained_demo
 from .errors import CheckpointError
 from .model import Model
 
@@ -34,10 +35,18 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt
 
 
 def resolve(path_or_repo: str | Path, *, offline: bool | None = None) -> Path:
-    """A local folder as is; "demo" the random demo model (built on first use, offline);
-    otherwise a hub repo id fetched (or found in the cache) by huggingface_hub."""
+    """A local folder as is; "demo" the trained demo model shipped in the package and
+    "demo-random" the tiny random one (built on first use), both offline; otherwise a hub repo
+    id fetched (or found in the cache) by huggingface_hub."""
     p = Path(path_or_repo).expanduser()
     if str(path_or_repo) == "demo" and not p.exists():
+        from .demo import shipped_demo_dir
+
+        folder = shipped_demo_dir()
+        if not (folder / "model.safetensors").exists():
+            raise CheckpointError(f"the demo model is missing from this installation ({folder}); reinstall the package")
+        return folder
+    if str(path_or_repo) == "demo-random" and not p.exists():
         from .demo import ensure_demo
 
         return ensure_demo()
@@ -388,6 +397,7 @@ def load(
     model, config = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only)
     model.generation = load_generation_defaults(folder, config)
     model.source = folder
+    model.is_demo = is_trained_demo(config)
     if adapter_path is not None:
         from .train.lora import load_adapters
 

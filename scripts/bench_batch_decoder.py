@@ -31,12 +31,7 @@ def main(argv=None) -> int:
     from mlx_diffusiongemma.engine import DenoiseCall
     from mlx_diffusiongemma.server.batch import denoise_batch
 
-    if args.model == "demo":
-        from mlx_diffusiongemma.demo import ensure_demo
-
-        model, _ = dg.load(ensure_demo())
-    else:
-        model, _ = dg.load(args.model)
+    model, _ = dg.load(args.model)  # "demo": the trained demo; "demo-random": the random one
     c, v = model.canvas_length, model.vocab_size
     print(f"model {args.model} · canvas {c} · prefix {args.prefix}+ tokens · device {mx.default_device()}")
     print()

@@ -57,12 +57,7 @@ def main(argv=None) -> int:
     from helpers_server import running
     from mlx_diffusiongemma.server import ServerConfig, create_app
 
-    if args.model == "demo":
-        from mlx_diffusiongemma.demo import ensure_demo
-
-        model, tok = dg.load(ensure_demo())
-    else:
-        model, tok = dg.load(args.model)
+    model, tok = dg.load(args.model)  # "demo": the trained demo; "demo-random": the random one
     items, judged = prompts(args.prompts)
     # No prompt cache: both modes pay the same prefill.
     app = create_app(model, tok, ServerConfig(model_id="m", prompt_cache_size=0))

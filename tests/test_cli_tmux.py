@@ -120,7 +120,8 @@ def _reply(term: Terminal, message: str) -> tuple[list[list[str]], list[str]]:
 
 
 def test_live_chat_in_a_terminal(terminal, home, tmp_path):
-    cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo --max-tokens 96 --steps 12"
+    # The random demo: it never converges, so every block runs all its steps for the captures.
+    cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo-random --max-tokens 96 --steps 12"
     term = terminal("chat", cmd, _env(home))
     rows = term.wait(term.at_prompt, 45, "the prompt")
     assert any("demo model: random weights" in r for r in rows)
@@ -180,7 +181,7 @@ def test_ctrl_c_and_ctrl_d_at_the_prompt_exit_0(terminal, home):
     from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
 
     ensure_demo(home / f"demo-v{DEMO_VERSION}")  # built once, before both sessions start
-    cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo"
+    cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo-random"
     ctrl_c = terminal("ctrl-c", cmd, _env(home))
     ctrl_d = terminal("ctrl-d", cmd, _env(home))
     for term, key in ((ctrl_c, "C-c"), (ctrl_d, "C-d")):
@@ -203,4 +204,20 @@ def test_piped_chat_prints_only_committed_text(home, tmp_path):
     for noise in ("step ", "tok/s", "steps/block", PROMPT, "demo model", "saved"):
         assert noise not in out
     assert out == json.loads(saved.read_text())[-1]["content"] + "\n"  # the reply, and nothing else
-    assert "noise" in proc.stderr  # the demo warning, on stderr
+    assert "toy tasks" in proc.stderr  # what the demo model is, on stderr
+
+
+def test_trained_demo_answers_in_a_terminal(terminal, home):
+    """The newcomer's path: `dgemma chat --model demo`, /help lists prompts to try, one of them
+    gets the right answer on screen."""
+    cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo --seed 0"
+    term = terminal("demo", cmd, _env(home))
+    rows = term.wait(term.at_prompt, 45, "the prompt")
+    assert any("toy tasks" in r for r in rows)
+    term.type("/help")
+    rows = term.wait(lambda rows: term.at_prompt(rows) and any("Sort these numbers:" in r for r in rows), 10, "/help")
+    assert any("dgemma sudoku" in r for r in rows)
+    _, after = _reply(term, "Reverse the words: sun moon star rain")
+    assert "rain star moon sun" in " ".join(after[:-2])
+    term.type("/quit")
+    term.wait(lambda rows: any(r.strip() == "EXIT=0" for r in rows), 10, "EXIT=0")

@@ -1,4 +1,4 @@
-"""First use of `--model demo` by several processes at once (issue 14, item 2): every process
+"""First use of `--model demo-random` by several processes at once (issue 14, item 2): every process
 gets a working demo model; no process removes a folder another one is loading."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from mlx_diffusiongemma import demo as D
 
 _LOAD_DEMO = """
 from mlx_diffusiongemma.loading import load
-model, tok = load("demo")
+model, tok = load("demo-random")
 assert tok.encode("hi")
 print("ok", model.source, flush=True)
 """

@@ -1,5 +1,5 @@
 """`dgemma finetune`, `dgemma fuse` and `--adapter-path` through typer's CliRunner (piped mode), on
-the demo checkpoint with a CI-sized task: the validation loss falls, adapters land in mlx-lm's
+the random demo checkpoint (`demo-random`) with a CI-sized task: the validation loss falls, adapters land in mlx-lm's
 layout and change generation, Ctrl-C saves, bad input is one error line."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def trained(home, tmp_path_factory):
     old = os.environ.get("MLX_DIFFUSIONGEMMA_HOME")
     os.environ["MLX_DIFFUSIONGEMMA_HOME"] = str(home)
     try:
-        result = invoke(CliRunner(), ["finetune", "--model", "demo", "--data", str(data), "--iters", "16",
+        result = invoke(CliRunner(), ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "16",
                                       "--steps-per-eval", "16", "--save-every", "8", "--steps-per-report", "4",
                                       "--adapter-path", str(adapters), *FAST])
     finally:
@@ -105,7 +105,7 @@ def test_lora_run_lowers_the_loss_and_writes_mlx_lm_adapters(trained):
 
 def test_adapter_path_changes_generation_and_fuse_writes_a_model(trained, runner, tmp_path):
     _, _, adapters = trained
-    args = ["generate", "--model", "demo", "-p", "Uppercase: cat dog", "--max-tokens", "32", "--steps", "3",
+    args = ["generate", "--model", "demo-random", "-p", "Uppercase: cat dog", "--max-tokens", "32", "--steps", "3",
             "--seed", "0", "--json"]
     plain = invoke(runner, args)
     tuned = invoke(runner, args + ["--adapter-path", str(adapters)])
@@ -113,24 +113,24 @@ def test_adapter_path_changes_generation_and_fuse_writes_a_model(trained, runner
     assert json.loads(plain.stdout)["token_ids"] != json.loads(tuned.stdout)["token_ids"]
 
     fused = tmp_path / "fused"
-    result = invoke(runner, ["fuse", "--model", "demo", "--adapter-path", str(adapters), "--save-path", str(fused)])
+    result = invoke(runner, ["fuse", "--model", "demo-random", "--adapter-path", str(adapters), "--save-path", str(fused)])
     assert result.exit_code == 0, result.output
     assert "fused 39 LoRA layers" in result.stdout
     again = invoke(runner, ["generate", "--model", str(fused), "-p", "Uppercase: cat dog", "--max-tokens", "32",
                             "--steps", "3", "--seed", "0", "--json"])
     assert again.exit_code == 0, again.output
-    exists = invoke(runner, ["fuse", "--model", "demo", "--adapter-path", str(adapters), "--save-path", str(fused)])
+    exists = invoke(runner, ["fuse", "--model", "demo-random", "--adapter-path", str(adapters), "--save-path", str(fused)])
     assert exists.exit_code == 1 and "already exists" in error_line(exists)
 
 
 def test_resume_continues_from_saved_adapters(trained, runner, tmp_path):
     _, data, adapters = trained
     out = tmp_path / "resumed"
-    result = invoke(runner, ["finetune", "--model", "demo", "--data", str(data), "--iters", "1",
+    result = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "1",
                              "--val-batches", "0", "--adapter-path", str(out),
                              "--resume-adapter-file", str(adapters / "adapters.safetensors"), *FAST[:4]])
     assert result.exit_code == 0, result.output
-    wrong = invoke(runner, ["finetune", "--model", "demo", "--data", str(data), "--iters", "1", "--lora-rank", "4",
+    wrong = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "1", "--lora-rank", "4",
                             "--adapter-path", str(out), "--resume-adapter-file",
                             str(adapters / "adapters.safetensors")])
     assert wrong.exit_code == 1 and "does not match this run's trainable parameters" in error_line(wrong)
@@ -148,7 +148,7 @@ def test_ctrl_c_saves_the_adapters(runner, tmp_path, monkeypatch):
 
     monkeypatch.setattr(F.FinetuneRun, "reports", interrupted)
     out = tmp_path / "adapters"
-    result = invoke(runner, ["finetune", "--model", "demo", "--data", str(data), "--iters", "50",
+    result = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "50",
                              "--val-batches", "0", "--adapter-path", str(out), *FAST[:4]])
     assert result.exit_code == 130, result.output
     assert "interrupted at step 2: adapters saved to" in result.stderr
@@ -158,13 +158,13 @@ def test_ctrl_c_saves_the_adapters(runner, tmp_path, monkeypatch):
 def test_full_finetune_saves_layer_weights(runner, tmp_path):
     data = write_task(tmp_path / "data", n_train=4, n_valid=2)
     out = tmp_path / "full"
-    result = invoke(runner, ["finetune", "--model", "demo", "--data", str(data), "--iters", "2",
+    result = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "2",
                              "--fine-tune-type", "full", "--num-layers", "1", "--val-batches", "0",
                              "--adapter-path", str(out), *FAST[:4]])
     assert result.exit_code == 0, result.output
     weights = mx.load(str(out / "adapters.safetensors"))
     assert weights and all(k.startswith("model.decoder.layers.3.") for k in weights)
-    gen = invoke(runner, ["generate", "--model", "demo", "-p", "hi", "--max-tokens", "8", "--steps", "2",
+    gen = invoke(runner, ["generate", "--model", "demo-random", "-p", "hi", "--max-tokens", "8", "--steps", "2",
                           "--adapter-path", str(out), "--json"])
     assert gen.exit_code == 0, gen.output
 
@@ -180,13 +180,13 @@ def test_full_finetune_saves_layer_weights(runner, tmp_path):
 def test_bad_input_is_one_error_line(runner, tmp_path, setup, args, message):
     data = write_task(tmp_path / "data", n_train=4, n_valid=2)
     setup(data)
-    result = invoke(runner, ["finetune", "--model", "demo", "--data", str(data), "--adapter-path",
+    result = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--adapter-path",
                              str(tmp_path / "a"), *args])
     assert result.exit_code == 1, result.output
     assert message in error_line(result)
 
 
 def test_bad_adapter_path_on_generate(runner, tmp_path):
-    result = invoke(runner, ["generate", "--model", "demo", "-p", "hi", "--adapter-path", str(tmp_path / "nope")])
+    result = invoke(runner, ["generate", "--model", "demo-random", "-p", "hi", "--adapter-path", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "no such adapter folder" in error_line(result)

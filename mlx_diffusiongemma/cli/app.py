@@ -61,7 +61,8 @@ def _recipe(value: str) -> str:
 
 
 Model = Annotated[str, typer.Option(
-    "--model", "-m", help="Hub repo id or local folder; 'demo' is a tiny random model (offline, noise).")]
+    "--model", "-m", help="Hub repo id or local folder; 'demo' is a small model trained on toy tasks "
+    "(offline; /help in chat lists prompts), 'demo-random' a tiny random one (noise).")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per reply.")]
 MAX_STEPS = 1024  # == engine._MAX_STEPS
 Steps = Annotated[Optional[int], typer.Option(
@@ -178,22 +179,30 @@ def _is_terminal() -> bool:
 
 
 def _load(name: str, offline: bool, ui: Console, adapter_path: str | None = None, text_only: bool = False):
-    """(model, tokenizer) for --model; 'demo' builds the random demo checkpoint on first use.
-    In a terminal, a line says what is happening before the slow imports and the loading."""
+    """(model, tokenizer) for --model; 'demo' is the trained demo model in the package,
+    'demo-random' the random one (built on first use). In a terminal, a line says what is
+    happening before the slow imports and the loading."""
     t0 = time.perf_counter()
-    if name == "demo":
+    if name == "demo-random":
         from mlx_diffusiongemma.demo import demo_dir
 
         if not (demo_dir() / "config.json").exists():
-            ui.print(f"[dim]creating the demo model in {demo_dir()} (first use only, a few seconds)…[/]")
+            ui.print(f"[dim]creating the random demo model in {demo_dir()} (first use only, a few seconds)…[/]")
         elif ui.is_terminal:
-            ui.print("[dim]loading the demo model…[/]")
-        with ui.status("[dim]preparing the demo model…[/]") if ui.is_terminal else _nothing():
+            ui.print("[dim]loading the random demo model…[/]")
+        with ui.status("[dim]preparing the random demo model…[/]") if ui.is_terminal else _nothing():
             from mlx_diffusiongemma.demo import ensure_demo
             from mlx_diffusiongemma.loading import load
 
             model, tokenizer = load(ensure_demo(), adapter_path=adapter_path, text_only=text_only)
         ui.print("[yellow]demo model: random weights, its output is noise.[/]")
+        return model, tokenizer
+    if name == "demo":
+        from mlx_diffusiongemma.loading import load
+
+        model, tokenizer = load("demo", adapter_path=adapter_path, text_only=text_only)
+        ui.print("[yellow]demo model: a 2.9M-parameter DiffusionGemma trained on toy tasks only "
+                 "(sorting, sums, reversing, sudoku…); /help in chat lists prompts to try.[/]")
         return model, tokenizer
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")

@@ -39,6 +39,18 @@ HELP = """\
 Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
 
 
+def demo_help() -> str:
+    """What the trained demo model can do: one prompt to try per task family."""
+    from mlx_diffusiongemma.demo_tasks import FAMILIES
+
+    lines = ["", "The demo model knows only these toy tasks; prompts to try (type them as shown):"]
+    for family in FAMILIES.values():
+        if "\n" not in family.example:  # a chat message is one line
+            lines.append(f"  {family.about:<44} {family.example}")
+    lines.append("  A sudoku needs several lines: run `dgemma sudoku '1..4/.4../..4./4..1'` instead.")
+    return "\n".join(lines)
+
+
 class Quit(Exception):
     pass
 
@@ -202,6 +214,8 @@ class ChatLoop:
 
     def cmd_help(self, arg: str) -> None:
         self.ui.print(escape(HELP), highlight=False)
+        if getattr(self.session.model, "is_demo", False):
+            self.ui.print(escape(demo_help()), highlight=False)
 
     def cmd_quit(self, arg: str) -> None:
         raise Quit
