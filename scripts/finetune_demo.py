@@ -2,14 +2,15 @@
 
     python scripts/finetune_demo.py --out finetune-demo/ [--iters 300] [--update-docs]
 
-The task: sort numbers from largest to smallest ("Sort these numbers from largest to smallest:
-42 7 19" -> "42 19 7"). The demo model was trained to sort in increasing order (and other
-tasks), never in decreasing order. The script
+The task (`--task`): `descending`, sorting numbers from largest to smallest ("Sort these numbers
+from largest to smallest: 42 7 19" -> "42 19 7"; the demo learned increasing order only), or
+`reverse-numbers` ("Reverse the numbers: 5 3 9" -> "9 3 5"; the demo reversed words only). The
+script
 
 1. writes a data folder (train.jsonl / valid.jsonl, `prompt`/`completion`) and a held-out test set
    (prompts that appear in neither file);
 2. measures exact-match accuracy on the test set with the default (reference) sampler, plus on
-   the demo's own increasing-order sort family, which the adapters must not break;
+   the demo's own closest family (sort, or reverse), which the adapters must not break;
 3. runs `dgemma finetune`'s engine (`train.finetune.FinetuneRun`, LoRA) and times it, with MLX's
    peak memory (weights included) and the accounting of `train.memory` for the same run;
 4. loads the model with the adapters (`load(..., adapter_path=)`) and measures both again;
@@ -52,10 +53,16 @@ def descending(rng: random.Random) -> tuple[str, str]:
     return PROMPT.format(_nums(values)), _nums(sorted(values, reverse=True))
 
 
-def ascending(rng: random.Random) -> tuple[str, str]:
-    """The demo's own sort family's form (its held-out prompts when the demo ships them)."""
-    values = [rng.randrange(100) for _ in range(rng.randint(4, 10))]
-    return f"Sort these numbers: {_nums(values)}", _nums(sorted(values))
+def reverse_numbers(rng: random.Random) -> tuple[str, str]:
+    values = [rng.randrange(100) for _ in range(rng.randint(3, 8))]
+    return f"Reverse the numbers: {_nums(values)}", _nums(reversed(values))
+
+
+# name: (maker, the demo family that is the control, why the task is new)
+TASKS = {
+    "descending": (descending, "sort", "the demo learned increasing order only"),
+    "reverse-numbers": (reverse_numbers, "reverse", "the demo learned to reverse words, never numbers"),
+}
 
 
 def draw(make, n: int, rng: random.Random, exclude: set[str]) -> list[tuple[str, str]]:
@@ -92,14 +99,11 @@ def accuracy(model, tokenizer, pairs, seed: int) -> dict:
             "tokens_per_forward": sum(tpf) / len(tpf), "seconds": time.perf_counter() - t0, "examples_wrong": wrong}
 
 
-def held_out_ascending(n: int, seed: int) -> list[tuple[str, str]]:
-    """The demo's held-out sort prompts if its task module is there, else fresh ones."""
-    try:
-        from mlx_diffusiongemma.demo_tasks import held_out_set
+def held_out_control(family: str, n: int) -> list[tuple[str, str]]:
+    """The demo's held-out prompts of the family the new task is closest to."""
+    from mlx_diffusiongemma.demo_tasks import held_out_set
 
-        return held_out_set("sort", n)
-    except ImportError:
-        return draw(ascending, n, random.Random(seed + 7), set())
+    return held_out_set(family, n)
 
 
 def main(argv=None) -> int:
@@ -114,8 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-valid", type=int, default=64)
     p.add_argument("--n-test", type=int, default=50)
-    p.add_argument("--n-control", type=int, default=None, help="Prompts of the demo's sort (default: --n-test).")
+    p.add_argument("--n-control", type=int, default=None, help="Prompts of the demo's control family (default: --n-test).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=list(TASKS), default="descending")
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
 
@@ -123,17 +128,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     seen: set[str] = set()
-    test = draw(descending, args.n_test, rng, seen)
-    train = draw(descending, args.n_train, rng, seen)
-    valid = draw(descending, args.n_valid, rng, seen)
+    make, family, why = TASKS[args.task]
+    test = draw(make, args.n_test, rng, seen)
+    train = draw(make, args.n_train, rng, seen)
+    valid = draw(make, args.n_valid, rng, seen)
     data = out / "data"
     write_data(data, train, valid)
-    control = held_out_ascending(args.n_control or args.n_test, args.seed)
+    control = held_out_control(family, args.n_control or args.n_test)
+    own = f"demo's {family}"
 
     model, tok = load(args.model)
     trained_model, _ = load(args.model, dtype=mx.float32)  # trained in float32 (fastmath on CPU)
     base_bytes = sum(v.nbytes for _, v in tree_flatten(trained_model.parameters()))
-    before = {"new task": accuracy(model, tok, test, 1000), "demo's sort": accuracy(model, tok, control, 2000)}
+    before = {"new task": accuracy(model, tok, test, 1000), own: accuracy(model, tok, control, 2000)}
     print("before: " + ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in before.items()), flush=True)
 
     adapters = out / "adapters"
@@ -160,9 +167,9 @@ def main(argv=None) -> int:
                                 weight_bytes=base_bytes)
 
     tuned, tok2 = load(args.model, adapter_path=adapters)
-    after = {"new task": accuracy(tuned, tok2, test, 1000), "demo's sort": accuracy(tuned, tok2, control, 2000)}
+    after = {"new task": accuracy(tuned, tok2, test, 1000), own: accuracy(tuned, tok2, control, 2000)}
     results = {
-        "task": PROMPT.format("..."), "model": args.model, "settings": {k: getattr(settings, k) for k in (
+        "task": make(random.Random(0))[0].rsplit(":", 1)[0] + ": ...", "why_new": why, "model": args.model, "settings": {k: getattr(settings, k) for k in (
             "iters", "batch_size", "learning_rate", "lr_schedule", "warmup", "lora_rank", "lora_scale", "seed")},
         "num_layers": run.num_layers, "trainable_parameters": run.trainable, "total_parameters": run.total,
         "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
@@ -188,7 +195,7 @@ def render(r: dict) -> str:
     s = r["settings"]
     b, a = r["before"], r["after"]
     lines = [
-        f"Task: `{r['task']}` (new: the demo learned increasing order only). {r['train_examples']} training, "
+        f"Task: `{r['task']}` (new: {r['why_new']}). {r['train_examples']} training, "
         f"{r['valid_examples']} validation, {r['test_examples']} held-out test prompts (in neither file).",
         f"LoRA rank {s['lora_rank']} (scale {s['lora_scale']:g}) on all {r['num_layers']} layers: "
         f"{r['trainable_parameters'] / 1e6:.2f}M trainable of {r['total_parameters'] / 1e6:.2f}M parameters; "
