@@ -48,6 +48,8 @@ def demo_help() -> str:
         if "\n" not in family.example:  # a chat message is one line
             lines.append(f"  {family.about:<44} {family.example}")
     lines.append("  A sudoku needs several lines: run `dgemma sudoku '1..4/.4../..4./4..1'` instead.")
+    # Trained on single-turn prompts only: an earlier task in the history confuses it.
+    lines.append("One task per conversation: /reset before the next. Accuracy per task: docs/demo-model.md.")
     return "\n".join(lines)
 
 
