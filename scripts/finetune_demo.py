@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-valid", type=int, default=64)
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--n-control", type=int, default=None, help="Prompts of the demo's control family (default: --n-test).")
+    p.add_argument("--replay", type=int, default=0,
+                   help="Also train on this many prompts of the demo's control family (training side), "
+                        "so the adapters do not overwrite what the demo knew (rehearsal).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", choices=list(TASKS), default="descending")
     p.add_argument("--update-docs", action="store_true")
@@ -132,6 +135,12 @@ def main(argv=None) -> int:
     test = draw(make, args.n_test, rng, seen)
     train = draw(make, args.n_train, rng, seen)
     valid = draw(make, args.n_valid, rng, seen)
+    if args.replay:
+        from mlx_diffusiongemma.demo_tasks import sample
+
+        # Training-side prompts only: the control is measured on held-out ones.
+        train += [sample(rng, family, held_out=False) for _ in range(args.replay)]
+        rng.shuffle(train)
     data = out / "data"
     write_data(data, train, valid)
     control = held_out_control(family, args.n_control or args.n_test)
@@ -172,7 +181,7 @@ def main(argv=None) -> int:
         "task": make(random.Random(0))[0].rsplit(":", 1)[0] + ": ...", "why_new": why, "model": args.model, "settings": {k: getattr(settings, k) for k in (
             "iters", "batch_size", "learning_rate", "lr_schedule", "warmup", "lora_rank", "lora_scale", "seed")},
         "num_layers": run.num_layers, "trainable_parameters": run.trainable, "total_parameters": run.total,
-        "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+        "train_examples": len(train), "replay": args.replay, "control_family": family, "valid_examples": len(valid), "test_examples": len(test),
         "initial_val_loss": run.initial_val_loss, "final_val_loss": run.last_val_loss,
         "wall_seconds": wall, "cpu_seconds": cpu, "peak_memory_bytes": peak, "accounted_bytes": accounted,
         "before": before, "after": after, "log": log,
@@ -195,7 +204,9 @@ def render(r: dict) -> str:
     s = r["settings"]
     b, a = r["before"], r["after"]
     lines = [
-        f"Task: `{r['task']}` (new: {r['why_new']}). {r['train_examples']} training, "
+        f"Task: `{r['task']}` (new: {r['why_new']}). {r['train_examples']} training"
+        + (f" (of them {r['replay']} of the demo's own `{r['control_family']}`, replayed so that it is not forgotten)"
+           if r.get("replay") else "") + ", "
         f"{r['valid_examples']} validation, {r['test_examples']} held-out test prompts (in neither file).",
         f"LoRA rank {s['lora_rank']} (scale {s['lora_scale']:g}) on all {r['num_layers']} layers: "
         f"{r['trainable_parameters'] / 1e6:.2f}M trainable of {r['total_parameters'] / 1e6:.2f}M parameters; "

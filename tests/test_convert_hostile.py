@@ -120,7 +120,10 @@ def test_other_write_errors_name_the_path(src, tmp_path, monkeypatch):
 # -- 6. SIGTERM and SIGHUP clean up like SIGINT (a real subprocess) ------------------------------------
 
 _SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+# A parent run under nohup passes SIGHUP on as ignored, and an ignored signal is (rightly) left
+# alone by convert: start from the default disposition a terminal session gives.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from mlx_diffusiongemma.convert import convert
 def progress(done, total, done_bytes, total_bytes):
     if done == 1:
