@@ -133,5 +133,42 @@ def training_mix(seed: int) -> Iterator[tuple[str, str, str]]:
         yield family, prompt, answer
 
 
+def card_template_ids(tokenizer, rng: random.Random, answer: str, end_id: int) -> list[int]:
+    """A `card` answer written in a template's form, for template-shaped training examples: the
+    token ids of the filled template, each hole's unused positions holding `end_id`.
+
+    Half the time the card's lines with holes of at most (sometimes exactly) the value's length
+    plus 0-4 tokens of slack, as `dgemma fill` users write them; half the time the JSON layout of a
+    card schema (string name, integer age, city as an enum of the demo's cities or a string;
+    random lengths and key order), as `fill_json` lays it out."""
+    from .demo_tasks import CITIES
+    from .editing import json_segments
+    from .template import filled_ids, layout, parse
+
+    fields = {}
+    for line in answer.split("\n"):
+        key, _, value = line.partition(": ")
+        fields[key.lower()] = value
+    keys = ["name", "age", "city"]
+    if rng.random() < 0.5:
+        lines, values = [], {}
+        for key in keys:
+            values[key] = " " + fields[key]  # the space goes into the hole (template.check_merges)
+            n = len(tokenizer.encode(values[key], add_special_tokens=False))
+            slack = rng.randint(0, 4)
+            at_most = ".." if slack or rng.random() < 0.5 else ""
+            lines.append(f"{key.capitalize()}:{{{{{key}:{at_most}{n + slack}}}}}")
+        segments = parse("\n".join(lines))
+    else:
+        if rng.random() < 0.3:
+            rng.shuffle(keys)
+        spec = {"name": {"type": "string", "maxLength": rng.randint(6, 12)}, "age": {"type": "integer"},
+                "city": ({"enum": list(CITIES)} if rng.random() < 0.5
+                         else {"type": "string", "maxLength": rng.randint(6, 12)})}
+        segments = json_segments({"type": "object", "properties": {k: spec[k] for k in keys}})
+        values = {f"f{i}": fields[k] for i, k in enumerate(keys)}
+    return filled_ids(tokenizer, layout(tokenizer, segments), values, end_id)
+
+
 __all__ = ["VOCAB_SIZE", "CANVAS_LENGTH", "TURN_END", "build_tokenizer", "model_config", "generation_config",
-           "special_ids", "training_mix", "corpus"]
+           "special_ids", "training_mix", "corpus", "card_template_ids"]

@@ -269,6 +269,22 @@ def hole_values(tokenizer, lay: Layout, tokens: Sequence[int], end_ids: set[int]
     return out
 
 
+def filled_ids(tokenizer, lay: Layout, values: dict[str, str], end_id: int) -> list[int]:
+    """The token sequence a model should write for `values` on this layout: the pinned ids, and in
+    each hole its value's tokens followed by `end_id` up to the hole's length (the end-token rule
+    above). This is what template-shaped training examples are made of (scripts/train_demo.py):
+    a model that never saw an end token inside a canvas does not end a short value early."""
+    ids = list(lay.ids)
+    for h in lay.holes:
+        value = _encode(tokenizer, values[h.name])
+        if len(value) > h.length:
+            raise TemplateError(f"the value of {h.name!r} has {len(value)} tokens; the hole has {h.length}")
+        if h.exact and len(value) != h.length:
+            raise TemplateError(f"the value of {h.name!r} has {len(value)} tokens; the hole needs exactly {h.length}")
+        ids[h.start:h.start + h.length] = value + [end_id] * (h.length - len(value))
+    return ids
+
+
 def fill_text(lay: Layout, values: dict[str, str]) -> str:
     """The template's text with each hole replaced by its value."""
     parts = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma.config import parse_model_args
 from mlx_diffusiongemma.demo_build import (
-    build_tokenizer, generation_config, model_config, special_ids, training_mix,
+    build_tokenizer, card_template_ids, generation_config, model_config, special_ids, training_mix,
 )
 from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
 from mlx_diffusiongemma.generate import render_messages
@@ -44,14 +45,22 @@ def encode_pair(tok, prompt: str, answer: str, turn_end: int) -> Example:
     return Example(tuple(ids), tuple(tok.encode(answer, add_special_tokens=False)) + (turn_end,))
 
 
-def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int):
-    """Endless batches of canvas items from the training mix."""
+def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fraction: float = 0.0):
+    """Endless batches of canvas items from the training mix. A `template_fraction` of the `card`
+    answers is written in a template's form (holes padded with end tokens: demo_build.card_template_ids)."""
     mix = training_mix(seed)
+    rng = random.Random(f"templates-{seed}")
     pending = []
     while True:
         while len(pending) < batch_size:
-            _, prompt, answer = next(mix)
-            pending += canvas_items(encode_pair(tok, prompt, answer, ids["<turn|>"]), canvas, ids["<eos>"])
+            family, prompt, answer = next(mix)
+            if family == "card" and rng.random() < template_fraction:
+                reply = card_template_ids(tok, rng, answer, ids["<eos>"])
+                example = Example(tuple(render_messages(tok, [{"role": "user", "content": prompt}])),
+                                  tuple(reply) + (ids["<turn|>"],))
+            else:
+                example = encode_pair(tok, prompt, answer, ids["<turn|>"])
+            pending += canvas_items(example, canvas, ids["<eos>"])
         yield make_batch(pending[:batch_size], pad_id=ids["<pad>"])
         pending = pending[batch_size:]
 
@@ -92,11 +101,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-eval", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="start from OUT/model's weights")
     p.add_argument("--start-step", type=int, default=0, help="with --resume: the step to continue the schedule at")
+    p.add_argument("--init-from", type=Path, help="start from this model folder's weights, tokenizer and config "
+                   "(continued training with a fresh schedule, e.g. from mlx_diffusiongemma/demo_model)")
+    p.add_argument("--template-fraction", type=float, default=0.0,
+                   help="fraction of card answers written as filled templates (teaches holes that end early)")
     args = p.parse_args(argv)
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base"  # tokenizer + configs, no weights
+    if args.init_from is not None and not (base / "config.json").exists():
+        base.mkdir(parents=True)
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(args.init_from / name, base / name)
     if not (base / "config.json").exists():
         build_tokenizer(base)
         ids = special_ids(base)
@@ -112,8 +129,9 @@ def main(argv=None) -> int:
     config = json.loads((base / "config.json").read_text())
     mx.random.seed(args.seed)
     model = Model(parse_model_args(config))
-    if args.resume:
-        model.load_weights(str(out / "model" / "model.safetensors"))
+    if args.resume or args.init_from is not None:
+        source = out / "model" if args.resume else args.init_from
+        model.load_weights(str(source / "model.safetensors"))
         model.set_dtype(mx.float32)
     else:
         init_qk_norms(model)
@@ -138,7 +156,7 @@ def main(argv=None) -> int:
     optimizer.state["step"] = mx.array(args.start_step, mx.uint64)  # the schedule resumes; moments restart
     log = open(out / "train_log.jsonl", "a")
     t0 = time.perf_counter()
-    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed + args.start_step),
+    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed + args.start_step, args.template_fraction),
                     iters=args.iters - args.start_step, start_step=args.start_step, seed=args.seed, report_every=25, steps_per_eval=args.steps_per_eval,
                     validate=lambda: evaluate(model, val_batches))
     for r in reports:
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
         print(f"step {r.step} loss {r.loss:.4f}{val} lr {r.learning_rate:.2e} {r.it_per_s:.2f} it/s "
               f"{r.tokens_per_s:.0f} tok/s peak {r.peak_memory_gb:.2f} GB t {row['elapsed_s']}s", flush=True)
         if r.step % args.save_every == 0 or r.step == args.iters:
-            save(model, out / "model", base, {"step": r.step, "args": vars(args) | {"out": str(out)},
+            save(model, out / "model", base, {"step": r.step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                                 "elapsed_s": row["elapsed_s"], "loss": r.loss, "val_loss": r.val_loss})
             model.train()
     return 0

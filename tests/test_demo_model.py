@@ -94,6 +94,30 @@ def test_hugging_face_export_runs_in_the_reference(tmp_path):
 QUICK = {"reverse": 6, "card": 6}
 
 
+def test_template_shaped_training_answers(demo):
+    """The card answers that teach the demo template filling (scripts/train_demo.py
+    --template-fraction) read back, by the hole rule and as JSON, to the card's values."""
+    import random
+
+    from mlx_diffusiongemma.demo_build import card_template_ids
+
+    _, tok = demo
+    eos = tok.convert_tokens_to_ids("<eos>") if hasattr(tok, "convert_tokens_to_ids") else 1
+    rng = random.Random(0)
+    forms = set()
+    for prompt, answer in held_out_set("card", 20, seed=3):
+        ids = card_template_ids(tok, rng, answer, eos)
+        text = tok.decode([t for t in ids if t != eos])
+        if text.startswith("{"):
+            forms.add("json")
+            got = json.loads(text)
+            assert f"Name: {got['name']}\nAge: {got['age']}\nCity: {got['city']}" == answer
+        else:
+            forms.add("lines")
+            assert text == answer
+    assert forms == {"json", "lines"}
+
+
 @pytest.mark.parametrize("family", list(QUICK))
 def test_answers_held_out_prompts(demo, family):
     model, tok = demo

@@ -135,6 +135,21 @@ def test_hole_rule_end_tokens(tiny):
     assert tpl.fill_text(lay, {k: v["text"] for k, v in values.items()}) == "AhiBabc"
 
 
+def test_filled_ids_follow_the_hole_rule(tiny):
+    """Training targets for templates: the values come back by the hole rule, pins unchanged."""
+    _, tok = tiny
+    lay = tpl.layout(tok, tpl.parse("A{{x:..4}}B{{y:3}}"))
+    y = tok.decode(tok.encode("abc", add_special_tokens=False)[:3])
+    ids = tpl.filled_ids(tok, lay, {"x": "hi", "y": y}, end_id=1)
+    assert [t for t, pin in zip(ids, lay.ids) if pin >= 0] == [pin for pin in lay.ids if pin >= 0]
+    values = tpl.hole_values(tok, lay, ids, {1})
+    assert values["x"]["text"] == "hi" and values["x"]["ended"] and values["y"]["full"]
+    with pytest.raises(TemplateError, match="has 4"):
+        tpl.filled_ids(tok, lay, {"x": "hi there you all", "y": y}, end_id=1)
+    with pytest.raises(TemplateError, match="exactly 3"):
+        tpl.filled_ids(tok, lay, {"x": "hi", "y": "a"}, end_id=1)
+
+
 # -- infill ----------------------------------------------------------------------------------------
 
 
