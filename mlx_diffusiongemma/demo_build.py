@@ -133,9 +133,10 @@ def training_mix(seed: int) -> Iterator[tuple[str, str, str]]:
         yield family, prompt, answer
 
 
-def card_template_ids(tokenizer, rng: random.Random, answer: str, end_id: int) -> list[int]:
+def card_template_ids(tokenizer, rng: random.Random, answer: str, end_id: int) -> tuple[list[int], list[bool]]:
     """A `card` answer written in a template's form, for template-shaped training examples: the
-    token ids of the filled template, each hole's unused positions holding `end_id`.
+    token ids of the filled template, each hole's unused positions holding `end_id`, and per id
+    whether inference pins it (the fixed text: the trainer leaves those clean, objective.py).
 
     Half the time the card's lines with holes of at most (sometimes exactly) the value's length
     plus 0-4 tokens of slack, as `dgemma fill` users write them; half the time the JSON layout of a
@@ -167,7 +168,8 @@ def card_template_ids(tokenizer, rng: random.Random, answer: str, end_id: int) -
                          else {"type": "string", "maxLength": rng.randint(6, 12)})}
         segments = json_segments({"type": "object", "properties": {k: spec[k] for k in keys}})
         values = {f"f{i}": fields[k] for i, k in enumerate(keys)}
-    return filled_ids(tokenizer, layout(tokenizer, segments), values, end_id)
+    lay = layout(tokenizer, segments)
+    return filled_ids(tokenizer, lay, values, end_id), [t >= 0 for t in lay.ids]
 
 
 __all__ = ["VOCAB_SIZE", "CANVAS_LENGTH", "TURN_END", "build_tokenizer", "model_config", "generation_config",

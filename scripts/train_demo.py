@@ -47,7 +47,8 @@ def encode_pair(tok, prompt: str, answer: str, turn_end: int) -> Example:
 
 def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fraction: float = 0.0):
     """Endless batches of canvas items from the training mix. A `template_fraction` of the `card`
-    answers is written in a template's form (holes padded with end tokens: demo_build.card_template_ids)."""
+    answers is written in a template's form (holes padded with end tokens: demo_build.card_template_ids),
+    its fixed text pinned (never corrupted) as `dgemma fill` pins it."""
     mix = training_mix(seed)
     rng = random.Random(f"templates-{seed}")
     pending = []
@@ -55,9 +56,9 @@ def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fr
         while len(pending) < batch_size:
             family, prompt, answer = next(mix)
             if family == "card" and rng.random() < template_fraction:
-                reply = card_template_ids(tok, rng, answer, ids["<eos>"])
+                reply, pinned = card_template_ids(tok, rng, answer, ids["<eos>"])
                 example = Example(tuple(render_messages(tok, [{"role": "user", "content": prompt}])),
-                                  tuple(reply) + (ids["<turn|>"],))
+                                  tuple(reply) + (ids["<turn|>"],), tuple(pinned) + (False,))
             else:
                 example = encode_pair(tok, prompt, answer, ids["<turn|>"])
             pending += canvas_items(example, canvas, ids["<eos>"])

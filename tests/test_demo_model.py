@@ -106,7 +106,11 @@ def test_template_shaped_training_answers(demo):
     rng = random.Random(0)
     forms = set()
     for prompt, answer in held_out_set("card", 20, seed=3):
-        ids = card_template_ids(tok, rng, answer, eos)
+        ids, pinned = card_template_ids(tok, rng, answer, eos)
+        assert len(pinned) == len(ids) and any(pinned) and not all(pinned)
+        assert not any(p and t == eos for t, p in zip(ids, pinned))  # end tokens only in holes
+        fixed = tok.decode([t for t, p in zip(ids, pinned) if p])
+        assert ("Name:" in fixed) or ('"name"' in fixed)
         text = tok.decode([t for t in ids if t != eos])
         if text.startswith("{"):
             forms.add("json")

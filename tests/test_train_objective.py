@@ -123,6 +123,29 @@ def test_canvas_items_split_answers_and_pad_with_eos():
         canvas_items(Example((), (1,)), 4, eos_id=1)
 
 
+def test_pinned_positions_stay_clean_under_corruption():
+    """A template's fixed text is given at inference, so training never corrupts it; the rest of
+    the canvas gets the same draws as without pins, and the EOS padding after the answer is live."""
+    ex = Example((5, 6), tuple(range(10, 16)), answer_pinned=(True, False, True, True, False, False))
+    items = canvas_items(ex, 4, eos_id=1)
+    assert [it.pinned for it in items] == [(True, False, True, True), (False, False, False, False)]
+    with pytest.raises(ValueError):
+        canvas_items(Example((5,), (10, 11), answer_pinned=(True,)), 4, eos_id=1)
+    batch = make_batch(items + [CanvasItem((2,), (7, 7, 7, 7))])
+    assert batch.pinned is not None and batch.pinned.shape == (3, 4)
+    assert make_batch([CanvasItem((2,), (7, 7, 7, 7))]).pinned is None
+    target = mx.array(np.random.default_rng(0).integers(2, 50, (64, 16)), dtype=mx.int32)
+    pins = mx.array(np.random.default_rng(1).random((64, 16)) < 0.4)
+    key = mx.random.key(3)
+    free = corrupt(key, target, 1000)
+    kept = corrupt(key, target, 1000, pinned=pins)
+    p, t, a, b = (np.array(x) for x in (pins, target, free.noisy, kept.noisy))
+    assert (b[p] == t[p]).all()
+    assert (b[~p] == a[~p]).all()
+    assert (a[p] != t[p]).any()  # the pins did protect something
+    assert (np.array(free.self_condition) == np.array(kept.self_condition)).all()
+
+
 def test_a_short_run_lowers_the_loss(tmp_path):
     """CI-sized: a tiny random model learns to answer with a fixed canvas for a fixed prompt."""
     from mlx_diffusiongemma.config import parse_model_args

@@ -7,7 +7,8 @@ uniform ids implies):
 
 1. the target canvas is the answer's slice for that canvas, padded with EOS to the canvas length;
 2. corrupt it: per example t ~ U(t_eps, 1); each position independently becomes a uniformly random
-   vocabulary id with probability t;
+   vocabulary id with probability t. Positions an example pins (a template's fixed text) stay clean,
+   as the engine pins them at inference (canvas.py); with no pins this is the recipe unchanged;
 3. self-conditioning with probability 1/2 per example: a first decoder pass without gradient on the
    same noisy canvas, its logits divided by a temperature drawn from U(t_min, t_max) of the sampler,
    is the self-conditioning input of the trained pass (the other examples get zeros, through the
@@ -38,6 +39,9 @@ class Example:
 
     prompt_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]
+    # Optional, per answer token: True where inference would pin the token (a template's fixed
+    # text), so the corruption leaves it clean and the model learns to fill around given text.
+    answer_pinned: tuple[bool, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class CanvasItem:
 
     context: tuple[int, ...]
     target: tuple[int, ...]
+    pinned: tuple[bool, ...] | None = None  # per target position: never corrupted
 
 
 def canvas_items(example: Example, canvas_length: int, eos_id: int, max_canvases: int | None = None) -> list[CanvasItem]:
@@ -56,6 +61,8 @@ def canvas_items(example: Example, canvas_length: int, eos_id: int, max_canvases
     if not example.prompt_ids:
         raise ValueError("an example needs a non-empty prompt")
     answer = list(example.answer_ids)
+    if example.answer_pinned is not None and len(example.answer_pinned) != len(answer):
+        raise ValueError("answer_pinned needs one entry per answer token")
     n = max(1, math.ceil(len(answer) / canvas_length))
     if max_canvases is not None:
         n = min(n, max_canvases)
@@ -66,7 +73,11 @@ def canvas_items(example: Example, canvas_length: int, eos_id: int, max_canvases
         context = list(example.prompt_ids) + answer[: k * canvas_length]
         if len(context) > MAX_CONTEXT:
             raise ValueError(f"context of {len(context)} tokens is over the limit of {MAX_CONTEXT}")
-        items.append(CanvasItem(tuple(context), tuple(target)))
+        pinned = None
+        if example.answer_pinned is not None:
+            part = list(example.answer_pinned[k * canvas_length : (k + 1) * canvas_length])
+            pinned = tuple(part + [False] * (canvas_length - len(part)))  # the padding stays live
+        items.append(CanvasItem(tuple(context), tuple(target), pinned))
     return items
 
 
@@ -79,6 +90,8 @@ class Batch:
     # for them: real context tokens, and whether any context is padded.
     context_tokens: int | None = None
     padded: bool | None = None
+    pinned: mx.array | None = None  # [B, C] bool, positions left clean by the corruption; None: none
+
 
     def __post_init__(self):
         if self.context_tokens is None or self.padded is None:
@@ -104,8 +117,11 @@ def make_batch(items: Sequence[CanvasItem], pad_id: int = 0, multiple: int = 8) 
     ctx = [[pad_id] * (width - len(it.context)) + list(it.context) for it in items]
     valid = [[False] * (width - len(it.context)) + [True] * len(it.context) for it in items]
     real = sum(len(it.context) for it in items)
+    pinned = None
+    if any(it.pinned is not None and any(it.pinned) for it in items):
+        pinned = mx.array([list(it.pinned) if it.pinned is not None else [False] * len(it.target) for it in items])
     return Batch(mx.array(ctx, dtype=mx.int32), mx.array(valid), mx.array([list(it.target) for it in items], dtype=mx.int32),
-                 context_tokens=real, padded=real != width * len(items))
+                 context_tokens=real, padded=real != width * len(items), pinned=pinned)
 
 
 def encode_context(model, batch: Batch):
@@ -125,12 +141,16 @@ class Corruption:
 
 
 def corrupt(key: mx.array, target: mx.array, vocab_size: int, *, t_eps: float = 1e-3,
-            t_min: float = 0.4, t_max: float = 0.8, self_cond_prob: float = 0.5) -> Corruption:
-    """Uniform-state corruption plus the self-conditioning draws of one batch."""
+            t_min: float = 0.4, t_max: float = 0.8, self_cond_prob: float = 0.5,
+            pinned: mx.array | None = None) -> Corruption:
+    """Uniform-state corruption plus the self-conditioning draws of one batch. `pinned` (`[B, C]`
+    bool) marks positions that stay clean; the random draws are the same with or without it."""
     b, c = target.shape
     k_t, k_mask, k_ids, k_sc, k_temp = mx.random.split(key, 5)
     t = mx.random.uniform(t_eps, 1.0, (b, 1), key=k_t)
     replace = mx.random.uniform(shape=(b, c), key=k_mask) < t
+    if pinned is not None:
+        replace = replace & ~pinned
     noise = mx.random.randint(0, vocab_size, (b, c), dtype=mx.int32, key=k_ids)
     noisy = mx.where(replace, noise, target.astype(mx.int32))
     self_condition = mx.random.uniform(shape=(b,), key=k_sc) < self_cond_prob
@@ -157,7 +177,7 @@ def diffusion_loss(model, batch: Batch, key: mx.array, *, t_min: float = 0.4, t_
     """(mean loss, number of target positions) of one batch; differentiable in the model's
     trainable parameters. `t_min`/`t_max` are the sampler's temperatures (generation_config)."""
     corruption = corrupt(key, batch.target, model.vocab_size, t_min=t_min, t_max=t_max,
-                         self_cond_prob=self_cond_prob)
+                         self_cond_prob=self_cond_prob, pinned=batch.pinned)
     cache = encode_context(model, batch)
     logits = canvas_logits(model, cache, corruption)
     return cross_entropy(logits, batch.target), mx.array(batch.target.size)
