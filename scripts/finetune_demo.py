@@ -226,7 +226,7 @@ def render(r: dict) -> str:
         "|---|---|",
         f"| validation loss | {r['initial_val_loss']:.3f} -> {r['final_val_loss']:.3f} |",
         f"| wall time (data, setup, training, validation, save) | {r['wall_seconds']:.0f} s "
-        f"({r['cpu_seconds']:.0f} s of CPU time: the machine was shared) |",
+        f"({r['cpu_seconds']:.0f} s of CPU time, all threads) |",
         f"| peak memory, MLX (weights included) | {r['peak_memory_bytes'] / 1e6:.0f} MB |",
         f"| peak memory, accounting (`train.memory`) | {acc['total'] / 1e6:.0f} MB |",
         f"| machine | {r['machine']}; BLAS: {r['blas']} |",
