@@ -199,13 +199,17 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.write_docs:
+        # Only the part between the markers is the script's: the prose around it stays.
         doc = ROOT / "docs" / "editing.md"
         text = doc.read_text()
-        start = text.index("## Quality on the demo model")
-        doc.write_text(text[:start] + "## Quality on the demo model\n\n"
-                       + "Measured by `python scripts/eval_editing.py --model demo --n "
-                       + f"{results['n']} --write-docs` (the slowest section {results['seconds']:.0f} s on a "
-                       + "shared 2-core CPU).\n\n" + md + "\n")
+        begin, end = "<!-- editing-table:begin -->", "<!-- editing-table:end -->"
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        block = (f"{begin}\nMeasured by `python scripts/eval_editing.py --model demo --n {results['n']} --write-docs` "
+                 f"({results['seconds']:.0f} s in all on a 2-core CPU).\n\n{md}\n{end}")
+        if not rest:  # no markers yet: the table goes at the end
+            head, tail = text.rstrip("\n") + "\n\n", "\n"
+        doc.write_text(head + block + tail)
     return 0
 
 
