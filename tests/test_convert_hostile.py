@@ -121,9 +121,11 @@ def test_other_write_errors_name_the_path(src, tmp_path, monkeypatch):
 
 _SLOW_CONVERT = """
 import signal, sys, time
-# A parent run under nohup passes SIGHUP on as ignored, and an ignored signal is (rightly) left
-# alone by convert: start from the default disposition a terminal session gives.
+# A parent run under nohup passes SIGHUP on as ignored, and a background job of a shell passes
+# SIGINT on as ignored (then Python installs no KeyboardInterrupt handler); an ignored signal is
+# (rightly) left alone by convert: start from the dispositions a terminal session gives.
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mlx_diffusiongemma.convert import convert
 def progress(done, total, done_bytes, total_bytes):
     if done == 1:

@@ -33,7 +33,7 @@ HELP = """\
 /think on|off    thinking mode (the thought channel is shown dimmed)
 /image PATH      attach an image to your next message (repeatable; no PATH: list them)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
-/fill TEMPLATE   answer the next message with a template, e.g. Name: {{name:..8}} (/fill off)
+/fill TEMPLATE   answer the next message with a template, e.g. Name:{{name:..4}} (/fill off)
 /edit TEXT       rewrite the last reply following TEXT (warm start from the reply)
 /quit            leave (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
