@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from docs_block import write_block  # noqa: E402  (scripts/, this file's folder)
+
 DOCS_BEGIN = "<!-- bench-demo:begin -->"
 DOCS_END = "<!-- bench-demo:end -->"
 SHAPE_26B_CANVAS = 256
@@ -284,17 +286,6 @@ def _f(x, scale, fmt) -> str:
     return "-" if x is None else format(x / scale, fmt)
 
 
-def update_docs(markdown: str, path: Path) -> None:
-    text = path.read_text()
-    block = f"{DOCS_BEGIN}\n{markdown}\n{DOCS_END}"
-    if DOCS_BEGIN in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + block + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="the trained demo model ('demo') or a folder")
@@ -352,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(md + "\n")
     print(md)
     if args.update_docs:
-        update_docs(md, ROOT / "docs" / "performance.md")
+        write_block(ROOT / "docs" / "performance.md", DOCS_BEGIN, DOCS_END, md)
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from docs_block import write_block  # noqa: E402  (scripts/, the running script's folder)
 from mlx_diffusiongemma import fill_json, generate, infill, load, score, sudoku  # noqa: E402
 
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Madrid", "Quito", "Dublin",
@@ -199,17 +200,9 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.write_docs:
-        # Only the part between the markers is the script's: the prose around it stays.
-        doc = ROOT / "docs" / "editing.md"
-        text = doc.read_text()
-        begin, end = "<!-- editing-table:begin -->", "<!-- editing-table:end -->"
-        head, _, rest = text.partition(begin)
-        _, _, tail = rest.partition(end)
-        block = (f"{begin}\nMeasured by `python scripts/eval_editing.py --model demo --n {results['n']} --write-docs` "
-                 f"({results['seconds']:.0f} s in all on a 2-core CPU).\n\n{md}\n{end}")
-        if not rest:  # no markers yet: the table goes at the end
-            head, tail = text.rstrip("\n") + "\n\n", "\n"
-        doc.write_text(head + block + tail)
+        write_block(ROOT / "docs" / "editing.md", "<!-- editing-table:begin -->", "<!-- editing-table:end -->",
+                    f"Measured by `python scripts/eval_editing.py --model demo --n {results['n']} --write-docs` "
+                    f"({results['seconds']:.0f} s in all on a 2-core CPU).\n\n{md}")
     return 0
 
 

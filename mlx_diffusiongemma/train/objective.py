@@ -92,7 +92,6 @@ class Batch:
     padded: bool | None = None
     pinned: mx.array | None = None  # [B, C] bool, positions left clean by the corruption; None: none
 
-
     def __post_init__(self):
         if self.context_tokens is None or self.padded is None:
             n = int(self.context_valid.sum().item())
