@@ -19,6 +19,13 @@ every step. Fast mode runs the same entropy-bound sampler, with the same noise s
 - `bucket`: the live-row count is padded up to a bucket (multiples of 8 to 64, then of 32),
   so the decoder and the compiled sampler see a handful of shapes instead of one per count
   (MLX compiles and plans kernels per shape). Padding rows compute on a dummy slot.
+- `eos_tail_gap`: an end-of-sequence tail frozen at first sight: when every position from some
+  position p to the end of the canvas has an end token as its argmax with a top-2 gap of at least
+  this (or is already frozen or pinned there), those positions are frozen at once, at whatever
+  step that happens, usually the first. `eos_stop` waits for the EOS to settle, which takes a
+  second full-canvas step; on a trained model most of a short answer's canvas is such a tail at
+  the first step. Their K/V stay those of the pass that predicted them (computed from their
+  noisy input tokens): the same staleness as a frozen row, one step earlier. None: off.
 - `commit_gap`: Prophet-style early commit: when every live row's top-2 gap of processed
   logits is at least this, the canvas is committed now; with `freeze`, a single row whose
   gap reaches it (and whose input already holds its argmax) is frozen without waiting for
@@ -56,18 +63,21 @@ class FastOptions:
     top_k: int | None = 64
     bucket: bool = True
     commit_gap: float | None = None
+    eos_tail_gap: float | None = 8.0
 
     def check(self) -> "FastOptions":
         if self.top_k is not None and not 1 <= self.top_k <= 4096:
             raise ValueError("fast top_k must be between 1 and 4096 (or None for the whole vocabulary)")
         if self.commit_gap is not None and not (self.commit_gap > 0 and math.isfinite(self.commit_gap)):
             raise ValueError("commit_gap must be a positive number (or None)")
+        if self.eos_tail_gap is not None and not (self.eos_tail_gap > 0 and math.isfinite(self.eos_tail_gap)):
+            raise ValueError("eos_tail_gap must be a positive number (or None)")
         return self
 
     @classmethod
     def none(cls) -> "FastOptions":
         """Every technique off: the fast loop computing the exact path."""
-        return cls(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=None)
+        return cls(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=None, eos_tail_gap=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,12 +222,15 @@ class SettleRule:
     positions whose decoder input already held the argmax token and whose argmax did not change
     since the previous step are settled (with `commit_gap`, also those whose input held the argmax
     and whose top-2 gap reaches it). `freeze` freezes them; `eos_stop` freezes a settled EOS and
-    every position after it (the commit cuts there, so they need no more work)."""
+    every position after it (the commit cuts there, so they need no more work); `eos_tail_gap`
+    freezes a tail of certain end tokens that reaches the canvas's end, without waiting for it
+    to settle."""
 
     def __init__(self, fast: FastOptions, eos_ids: tuple[int, ...], stop_at_eos: bool):
         self.fast = fast
         self.eos = mx.array(list(eos_ids) or [-1], dtype=mx.int32)
         self.eos_stop = fast.eos_stop and stop_at_eos
+        self.tail_gap = fast.eos_tail_gap if stop_at_eos else None
 
     def __call__(self, state: CanvasState, step_input: mx.array, argmax: mx.array, previous: mx.array,
                  gap: mx.array) -> CanvasState:
@@ -232,6 +245,15 @@ class SettleRule:
             is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1) & final
             after = mx.cumsum(is_eos.astype(mx.int32)) > 0  # the first final EOS and everything after it
             freeze_now = freeze_now | (after & ~state.pinned)
+        if self.tail_gap is not None:
+            is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+            certain = (gap >= self.tail_gap) & mx.isfinite(gap)
+            sure = is_eos & (certain | state.frozen | state.pinned)
+            # Every position from here to the canvas's end is a sure end token: a suffix test, so
+            # a confident EOS followed by anything else (a template's pinned text, an uncertain
+            # row) freezes nothing.
+            tail = mx.cumprod(sure.astype(mx.int32), reverse=True) > 0
+            freeze_now = freeze_now | (tail & ~state.pinned)
         return canvas_state.freeze(state, freeze_now, argmax)
 
     def commit_gap_min(self, state: CanvasState, argmax: mx.array, gap: mx.array) -> mx.array:

@@ -49,22 +49,27 @@ def log(msg: str) -> None:
     print(f"[bench-demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
-    """(label, mode, FastOptions) in table order."""
+def configurations(commit_gap: float, tail_gap: float = 8.0) -> list[tuple[str, str, Any]]:
+    """(label, mode, FastOptions) in table order. The single-technique rows start from every
+    technique off, so each one measures one technique alone."""
+    from dataclasses import replace
+
     from mlx_diffusiongemma.fast import FastOptions
 
     off = FastOptions.none()
+    full = FastOptions()
     return [
         ("exact (reference sampler)", "exact", None),
         ("fast loop, every technique off", "fast", off),
-        ("freeze settled positions only", "fast", FastOptions(freeze=True, eos_stop=False, top_k=None, bucket=False)),
-        ("freeze + bucketing", "fast", FastOptions(freeze=True, eos_stop=False, top_k=None, bucket=True)),
-        ("EOS stop only", "fast", FastOptions(freeze=False, eos_stop=True, top_k=None, bucket=False)),
-        ("top-64 sampler only", "fast", FastOptions(freeze=False, eos_stop=False, top_k=64, bucket=False)),
-        (f"early commit (gap {commit_gap:g}) only", "fast",
-         FastOptions(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=commit_gap)),
-        ("fast mode (default: freeze, EOS stop, top-64, bucketing)", "fast", FastOptions()),
-        (f"fast mode + early commit (gap {commit_gap:g})", "fast", FastOptions(commit_gap=commit_gap)),
+        ("freeze settled positions only", "fast", replace(off, freeze=True)),
+        ("freeze + bucketing", "fast", replace(off, freeze=True, bucket=True)),
+        ("EOS stop only", "fast", replace(off, eos_stop=True)),
+        (f"EOS tail at first sight (gap {tail_gap:g}) only", "fast", replace(off, eos_tail_gap=tail_gap)),
+        ("top-64 sampler only", "fast", replace(off, top_k=64)),
+        (f"early commit (gap {commit_gap:g}) only", "fast", replace(off, commit_gap=commit_gap)),
+        ("fast mode before the EOS tail (freeze, EOS stop, top-64, bucketing)", "fast", replace(full, eos_tail_gap=None)),
+        (f"fast mode (default: freeze, EOS stop, EOS tail gap {full.eos_tail_gap:g}, top-64, bucketing)", "fast", full),
+        (f"fast mode + early commit (gap {commit_gap:g})", "fast", replace(full, commit_gap=commit_gap)),
     ]
 
 

@@ -214,6 +214,38 @@ def test_a_settled_eos_ends_the_canvas():
     assert _scripted("fast", FastOptions(commit_gap=5.0, eos_stop=False)).steps_per_block == [10]
 
 
+def test_a_certain_eos_tail_freezes_at_first_sight():
+    """A tail of sure end tokens that reaches the canvas's end is frozen after the step that
+    predicts it (the first), not after it settles: the second step computes the answer rows only.
+    An uncertain row after the EOS keeps the tail live, as does a non-end token."""
+    def certain(answer):
+        model = _Scripted()
+        model.answer = mx.array(answer)
+        model._logits = lambda rows: mx.eye(40)[model.answer[mx.minimum(rows, 11)]][None] * 30.0
+        return model
+
+    def go(model, fast):
+        req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=fast,
+                      sampler=SamplerOptions(max_denoising_steps=10))
+        return list(run(model, req))[-1]
+
+    answer = [7, 8, 9, 10, 1] + [1] * 7
+    late = go(certain(answer), FastOptions(eos_tail_gap=None))
+    early = go(certain(answer), FastOptions())
+    assert early.tokens == late.tokens == [7, 8, 9, 10, 1]
+    assert late.extra["live_rows"] == [[12, 12]]
+    assert early.extra["live_rows"] == [[12, 4]]
+    # A sure EOS at 2, but position 6 is not an end token: only the suffix from 7 is a tail.
+    mixed = go(certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False))
+    assert mixed.extra["live_rows"][0][:2] == [12, 7]
+    # An uncertain tail (fresh noise after the EOS at every call) is never frozen at first sight.
+    assert _scripted("fast", FastOptions(freeze=False)).extra["live_rows"][0][1] == 12
+    # With stop_at_eos off (templates, infill), end tokens are content: nothing freezes early.
+    req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(), stop_at_eos=False,
+                  sampler=SamplerOptions(max_denoising_steps=10))
+    assert list(run(certain(answer), req))[-1].extra["live_rows"][0][1] > 4
+
+
 def test_commit_gap_commits_a_certain_canvas_at_once():
     model = _Scripted()
     model.answer = mx.array([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
@@ -235,6 +267,8 @@ def test_api_and_errors(demo):
         generate(model, tok, "x", max_tokens=8, mode="fast", fast=FastOptions(top_k=0))
     with pytest.raises(ValueError, match="commit_gap"):
         generate(model, tok, "x", max_tokens=8, mode="fast", fast=FastOptions(commit_gap=-1.0))
+    with pytest.raises(ValueError, match="eos_tail_gap"):
+        generate(model, tok, "x", max_tokens=8, mode="fast", fast=FastOptions(eos_tail_gap=float("inf")))
 
 
 def test_cli_fast_flag(tmp_path, monkeypatch):
