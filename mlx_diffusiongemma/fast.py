@@ -68,10 +68,10 @@ class FastOptions:
     def check(self) -> "FastOptions":
         if self.top_k is not None and not 1 <= self.top_k <= 4096:
             raise ValueError("fast top_k must be between 1 and 4096 (or None for the whole vocabulary)")
-        if self.commit_gap is not None and not (self.commit_gap > 0 and math.isfinite(self.commit_gap)):
-            raise ValueError("commit_gap must be a positive number (or None)")
-        if self.eos_tail_gap is not None and not (self.eos_tail_gap > 0 and math.isfinite(self.eos_tail_gap)):
-            raise ValueError("eos_tail_gap must be a positive number (or None)")
+        for name in ("commit_gap", "eos_tail_gap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number (or None)")
         return self
 
     @classmethod
@@ -232,6 +232,9 @@ class SettleRule:
         self.eos_stop = fast.eos_stop and stop_at_eos
         self.tail_gap = fast.eos_tail_gap if stop_at_eos else None
 
+    def _is_eos(self, argmax: mx.array) -> mx.array:
+        return mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+
     def __call__(self, state: CanvasState, step_input: mx.array, argmax: mx.array, previous: mx.array,
                  gap: mx.array) -> CanvasState:
         """All arrays `[C]`; `gap` is +inf at rows not computed this step (they cannot settle by gap)."""
@@ -242,11 +245,11 @@ class SettleRule:
         freeze_now = settled if self.fast.freeze else mx.zeros_like(settled)
         if self.eos_stop:
             final = settled | state.pinned  # final tokens: frozen or given
-            is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1) & final
+            is_eos = self._is_eos(argmax) & final
             after = mx.cumsum(is_eos.astype(mx.int32)) > 0  # the first final EOS and everything after it
             freeze_now = freeze_now | (after & ~state.pinned)
         if self.tail_gap is not None:
-            is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+            is_eos = self._is_eos(argmax)
             certain = (gap >= self.tail_gap) & mx.isfinite(gap)
             sure = is_eos & (certain | state.frozen | state.pinned)
             # Every position from here to the canvas's end is a sure end token: a suffix test, so
@@ -262,7 +265,7 @@ class SettleRule:
         at least `commit_gap`, or pinned): what comes after it is cut by the commit anyway."""
         considered = ~state.pinned
         if self.eos_stop and self.fast.commit_gap is not None:
-            is_eos = mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+            is_eos = self._is_eos(argmax)
             certain = is_eos & ((gap >= self.fast.commit_gap) | state.pinned)
             after = (mx.cumsum(certain.astype(mx.int32)) - certain.astype(mx.int32)) > 0  # strictly after it
             considered = considered & ~after

@@ -49,7 +49,7 @@ def log(msg: str) -> None:
     print(f"[bench-demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def configurations(commit_gap: float, tail_gap: float = 8.0) -> list[tuple[str, str, Any]]:
+def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
     """(label, mode, FastOptions) in table order. The single-technique rows start from every
     technique off, so each one measures one technique alone."""
     from dataclasses import replace
@@ -64,7 +64,7 @@ def configurations(commit_gap: float, tail_gap: float = 8.0) -> list[tuple[str, 
         ("freeze settled positions only", "fast", replace(off, freeze=True)),
         ("freeze + bucketing", "fast", replace(off, freeze=True, bucket=True)),
         ("EOS stop only", "fast", replace(off, eos_stop=True)),
-        (f"EOS tail at first sight (gap {tail_gap:g}) only", "fast", replace(off, eos_tail_gap=tail_gap)),
+        (f"EOS tail at first sight (gap {full.eos_tail_gap:g}) only", "fast", replace(off, eos_tail_gap=full.eos_tail_gap)),
         ("top-64 sampler only", "fast", replace(off, top_k=64)),
         (f"early commit (gap {commit_gap:g}) only", "fast", replace(off, commit_gap=commit_gap)),
         ("fast mode before the EOS tail (freeze, EOS stop, top-64, bucketing)", "fast", replace(full, eos_tail_gap=None)),

@@ -190,6 +190,14 @@ class _Scripted:
         return mx.zeros((*idx.shape[:-1], 4))
 
 
+def _certain(answer):
+    """A scripted model sure of `answer` at every position (top-2 gap 30), tail included."""
+    model = _Scripted()
+    model.answer = mx.array(answer)
+    model._logits = lambda rows: mx.eye(40)[model.answer[mx.minimum(rows, 11)]][None] * 30.0
+    return model
+
+
 def _scripted(mode, fast=None, steps=10):
     model = _Scripted()
     req = Request([3, 4], max_tokens=12, seed=0, mode=mode, fast=fast,
@@ -218,39 +226,31 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
     """A tail of sure end tokens that reaches the canvas's end is frozen after the step that
     predicts it (the first), not after it settles: the second step computes the answer rows only.
     An uncertain row after the EOS keeps the tail live, as does a non-end token."""
-    def certain(answer):
-        model = _Scripted()
-        model.answer = mx.array(answer)
-        model._logits = lambda rows: mx.eye(40)[model.answer[mx.minimum(rows, 11)]][None] * 30.0
-        return model
-
     def go(model, fast):
         req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=fast,
                       sampler=SamplerOptions(max_denoising_steps=10))
         return list(run(model, req))[-1]
 
     answer = [7, 8, 9, 10, 1] + [1] * 7
-    late = go(certain(answer), FastOptions(eos_tail_gap=None))
-    early = go(certain(answer), FastOptions())
+    late = go(_certain(answer), FastOptions(eos_tail_gap=None))
+    early = go(_certain(answer), FastOptions())
     assert early.tokens == late.tokens == [7, 8, 9, 10, 1]
     assert late.extra["live_rows"] == [[12, 12]]
     assert early.extra["live_rows"] == [[12, 4]]
     # A sure EOS at 2, but position 6 is not an end token: only the suffix from 7 is a tail.
-    mixed = go(certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False))
+    mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False))
     assert mixed.extra["live_rows"][0][:2] == [12, 7]
     # An uncertain tail (fresh noise after the EOS at every call) is never frozen at first sight.
     assert _scripted("fast", FastOptions(freeze=False)).extra["live_rows"][0][1] == 12
     # With stop_at_eos off (templates, infill), end tokens are content: nothing freezes early.
     req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(), stop_at_eos=False,
                   sampler=SamplerOptions(max_denoising_steps=10))
-    assert list(run(certain(answer), req))[-1].extra["live_rows"][0][1] > 4
+    assert list(run(_certain(answer), req))[-1].extra["live_rows"][0][1] > 4
 
 
 def test_commit_gap_commits_a_certain_canvas_at_once():
-    model = _Scripted()
-    model.answer = mx.array([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
+    model = _certain([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
     req = lambda **kw: Request([3], max_tokens=12, seed=0, sampler=SamplerOptions(max_denoising_steps=10), **kw)  # noqa: E731
-    model._logits = lambda rows: mx.eye(40)[model.answer[mx.minimum(rows, 11)]][None] * 30.0
     exact = list(run(model, req()))[-1]
     early = list(run(model, req(mode="fast", fast=FastOptions(commit_gap=5.0))))[-1]
     assert early.tokens == exact.tokens == model.answer.tolist()
