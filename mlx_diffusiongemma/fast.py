@@ -30,11 +30,15 @@ every step. Fast mode runs the same entropy-bound sampler, with the same noise s
   logits is at least this, the canvas is committed now; with `freeze`, a single row whose
   gap reaches it (and whose input already holds its argmax) is frozen without waiting for
   the argmax to repeat. None: off.
+- `stop_mean_over_canvas`: the stop test's mean entropy divides by every position the request did
+  not pin, frozen ones counting as certain (entropy 0), as a settled row adds ~0 to the
+  reference's whole-canvas mean. Off: it divides by the rows computed at the step, so once a tail
+  is frozen the few answer rows alone must get below the threshold.
 
 The stop test is the reference's (argmax canvas stable over `stability_threshold` steps and
-mean entropy below `confidence_threshold`), with the mean taken over the rows computed at that
-step (frozen and dropped rows are certain: they would only lower it). With every technique off
-this loop computes every row at every step and gives the exact path's tokens (a test checks it).
+mean entropy below `confidence_threshold`), the mean as `stop_mean_over_canvas` says. With
+every technique off this loop computes every row at every step and gives the exact path's
+tokens (a test checks it).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class FastOptions:
     bucket: bool = True
     commit_gap: float | None = None
     eos_tail_gap: float | None = 8.0
+    stop_mean_over_canvas: bool = True
 
     def check(self) -> "FastOptions":
         if self.top_k is not None and not 1 <= self.top_k <= 4096:
@@ -77,7 +82,8 @@ class FastOptions:
     @classmethod
     def none(cls) -> "FastOptions":
         """Every technique off: the fast loop computing the exact path."""
-        return cls(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=None, eos_tail_gap=None)
+        return cls(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=None, eos_tail_gap=None,
+                   stop_mean_over_canvas=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +342,16 @@ def denoise_block(model, cache, block: int, opts, request, noise, decode, fast: 
         if soft_buf is None:
             soft_buf = mx.zeros((1, c + 1, soft_rows.shape[-1]), dtype=soft_rows.dtype)
         soft_buf = mx.put_along_axis(soft_buf, mx.broadcast_to(rows[None, :, None], soft_rows.shape), soft_rows, axis=1)
-        # The stop test: the whole argmax canvas stable; the mean entropy over the computed rows
-        # that are not pinned (FROZEN and PINNED positions are certain; canvas.py's convention).
+        # The stop test: the whole argmax canvas stable, and the mean entropy below the threshold.
+        # Its numerator sums the computed rows that are not pinned (FROZEN and PINNED positions
+        # are certain, entropy 0: canvas.py's convention). Its denominator counts those rows, or
+        # with `stop_mean_over_canvas` every position not pinned by the request (frozen ones
+        # included): the reference averages over the whole canvas, where a settled row adds ~0.
         counted = valid & ~pad1(state.pinned)[rows][None]
-        n_counted = mx.maximum(counted.sum(), 1)
+        if fast.stop_mean_over_canvas:
+            n_counted = mx.maximum((~(state.pinned & ~state.frozen)).sum(), 1)
+        else:
+            n_counted = mx.maximum(counted.sum(), 1)
         mean_entropy = mx.where(counted, res.entropy, 0.0).sum() / n_counted
         stop = sampler.is_stable(history, argmax) & (mean_entropy < opts.confidence_threshold)
         history = sampler.push_history(history, argmax)

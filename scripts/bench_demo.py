@@ -67,7 +67,9 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
         (f"EOS tail at first sight (gap {full.eos_tail_gap:g}) only", "fast", replace(off, eos_tail_gap=full.eos_tail_gap)),
         ("top-64 sampler only", "fast", replace(off, top_k=64)),
         (f"early commit (gap {commit_gap:g}) only", "fast", replace(off, commit_gap=commit_gap)),
-        ("fast mode before the EOS tail (freeze, EOS stop, top-64, bucketing)", "fast", replace(full, eos_tail_gap=None)),
+        ("fast mode before the EOS tail (freeze, EOS stop, top-64, bucketing)", "fast",
+         replace(full, eos_tail_gap=None, stop_mean_over_canvas=False)),
+        ("fast mode, stop mean over the computed rows only", "fast", replace(full, stop_mean_over_canvas=False)),
         (f"fast mode (default: freeze, EOS stop, EOS tail gap {full.eos_tail_gap:g}, top-64, bucketing)", "fast", full),
         (f"fast mode + early commit (gap {commit_gap:g})", "fast", replace(full, commit_gap=commit_gap)),
     ]

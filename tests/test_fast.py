@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -246,6 +248,38 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
     req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(), stop_at_eos=False,
                   sampler=SamplerOptions(max_denoising_steps=10))
     assert list(run(_certain(answer), req))[-1].extra["live_rows"][0][1] > 4
+
+
+def test_the_stop_mean_counts_frozen_rows_as_certain():
+    """With the certain EOS tail frozen, the stop test's mean entropy divides by the whole canvas
+    (the frozen rows add 0), as the reference's does over rows that add ~0; over the computed
+    rows only it is C / live times larger and the canvas runs on."""
+    model = _Scripted()
+    answer = mx.array([7, 8, 9, 10, 1] + [1] * 7)
+    # Rows 0-4 fairly sure (top-2 gap 3, so their entropy is well above 0); the tail 5-11 certain.
+    model._logits = lambda rows: mx.eye(40)[answer[mx.minimum(rows, 11)]][None] * mx.where(
+        rows < 5, 3.0, 30.0)[None, :, None]
+
+    def go(mode, threshold, fast=None):
+        req = Request([3, 4], max_tokens=12, seed=0, mode=mode, fast=fast,
+                      sampler=SamplerOptions(max_denoising_steps=10, confidence_threshold=threshold))
+        return list(run(model, req))
+
+    only_tail = FastOptions(freeze=False, eos_stop=False, top_k=None)
+    probe = [e.mean_entropy for e in go("exact", 1e-9) if isinstance(e, StepEvent)]
+    over_canvas = [e for e in go("fast", 1e-9, only_tail) if isinstance(e, StepEvent)]
+    computed = [e for e in go("fast", 1e-9, replace(only_tail, stop_mean_over_canvas=False))
+                if isinstance(e, StepEvent)]
+    assert [e.live_rows for e in over_canvas][:2] == [12, 5]
+    np.testing.assert_allclose([e.mean_entropy for e in over_canvas], probe, rtol=1e-5)
+    np.testing.assert_allclose([e.mean_entropy for e in computed[1:]], np.array(probe[1:]) * 12 / 5, rtol=1e-5)
+    # The entropy falls as the temperature does; a threshold below every computed-rows mean but
+    # above the last steps' canvas means: the reference and the canvas mean stop, the other does not.
+    threshold = 0.9 * min(probe) * 12 / 5
+    exact = go("exact", threshold)[-1]
+    assert exact.steps_per_block[0] < 10
+    assert go("fast", threshold, only_tail)[-1].steps_per_block == exact.steps_per_block
+    assert go("fast", threshold, replace(only_tail, stop_mean_over_canvas=False))[-1].steps_per_block == [10]
 
 
 def test_commit_gap_commits_a_certain_canvas_at_once():
