@@ -96,6 +96,36 @@ def test_two_stage_top_k_is_exact(vocab, k, chunk):
     assert int(np.array(idx)[0, 0, 0]) == int(np.argmax(x[0, 0]))
 
 
+def test_top_k_sampler_decides_as_the_full_one_when_the_tail_is_empty():
+    """With every token outside the top k at zero probability, the top-k sampler math makes the
+    full-vocabulary decisions on the same uniforms: the draw (inverse CDF in token-id order, as
+    `sampler.draw_tokens`), argmax, top-2 gap, entropy, acceptance and next input."""
+    from mlx_diffusiongemma.fast import row_step
+
+    rng = np.random.default_rng(0)
+    rows, vocab, k = 48, 800, 64
+    logits = np.full((1, rows, vocab), -np.inf, dtype=np.float32)
+    for r in range(rows):  # 40 live tokens per row at random ids, some rows sharp, some flat
+        ids = rng.choice(vocab, 40, replace=False)
+        logits[0, r, ids] = rng.normal(size=40) * rng.choice([0.5, 3.0, 10.0])
+    args = (mx.array(logits), mx.array(rng.integers(0, vocab, (1, rows)), dtype=mx.int32), mx.array(0.6),
+            mx.array(rng.random((1, rows)), dtype=mx.float32), mx.array(rng.integers(0, vocab, (1, rows)), dtype=mx.int32),
+            mx.ones((1, rows), dtype=mx.bool_), mx.zeros((1, rows), dtype=mx.bool_), mx.zeros((1, rows), dtype=mx.int32))
+    full = row_step(*args, 0.1, None)
+    top = row_step(*args, 0.1, k)
+    for name in ("tokens", "greedy", "accepted"):
+        assert getattr(top, name).tolist() == getattr(full, name).tolist(), name
+    np.testing.assert_allclose(np.array(top.gap), np.array(full.gap), rtol=1e-6)
+    # The top-k entropy bounds the float32 rounding of the tail mass (~1e-7) from above.
+    np.testing.assert_allclose(np.array(top.entropy), np.array(full.entropy), rtol=1e-4, atol=5e-5)
+    assert (np.array(top.entropy) >= np.array(full.entropy) - 1e-6).all()
+    assert 0 < int(full.accepted.sum().item()) < rows  # the acceptance rule really chose
+    # Every row accepted: the next inputs are the draws themselves, flat rows included.
+    draws_full, draws_top = row_step(*args, 1e9, None).tokens, row_step(*args, 1e9, k).tokens
+    assert draws_top.tolist() == draws_full.tolist()
+    assert (draws_full != full.greedy).sum().item() > 5  # not just the argmax
+
+
 def test_bucket_rows_bounds_the_number_of_shapes():
     for c in (32, 64, 256):
         sizes = {bucket_rows(n, c) for n in range(1, c + 1)}
@@ -210,13 +240,14 @@ def _scripted(mode, fast=None, steps=10):
 def test_a_settled_eos_ends_the_canvas():
     exact = _scripted("exact")
     assert exact.steps_per_block == [10]  # the uncertain tail never lets the reference stop
-    for fast in (FastOptions(eos_stop=True, freeze=True), FastOptions(eos_stop=True, freeze=False, top_k=None)):
+    for fast in (FastOptions(eos_stop=True, freeze=True, commit_gap=None),
+                 FastOptions(eos_stop=True, freeze=False, top_k=None, commit_gap=None)):
         result = _scripted("fast", fast)
         assert result.tokens == [7, 8, 9, 10, 1] == exact.tokens
         assert result.steps_per_block[0] < 10
         assert sum(result.extra["live_rows"][0]) < 12 * 10
         print(f"\n{fast}: steps {result.steps_per_block}, rows {result.extra['live_rows']}")
-    no_eos = _scripted("fast", FastOptions(eos_stop=False))
+    no_eos = _scripted("fast", FastOptions(eos_stop=False, commit_gap=None))
     assert no_eos.steps_per_block == [10]
     # Early commit looks only up to a certain EOS: the uncertain tail after it does not block it.
     early = _scripted("fast", FastOptions(commit_gap=5.0))
@@ -234,18 +265,18 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
         return list(run(model, req))[-1]
 
     answer = [7, 8, 9, 10, 1] + [1] * 7
-    late = go(_certain(answer), FastOptions(eos_tail_gap=None))
-    early = go(_certain(answer), FastOptions())
+    late = go(_certain(answer), FastOptions(eos_tail_gap=None, commit_gap=None))
+    early = go(_certain(answer), FastOptions(commit_gap=None))
     assert early.tokens == late.tokens == [7, 8, 9, 10, 1]
     assert late.extra["live_rows"] == [[12, 12]]
     assert early.extra["live_rows"] == [[12, 4]]
     # A sure EOS at 2, but position 6 is not an end token: only the suffix from 7 is a tail.
-    mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False))
+    mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False, commit_gap=None))
     assert mixed.extra["live_rows"][0][:2] == [12, 7]
     # An uncertain tail (fresh noise after the EOS at every call) is never frozen at first sight.
-    assert _scripted("fast", FastOptions(freeze=False)).extra["live_rows"][0][1] == 12
+    assert _scripted("fast", FastOptions(freeze=False, commit_gap=None)).extra["live_rows"][0][1] == 12
     # With stop_at_eos off (templates, infill), end tokens are content: nothing freezes early.
-    req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(), stop_at_eos=False,
+    req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(commit_gap=None), stop_at_eos=False,
                   sampler=SamplerOptions(max_denoising_steps=10))
     assert list(run(_certain(answer), req))[-1].extra["live_rows"][0][1] > 4
 
@@ -265,7 +296,7 @@ def test_the_stop_mean_counts_frozen_rows_as_certain():
                       sampler=SamplerOptions(max_denoising_steps=10, confidence_threshold=threshold))
         return list(run(model, req))
 
-    only_tail = FastOptions(freeze=False, eos_stop=False, top_k=None)
+    only_tail = FastOptions(freeze=False, eos_stop=False, top_k=None, commit_gap=None)
     probe = [e.mean_entropy for e in go("exact", 1e-9) if isinstance(e, StepEvent)]
     over_canvas = [e for e in go("fast", 1e-9, only_tail) if isinstance(e, StepEvent)]
     computed = [e for e in go("fast", 1e-9, replace(only_tail, stop_mean_over_canvas=False))
