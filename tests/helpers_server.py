@@ -67,3 +67,21 @@ class ScriptedModel:
         target = [self.script[i] if i < len(self.script) else self._end for i in range(offset, offset + c)]
         onehot = mx.array(target)[:, None] == mx.arange(v)[None, :]
         return mx.where(onehot, 30.0, -30.0)[None].astype(mx.float32)
+
+
+class EndlessModel:
+    """The demo model with its end tokens' logits far below the rest (finite: the engine rejects
+    non-finite logits): they are never drawn and a reply runs to max_tokens, so a test that
+    cancels a request in flight does not race a reply that ends on its own."""
+
+    def __init__(self, model):
+        self._model = model
+        self._ends = mx.array(list(model.generation.eos_token_ids), dtype=mx.int32)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def denoise(self, canvas_ids, cache, self_conditioning=None, **kw):
+        logits = self._model.denoise(canvas_ids, cache, self_conditioning, **kw)
+        is_end = (mx.arange(logits.shape[-1])[:, None] == self._ends[None, :]).any(axis=-1)
+        return mx.where(is_end, -1e4, logits)  # softcapped logits stay within +-30

@@ -30,7 +30,7 @@ from mlx_diffusiongemma.demo import SPECIAL_TOKENS, TURN_END, ensure_demo
 from mlx_diffusiongemma.server import ServerConfig, create_app
 from mlx_diffusiongemma.server.textstream import TextStream
 
-from helpers_server import ScriptedModel, running
+from helpers_server import EndlessModel, ScriptedModel, running
 
 CANVAS = 32
 FAST = {"max_denoising_steps": 4}  # keeps every request short on a CPU
@@ -451,7 +451,10 @@ def _open_stream(url: str, payload: str) -> socket.socket:
 def test_full_queue_answers_503_and_disconnects_cancel(demo):
     model, tok = demo
     long = body(max_tokens=CANVAS * 40, stream=True, max_denoising_steps=16)
-    with running(create_app(model, tok, ServerConfig(model_id="demo", max_active=1, max_queue=1))) as url:
+    # A reply of random weights can end early, before the server sees the client gone (it polls
+    # every 0.25 s): the model here never ends a reply, so each request is still running then.
+    endless = EndlessModel(model)
+    with running(create_app(endless, tok, ServerConfig(model_id="demo", max_active=1, max_queue=1))) as url:
         a = _open_stream(url, long)  # being denoised
         b = _open_stream(url, long)  # waiting (its first event, the role chunk, comes at once)
         deadline = time.monotonic() + 10
