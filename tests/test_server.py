@@ -189,6 +189,60 @@ def test_drafts_stream_extension(server, demo):
     assert text == (plain.choices[0].message.content or "")
 
 
+def test_fast_mode_over_http(server, demo):
+    """`mode: "fast"` runs fast mode: the tokens of the engine's fast path for the same prompt and
+    seed, streamed or not, and alongside an exact request each keeps its solo result."""
+    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
+
+    model, tok = demo
+    eos = set(model.generation.eos_token_ids)
+    c = client(server)
+    ids = tok.encode("Sort these numbers: 42 7 19")
+    kw = dict(model="demo", prompt=ids, max_tokens=70, seed=4)
+    fast = c.completions.create(**kw, extra_body={**FAST, "mode": "fast"})
+    exact = c.completions.create(**kw, extra_body={**FAST, "mode": "exact"})
+    assert fast.model_extra["timings"]["mode"] == "fast" and exact.model_extra["timings"]["mode"] == "exact"
+    for mode, answer in (("fast", fast), ("exact", exact)):
+        ref = list(run(model, Request(ids, max_tokens=70, seed=4, mode=mode,
+                                      sampler=SamplerOptions(max_denoising_steps=4))))[-1]
+        assert answer.usage.completion_tokens == len(ref.tokens)
+        assert answer.choices[0].text == tok.decode([t for t in ref.tokens if t not in eos])
+    assert fast.model_extra["timings"]["steps_per_block"] != exact.model_extra["timings"]["steps_per_block"] or (
+        fast.choices[0].text != exact.choices[0].text)  # the two paths really differ here
+    streamed = "".join(p.choices[0].text for p in c.completions.create(
+        **kw, stream=True, extra_body={**FAST, "mode": "fast"}))
+    assert streamed == fast.choices[0].text
+    # In-canvas streaming pins what it emits; fast mode keeps pins, so the stream completes whole.
+    parts = list(c.completions.create(**kw, stream=True, stream_options={"in_canvas": True},
+                                      extra_body={**FAST, "mode": "fast", "in_canvas_stability": 1}))
+    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    assert len("".join(p.choices[0].text for p in parts)) > 0
+    # A fast request and an exact one at once: each gives its solo text.
+    got, errors = {}, []
+
+    def one(mode):
+        try:
+            got[mode] = client(server).completions.create(**kw, extra_body={**FAST, "mode": mode}).choices[0].text
+        except Exception as e:  # collected: an assert in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(m,)) for m in ("fast", "exact")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == {"fast": fast.choices[0].text, "exact": exact.choices[0].text}
+
+
+def test_server_default_mode(demo):
+    model, tok = demo
+    with pytest.raises(ValueError, match="default_mode"):
+        create_app(model, tok, ServerConfig(default_mode="quick"))
+    with running(create_app(model, tok, ServerConfig(model_id="demo", default_mode="fast"))) as url:
+        r = client(url).completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body=FAST)
+        assert r.model_extra["timings"]["mode"] == "fast"
+
+
 def test_concurrent_streams_each_equal_their_solo_result(server):
     """Batched denoising changes no request's tokens: each of 4 concurrent streams equals the
     same request made alone."""
@@ -389,6 +443,8 @@ def body(**kw):
     (body(stream_options={"include_usage": True}), 400, "stream_options"),
     (body(tools="nope"), 400, "tools"),
     (body(seed=-1), 400, "seed"),
+    (body(mode="quick"), 400, "mode"),
+    (body(mode=1), 400, "mode"),
 ])
 def test_bad_requests_get_openai_errors(server, payload, status, param):
     got, answer = raw(server, "POST", CHAT, payload)
@@ -498,7 +554,7 @@ def test_cli_serve(demo_home):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "mlx_diffusiongemma.cli.app", "serve", "--model", "demo",
-                             "--port", str(port), "--log-level", "WARNING"],
+                             "--port", str(port), "--log-level", "WARNING", "--fast"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -512,6 +568,9 @@ def test_cli_serve(demo_home):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
             time.sleep(0.2)
         assert [m.id for m in client(url).models.list().data] == ["demo"]
+        # --fast: a request that names no mode runs fast mode.
+        r = client(url).completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body=FAST)
+        assert r.model_extra["timings"]["mode"] == "fast"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

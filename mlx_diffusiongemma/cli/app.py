@@ -523,6 +523,9 @@ def serve(
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body.")] = 4096,
     prompt_cache_size: Annotated[int, typer.Option("--prompt-cache-size", min=0, help="KV caches kept.")] = 8,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    fast: Annotated[bool, typer.Option(
+        "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode, or the exact "
+        "reference sampler (default; batched across requests).")] = False,
     offline: Offline = False,
     debug: Debug = False,
 ):
@@ -536,7 +539,8 @@ def serve(
         run_server(model=model, host=host, port=port, api_key=api_key, log_level=log_level,
                    chat_template_args=chat_template_args, load=lambda: _load(model, offline, ui, adapter_path), ui=ui,
                    default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit, max_active=max_concurrency,
-                   max_queue=max_queue, max_body_bytes=max_body_kb * 1024, prompt_cache_size=prompt_cache_size)
+                   max_queue=max_queue, max_body_bytes=max_body_kb * 1024, prompt_cache_size=prompt_cache_size,
+                   default_mode="fast" if fast else "exact")
 
 
 @app.command()

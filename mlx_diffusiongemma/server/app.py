@@ -43,6 +43,7 @@ class ServerConfig:
     prompt_cache_size: int = 8
     chat_template_args: dict[str, Any] = field(default_factory=dict)
     disconnect_poll_s: float = 0.25
+    default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
 
 
 class Disconnected(Exception):
@@ -52,8 +53,10 @@ class Disconnected(Exception):
 def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlette:
     """An app serving `model`; the engine thread starts and stops with the app's lifespan."""
     config = config or ServerConfig()
+    if config.default_mode not in P.MODES:
+        raise ValueError(f"default_mode must be one of {P.MODES}, not {config.default_mode!r}")
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
-                    prompt_cache_size=config.prompt_cache_size)
+                    prompt_cache_size=config.prompt_cache_size, default_mode=config.default_mode)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -348,5 +351,5 @@ def _finish_reason(finish: str, text: TextStream, delta: Delta) -> str:
 
 def _timings(info: dict) -> dict[str, Any]:
     keys = ("prefill_time", "queued_time", "generation_time", "generation_tps", "tokens_per_forward",
-            "steps_per_block", "seed")
+            "steps_per_block", "seed", "mode")
     return {k: info[k] for k in keys if k in info}

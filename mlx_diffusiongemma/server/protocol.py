@@ -22,6 +22,8 @@ SAMPLER_FIELDS = {
     "max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
     "stability_threshold": int, "confidence_threshold": float,
 }
+# The engine's paths (engine.Request.mode): the reference sampler, or fast mode (docs/fast-mode.md).
+MODES = ("exact", "fast")
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256
 
@@ -64,6 +66,7 @@ class Params:
     in_canvas_max_entropy: float = 0.5
     sampler: SamplerOptions = SamplerOptions()
     has_tools: bool = False
+    mode: str | None = None  # "exact" | "fast"; None: the server's default (`dgemma serve --fast`)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -136,6 +139,9 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
         raise bad("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     knobs = {name: _number(body, name, typ, lo=0) for name, typ in SAMPLER_FIELDS.items()}
     sampler = SamplerOptions(**knobs)
+    mode = body.get("mode")
+    if mode is not None and mode not in MODES:
+        raise bad(f"'mode' must be one of {', '.join(repr(m) for m in MODES)}", param="mode")
     return Params(
         kind=kind, model=model, max_tokens=max_tokens or default_max_tokens, seed=seed,
         stop=[s for s in stop if s], stream=stream,
@@ -143,6 +149,7 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
         in_canvas=_bool(options, "in_canvas"), sampler=sampler,
         in_canvas_stability=_number(body, "in_canvas_stability", int, lo=1, hi=64) or 2,
         in_canvas_max_entropy=_or(_number(body, "in_canvas_max_entropy", float, lo=0), 0.5),
+        mode=mode,
     )
 
 

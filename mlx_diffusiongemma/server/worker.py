@@ -85,8 +85,9 @@ class TokenLabels:
 
 class Worker:
     def __init__(self, model, tokenizer, *, max_active: int = 4, max_queue: int = 16,
-                 prompt_cache_size: int = 8):
+                 prompt_cache_size: int = 8, default_mode: str = "exact"):
         self.model = model
+        self.default_mode = default_mode
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.max_queue = max(0, max_queue)
@@ -223,7 +224,8 @@ class Worker:
         streamer = None
         if p.in_canvas:
             streamer = PrefixStreamer(self.eos_ids, p.max_tokens, p.in_canvas_stability, p.in_canvas_max_entropy)
-        request = Request([], max_tokens=p.max_tokens, sampler=p.sampler, seed=p.seed,
+        mode = p.mode or self.default_mode
+        request = Request([], max_tokens=p.max_tokens, sampler=p.sampler, seed=p.seed, mode=mode,
                           hooks=(streamer,) if streamer else ())
         detok = self.tokenizer.detokenizer
         eos = set(self.eos_ids)
@@ -235,7 +237,11 @@ class Worker:
             return ("text", {"text": detok.last_segment, "tokens": len(tokens), **extra})
 
         produced = 0
-        events = run(model, request, cache=cache, external_decoder=True)
+        # The exact path hands its decoder passes to the worker, which batches them across jobs.
+        # Fast mode runs its own passes over a different set of live rows at every step (no
+        # batching across requests): each step is one turn of this job, so the others go on.
+        batched = mode == "exact"
+        events = run(model, request, cache=cache, external_decoder=batched)
         logits = None
         try:
             while True:
@@ -254,6 +260,8 @@ class Worker:
                         emitted = streamer.take()
                         if emitted:  # a settled prefix, pinned: it will be committed as it is
                             yield text(emitted, block=event.block, step=event.step)
+                    if not batched:
+                        yield None  # this step was this job's decoder pass: its turn ends
                 elif isinstance(event, BlockEvent):
                     sent = streamer.emitted_in(event.block) if streamer is not None else []
                     if event.tokens[: len(sent)] != sent:  # pins are committed as given: never
@@ -278,6 +286,7 @@ class Worker:
                         "generation_time": event.generation_time,
                         "generation_tps": event.generation_tps,
                         "seed": event.extra.get("seed"),
+                        "mode": mode,
                     })
         finally:
             events.close()
