@@ -158,3 +158,33 @@ def test_web_chat_shows_blocks_condensing(page_url, browser, tmp_path):
     assert max(counts, key=counts.get) == bytes.fromhex("101418")
     if os.environ.get("DGEMMA_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["DGEMMA_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_web_chat_fast_mode_checkbox(page_url, browser):
+    """The "fast mode" box sends `mode: "fast"`: the reply is the API's fast reply for the same
+    request, and the stats line names the mode."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page_url + "/")
+    WebDriverWait(browser, 20).until(lambda d: "demo" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("96")
+    browser.find_element(By.ID, "seed").send_keys("11")
+    browser.find_element(By.ID, "fast").click()
+    browser.find_element(By.ID, "prompt").send_keys("Tell me about diffusion")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+    answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .answer").get_attribute("textContent")
+    from urllib.request import Request, urlopen
+
+    def reply(mode):
+        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Tell me about diffusion"}],
+                           "max_tokens": 96, "seed": 11, "chat_template_kwargs": {"enable_thinking": False},
+                           "mode": mode})
+        with urlopen(Request(page_url + "/v1/chat/completions", body.encode(),
+                             {"Content-Type": "application/json"}), timeout=60) as r:
+            return json.load(r)["choices"][0]["message"]["content"] or ""
+
+    assert answer == reply("fast") != reply("exact")
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text.endswith("· fast")
