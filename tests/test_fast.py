@@ -353,6 +353,22 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
         result = runner.invoke(cli.app, [*args, flag], prog_name="dgemma")
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["mode"] == mode
+    # The technique flags build the FastOptions the API takes: the same text as generate(...),
+    # on a prompt where the three settings give three different texts.
+    model, tok = load("demo")
+    prompt = "Reverse: 3 8 1 9"
+    texts = set()
+    for extra, options in (([], FastOptions()), (["--fast-commit-gap", "0"], FastOptions(commit_gap=None)),
+                           (["--no-fast-eos-tail", "--fast-commit-gap", "3"], FastOptions(eos_tail_gap=None, commit_gap=3.0))):
+        result = runner.invoke(cli.app, ["generate", "--model", "demo", "--max-tokens", "32", "--seed", "2",
+                                         "-p", prompt, "--json", "--fast", *extra], prog_name="dgemma")
+        assert result.exit_code == 0, result.output
+        api = generate(model, tok, prompt, max_tokens=32, seed=2, mode="fast", fast=options)
+        assert json.loads(result.stdout)["text"] == api.text
+        texts.add(api.text)
+    assert len(texts) == 3
+    bad = runner.invoke(cli.app, [*args, "--fast-commit-gap", "2"], prog_name="dgemma")
+    assert bad.exit_code == 1 and "add --fast" in bad.output
 
 
 def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():

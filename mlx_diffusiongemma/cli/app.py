@@ -85,6 +85,13 @@ Confidence = Annotated[Optional[float], typer.Option(
 Fast = Annotated[bool, typer.Option(
     "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; see docs/performance.md) "
                            "or the exact reference sampler.")]
+FastCommitGap = Annotated[Optional[float], typer.Option(
+    "--fast-commit-gap", min=0, callback=_finite,
+    help="Fast mode: commit a canvas once every live position's top-2 gap of logits reaches this "
+         "(0: off; default 1.5, tuned on the demo model: measure it on yours).")]
+FastEosTail = Annotated[Optional[bool], typer.Option(
+    "--fast-eos-tail/--no-fast-eos-tail",
+    help="Fast mode: freeze a certain end-of-text tail right after the step that predicts it (default on).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
 AdapterPath = Annotated[Optional[str], typer.Option(
     "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
@@ -105,6 +112,24 @@ def _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence
 
 
 # -- errors ----------------------------------------------------------------------------------------
+
+
+def _fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None):
+    """The FastOptions the fast-mode flags ask for (None: the defaults); the flags need --fast."""
+    if commit_gap is None and eos_tail is None:
+        return None
+    if not fast:
+        raise ValueError("--fast-commit-gap and --fast-eos-tail apply to fast mode: add --fast")
+    from dataclasses import replace
+
+    from mlx_diffusiongemma.fast import FastOptions
+
+    options = FastOptions()
+    if commit_gap is not None:
+        options = replace(options, commit_gap=commit_gap or None)
+    if eos_tail is False:
+        options = replace(options, eos_tail_gap=None)
+    return options
 
 
 def _fail(message: str, code: int = 1):
@@ -232,6 +257,8 @@ def chat(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     fast: Fast = False,
+    fast_commit_gap: FastCommitGap = None,
+    fast_eos_tail: FastEosTail = None,
     image: Images = None,
     text_only: TextOnly = False,
     offline: Offline = False,
@@ -247,6 +274,9 @@ def chat(
         if system is not None:
             check_text(system, "the system prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
+        fast_options = _fast_options(fast, fast_commit_gap, fast_eos_tail)
+        if fast_options is not None:
+            sampler["fast"] = fast_options
         from .images import check_image_options, preprocess
 
         check_image_options(image, text_only)
@@ -281,6 +311,8 @@ def generate(
     stability_threshold: Stability = None,
     confidence_threshold: Confidence = None,
     fast: Fast = False,
+    fast_commit_gap: FastCommitGap = None,
+    fast_eos_tail: FastEosTail = None,
     image: Images = None,
     text_only: TextOnly = False,
     offline: Offline = False,
@@ -305,7 +337,10 @@ def generate(
         if not prompt.strip():
             _fail("empty prompt")
         sampler = _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold)
+        fast_options = _fast_options(fast, fast_commit_gap, fast_eos_tail)
         if distributed.launched():  # docs/distributed.md
+            if fast_options is not None:
+                _fail("--fast-commit-gap / --fast-eos-tail are not supported under mlx.launch yet")
             if image:
                 _fail("--image is not supported under mlx.launch yet")
             if adapter_path:
@@ -326,7 +361,8 @@ def generate(
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
         events = stream_generate(llm, tokenizer, messages, max_tokens=max_tokens, seed=seed,
-                                 thinking=think, mode="fast" if fast else "exact", images=images, **sampler)
+                                 thinking=think, mode="fast" if fast else "exact", images=images,
+                                 fast=fast_options, **sampler)
         if as_json:
             view = PlainView(io.StringIO())  # the text goes into the JSON object
         elif not terminal:
