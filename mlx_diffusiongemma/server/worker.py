@@ -13,6 +13,8 @@ engine's own code, so a request gives the same tokens alone or in a batch. A job
 stops simply leaves the batch (no row is computed for it), a job still prefilling takes one
 prompt chunk per round and joins the batch when it is ready. A job whose client went away is
 closed at its next turn (its generator is closed, which stops the engine mid-block).
+A fast-mode job (`mode: "fast"`) runs its own decoder pass over its live rows inside its turn,
+one denoising step per round, outside the batch.
 """
 
 from __future__ import annotations
