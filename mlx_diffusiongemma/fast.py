@@ -15,8 +15,9 @@ every step. Fast mode runs the same entropy-bound sampler, with the same noise s
 - `top_k`: the sampler's math on the top-k processed logits of each row (exact two-stage
   top-k over the vocabulary): argmax, the top-2 gap, the draw (from the top-k renormalised,
   its CDF in token-id order as the exact draw's, so that with the tail mass ~0 the same
-  uniform picks the same token), the entropy (top-k terms plus an upper bound for the tail mass) and the next step's
-  self-conditioning (`softmax @ E` from the top-k rows of E). None: full-vocabulary math.
+  uniform picks the same token), the entropy (top-k terms plus an upper bound for the tail
+  mass) and the next step's self-conditioning (`softmax @ E` from the top-k rows of E).
+  None: full-vocabulary math.
 - `bucket`: the live-row count is padded up to a bucket (multiples of 8 to 64, then of 32),
   so the decoder and the compiled sampler see a handful of shapes instead of one per count
   (MLX compiles and plans kernels per shape). Padding rows compute on a dummy slot.

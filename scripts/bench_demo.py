@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary[label] = summarize(run, fams)
     top_k = {label: (None if fast is None else fast.top_k) for label, _, fast in configs}
     results = {
-        "model": str(args.model), "dtype": args.dtype, "per_family": args.per_family, "prompt_seed": args.prompt_seed, "families": fams,
+        "model": str(args.model), "dtype": args.dtype, "per_family": args.per_family,
+        "prompt_seed": args.prompt_seed, "families": fams,
         "n_prompts": len(items), "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, MLX {mx.__version__} {mx.default_device()}",
         "summary": summary, "runs": runs, "commands": commands,

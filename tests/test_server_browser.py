@@ -96,6 +96,17 @@ def browser():
     driver.quit()
 
 
+def _api_reply(page_url: str, **extra) -> dict:
+    """The API's answer (parsed JSON) to the request the page sends in these tests."""
+    from urllib.request import Request, urlopen
+
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Tell me about diffusion"}],
+                       "max_tokens": 96, "seed": 11, "chat_template_kwargs": {"enable_thinking": False}, **extra})
+    with urlopen(Request(page_url + "/v1/chat/completions", body.encode(),
+                         {"Content-Type": "application/json"}), timeout=60) as r:
+        return json.load(r)
+
+
 def test_web_chat_shows_blocks_condensing(page_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -133,13 +144,7 @@ def test_web_chat_shows_blocks_condensing(page_url, browser, tmp_path):
 
     # The committed text is exactly what the API gives for the same request.
     answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .answer").get_attribute("textContent")
-    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Tell me about diffusion"}],
-                       "max_tokens": 96, "seed": 11, "chat_template_kwargs": {"enable_thinking": False}})
-    from urllib.request import Request, urlopen
-
-    with urlopen(Request(page_url + "/v1/chat/completions", body.encode(),
-                         {"Content-Type": "application/json"}), timeout=60) as r:
-        expected = json.load(r)
+    expected = _api_reply(page_url)
     assert answer == (expected["choices"][0]["message"]["content"] or "")
     assert drawn == sum(expected["timings"]["steps_per_block"]) > len(expected["timings"]["steps_per_block"])
     stats = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text
@@ -176,15 +181,6 @@ def test_web_chat_fast_mode_checkbox(page_url, browser):
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
     answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .answer").get_attribute("textContent")
-    from urllib.request import Request, urlopen
-
-    def reply(mode):
-        body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Tell me about diffusion"}],
-                           "max_tokens": 96, "seed": 11, "chat_template_kwargs": {"enable_thinking": False},
-                           "mode": mode})
-        with urlopen(Request(page_url + "/v1/chat/completions", body.encode(),
-                             {"Content-Type": "application/json"}), timeout=60) as r:
-            return json.load(r)["choices"][0]["message"]["content"] or ""
-
+    reply = lambda mode: _api_reply(page_url, mode=mode)["choices"][0]["message"]["content"] or ""  # noqa: E731
     assert answer == reply("fast") != reply("exact")
     assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text.endswith("· fast")

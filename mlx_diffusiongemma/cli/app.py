@@ -111,9 +111,6 @@ def _sampler(steps, entropy_bound, t_min, t_max, stability_threshold, confidence
     return {k: v for k, v in values.items() if v is not None}
 
 
-# -- errors ----------------------------------------------------------------------------------------
-
-
 def _fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None):
     """The FastOptions the fast-mode flags ask for (None: the defaults); the flags need --fast."""
     if commit_gap is None and eos_tail is None:
@@ -130,6 +127,9 @@ def _fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None):
     if eos_tail is False:
         options = replace(options, eos_tail_gap=None)
     return options
+
+
+# -- errors ----------------------------------------------------------------------------------------
 
 
 def _fail(message: str, code: int = 1):
