@@ -33,16 +33,22 @@ def corpus(n: int, seed: int = 0) -> Iterator[str]:
         yield from (str(v) for v in range(100))
 
 
-def build_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> None:
-    """Train the BPE on the task corpus and write tokenizer.json / tokenizer_config.json."""
+def build_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0, digits: bool = False) -> None:
+    """Train the BPE on the task corpus and write tokenizer.json / tokenizer_config.json.
+
+    `digits` splits numbers into single digits, as Gemma's own tokenizer does ("▁42" -> "▁", "4",
+    "2"). Without it every number 0-99 is one token, so a fact about a number (is 37 even? what is
+    15 + 40?) can only be learnt from prompts that hold that very number, and a held-out prompt's
+    answer cannot be inferred."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Split("▁", behavior="merged_with_next"),
-    ])
+    splits = [pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+              pre_tokenizers.Split("▁", behavior="merged_with_next")]
+    if digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     # The decoder of Gemma's tokenizer.json, so mlx-lm streams with its SentencePiece detokenizer.
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,

@@ -22,15 +22,19 @@ from pathlib import Path
 from mlx_diffusiongemma import generate, load
 from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
 
-MAX_TOKENS = 128  # two canvases of 64: every answer of the suite fits
+# Two canvases of 64: every answer of the suite fits with the shipped tokenizer (numbers 0-99 are
+# single tokens). A tokenizer that spells numbers by digit needs --max-tokens 320 (the longest
+# count answer, 91 numbers, is ~274 tokens). The budget is fixed, not taken from the reference
+# answer, so a reply that never ends cannot be cut to the right length.
+MAX_TOKENS = 128
 
 
-def eval_ours(model, tok, cases, seed0: int, **options) -> dict:
+def eval_ours(model, tok, cases, seed0: int, max_tokens: int = MAX_TOKENS, **options) -> dict:
     correct, tpf, steps, outputs = 0, [], [], []
     t0 = time.perf_counter()
     gen_tokens = 0
     for i, (family, prompt, answer) in enumerate(cases):
-        r = generate(model, tok, prompt, max_tokens=MAX_TOKENS, seed=seed0 + i, **options)
+        r = generate(model, tok, prompt, max_tokens=max_tokens, seed=seed0 + i, **options)
         ok = FAMILIES[family].judge(prompt, answer, r.text.strip())
         correct += ok
         tpf.append(r.tokens_per_forward)
@@ -42,7 +46,7 @@ def eval_ours(model, tok, cases, seed0: int, **options) -> dict:
             "steps_per_canvas": statistics.mean(steps), "seconds": dt, "tokens": gen_tokens, "outputs": outputs}
 
 
-def eval_reference(folder: Path, cases, seed0: int) -> dict:
+def eval_reference(folder: Path, cases, seed0: int, max_tokens: int = MAX_TOKENS) -> dict:
     import torch
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
@@ -58,7 +62,7 @@ def eval_reference(folder: Path, cases, seed0: int) -> dict:
         ids = render_messages(tok, [{"role": "user", "content": prompt}])
         torch.manual_seed(seed0 + i)
         with torch.no_grad():
-            out = ref.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS)
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=max_tokens)
         new = out.sequences[0, len(ids):].tolist()
         cut = next((j for j, t in enumerate(new) if t in eos), len(new))
         text = tok.decode(new[:cut], skip_special_tokens=False)
@@ -77,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--hf", type=Path, help="the Hugging Face export, to run the reference generate too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply budget per prompt (a fixed one)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -84,9 +89,9 @@ def main(argv=None) -> int:
     rows = {}
     for family in args.families.split(","):
         cases = [(family, q, a) for q, a in held_out_set(family, args.per_family)]
-        row = {"ours": eval_ours(model, tok, cases, args.seed)}
+        row = {"ours": eval_ours(model, tok, cases, args.seed, args.max_tokens)}
         if args.hf:
-            row["reference"] = eval_reference(args.hf, cases, args.seed)
+            row["reference"] = eval_reference(args.hf, cases, args.seed, args.max_tokens)
         rows[family] = row
         print(f"{family}: ours {row['ours']['accuracy']:.0%}"
               + (f", reference {row['reference']['accuracy']:.0%}" if args.hf else ""), file=sys.stderr, flush=True)

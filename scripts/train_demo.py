@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--start-step", type=int, default=0, help="with --resume: the step to continue the schedule at")
     p.add_argument("--init-from", type=Path, help="start from this model folder's weights, tokenizer and config "
                    "(continued training with a fresh schedule, e.g. from mlx_diffusiongemma/demo_model)")
+    p.add_argument("--digit-tokens", action="store_true",
+                   help="a tokenizer that splits numbers into digits, as Gemma's does (demo_build.build_tokenizer)")
     p.add_argument("--template-fraction", type=float, default=0.0,
                    help="fraction of card answers written as filled templates (teaches holes that end early)")
     args = p.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
             shutil.copy(args.init_from / name, base / name)
     if not (base / "config.json").exists():
-        build_tokenizer(base)
+        build_tokenizer(base, digits=args.digit_tokens)
         ids = special_ids(base)
         vocab = json.loads((base / "tokenizer.json").read_text())["model"]["vocab"]
         (base / "config.json").write_text(json.dumps(

@@ -51,3 +51,28 @@ def test_answers_are_right():
     assert a.split() == p.split(":")[1].split()[::-1]
     assert FAMILIES["pick"].judge("Pick 3 different numbers in increasing order.", "", "4 9 60")
     assert not FAMILIES["pick"].judge("Pick 3 different numbers in increasing order.", "", "4 4 60")
+
+
+@pytest.mark.parametrize("digits", [False, True])
+def test_the_demo_tokenizer_spells_numbers_as_asked(tmp_path, digits):
+    """`build_tokenizer(digits=True)` splits numbers into digits as Gemma's tokenizer does, so a
+    fact about a number (parity, a sum) is learnable from other numbers; without it 0-99 are single
+    tokens. Either way the task texts decode back exactly and the chat's special tokens are whole."""
+    from tokenizers import Tokenizer
+
+    from mlx_diffusiongemma.demo import SPECIAL_TOKENS
+    from mlx_diffusiongemma.demo_build import build_tokenizer
+
+    build_tokenizer(tmp_path, digits=digits)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    pieces = tok.encode("What is 23 + 19?").tokens
+    assert (["▁", "2", "3"] == pieces[2:5]) if digits else ("▁23" in pieces)
+    assert all(tok.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+    for family in FAMILIES:
+        for prompt, answer in held_out_set(family, 3):
+            for text in (prompt, answer):
+                ids = tok.encode(text).ids
+                assert tok.decode(ids) == text
+                if digits:
+                    assert all(not any(c.isdigit() for c in t) or len(t) == 1
+                               for t in tok.encode(text).tokens)
