@@ -128,11 +128,16 @@ def special_ids(folder: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
-def training_mix(seed: int) -> Iterator[tuple[str, str, str]]:
-    """Endless (family, prompt, answer) draws from the training side, weighted by `WEIGHTS`."""
+def training_mix(seed: int, weights: dict[str, float] | None = None) -> Iterator[tuple[str, str, str]]:
+    """Endless (family, prompt, answer) draws from the training side, weighted by `weights`
+    (default `WEIGHTS`; a family left out of `weights` keeps its default weight)."""
     rng = random.Random(seed)
-    names = list(WEIGHTS)
-    weights = [WEIGHTS[n] for n in names]
+    unknown = set(weights or {}) - set(WEIGHTS)
+    if unknown:
+        raise ValueError(f"no such task families: {', '.join(sorted(unknown))}")
+    table = {**WEIGHTS, **(weights or {})}
+    names = list(table)
+    weights = [table[n] for n in names]
     while True:
         family = rng.choices(names, weights)[0]
         prompt, answer = sample(rng, family, held_out=False)

@@ -45,11 +45,12 @@ def encode_pair(tok, prompt: str, answer: str, turn_end: int) -> Example:
     return Example(tuple(ids), tuple(tok.encode(answer, add_special_tokens=False)) + (turn_end,))
 
 
-def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fraction: float = 0.0):
+def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fraction: float = 0.0,
+            weights: dict[str, float] | None = None):
     """Endless batches of canvas items from the training mix. A `template_fraction` of the `card`
     answers is written in a template's form (holes padded with end tokens: demo_build.card_template_ids),
     its fixed text pinned (never corrupted) as `dgemma fill` pins it."""
-    mix = training_mix(seed)
+    mix = training_mix(seed, weights)
     rng = random.Random(f"templates-{seed}")
     pending = []
     while True:
@@ -64,6 +65,22 @@ def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fr
             pending += canvas_items(example, canvas, ids["<eos>"])
         yield make_batch(pending[:batch_size], pad_id=ids["<pad>"])
         pending = pending[batch_size:]
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'sort=4,add=3' -> {'sort': 4.0, 'add': 3.0}; unknown families and bad weights are errors."""
+    weights = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in FAMILIES:
+            raise argparse.ArgumentTypeError(f"unknown family {name!r} (families: {', '.join(FAMILIES)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight is not a number") from None
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight is a finite number >= 0")
+    return weights
 
 
 def init_qk_norms(model: Model) -> None:
@@ -108,6 +125,8 @@ def main(argv=None) -> int:
                    help="a tokenizer that splits numbers into digits, as Gemma's does (demo_build.build_tokenizer)")
     p.add_argument("--template-fraction", type=float, default=0.0,
                    help="fraction of card answers written as filled templates (teaches holes that end early)")
+    p.add_argument("--family-weights", type=parse_weights, default=None, metavar="NAME=W,...",
+                   help="mix weights for some families, e.g. 'sort=4,add=3' (the rest keep demo_tasks.WEIGHTS)")
     args = p.parse_args(argv)
 
     out = args.out
@@ -157,9 +176,16 @@ def main(argv=None) -> int:
          optim.cosine_decay(args.learning_rate, max(1, args.iters - warm), args.learning_rate * 0.05)], [warm])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     optimizer.state["step"] = mx.array(args.start_step, mx.uint64)  # the schedule resumes; moments restart
+    # The stages behind a continued run travel with its weights (training.json), so a shipped
+    # model's folder says how all of it was made.
+    previous = args.init_from / "training.json" if args.init_from is not None else None
+    previous_stage = json.loads(previous.read_text()) if previous is not None and previous.exists() else None
+    if args.resume and (out / "model" / "training.json").exists():
+        previous_stage = json.loads((out / "model" / "training.json").read_text()).get("previous_stage")
     log = open(out / "train_log.jsonl", "a")
     t0 = time.perf_counter()
-    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed + args.start_step, args.template_fraction),
+    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed + args.start_step,
+                                           args.template_fraction, args.family_weights),
                     iters=args.iters - args.start_step, start_step=args.start_step, seed=args.seed, report_every=25, steps_per_eval=args.steps_per_eval,
                     validate=lambda: evaluate(model, val_batches))
     for r in reports:
@@ -171,7 +197,8 @@ def main(argv=None) -> int:
               f"{r.tokens_per_s:.0f} tok/s peak {r.peak_memory_gb:.2f} GB t {row['elapsed_s']}s", flush=True)
         if r.step % args.save_every == 0 or r.step == args.iters:
             save(model, out / "model", base, {"step": r.step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                                "elapsed_s": row["elapsed_s"], "loss": r.loss, "val_loss": r.val_loss})
+                                                "elapsed_s": row["elapsed_s"], "loss": r.loss, "val_loss": r.val_loss,
+                                                **({"previous_stage": previous_stage} if previous_stage else {})})
             model.train()
     return 0
 

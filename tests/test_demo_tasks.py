@@ -4,6 +4,7 @@ judges accept the reference answers and reject wrong ones."""
 from __future__ import annotations
 
 import random
+from itertools import islice
 
 import pytest
 
@@ -76,3 +77,19 @@ def test_the_demo_tokenizer_spells_numbers_as_asked(tmp_path, digits):
                 if digits:
                     assert all(not any(c.isdigit() for c in t) or len(t) == 1
                                for t in tok.encode(text).tokens)
+
+
+def test_the_training_mix_follows_the_weights_it_is_given():
+    from collections import Counter
+
+    from mlx_diffusiongemma.demo_build import training_mix
+
+    only_add = {name: 0 for name in FAMILIES} | {"add": 1}
+    assert {family for family, _, _ in islice(training_mix(0, only_add), 50)} == {"add"}
+    # Families not named keep demo_tasks.WEIGHTS: sort at 0 disappears, the others stay.
+    counts = Counter(family for family, _, _ in islice(training_mix(0, {"sort": 0}), 2000))
+    assert "sort" not in counts and set(counts) == set(FAMILIES) - {"sort"}
+    default = [draw for draw in islice(training_mix(5), 30)]
+    assert default == list(islice(training_mix(5, {}), 30))  # no weights: the shipped model's mix
+    with pytest.raises(ValueError, match="sorting"):
+        next(training_mix(0, {"sorting": 1}))
