@@ -82,14 +82,19 @@ def main(argv=None) -> int:
     p.add_argument("--hf", type=Path, help="the Hugging Face export, to run the reference generate too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply budget per prompt (a fixed one)")
+    p.add_argument("--entropy-bound", type=float,
+                   help="override the checkpoint's entropy bound (ours only): how much a step may commit at once")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.entropy_bound is not None and args.hf:
+        p.error("--entropy-bound applies to our engine only; the reference column uses the checkpoint's sampler")
+    options = {} if args.entropy_bound is None else {"entropy_bound": args.entropy_bound}
 
     model, tok = load(args.model)
     rows = {}
     for family in args.families.split(","):
         cases = [(family, q, a) for q, a in held_out_set(family, args.per_family)]
-        row = {"ours": eval_ours(model, tok, cases, args.seed, args.max_tokens)}
+        row = {"ours": eval_ours(model, tok, cases, args.seed, args.max_tokens, **options)}
         if args.hf:
             row["reference"] = eval_reference(args.hf, cases, args.seed, args.max_tokens)
         rows[family] = row
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     lines.append(line)
     print("\n".join(lines))
     if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "per_family": args.per_family, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"model": args.model, "per_family": args.per_family, "sampler": options, "rows": rows}, indent=1))
     return 0
 
 
