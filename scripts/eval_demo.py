@@ -84,11 +84,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply budget per prompt (a fixed one)")
     p.add_argument("--entropy-bound", type=float,
                    help="override the checkpoint's entropy bound (ours only): how much a step may commit at once")
+    p.add_argument("--fast", action="store_true", help="our fast mode (docs/fast-mode.md) instead of the exact path")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if args.entropy_bound is not None and args.hf:
-        p.error("--entropy-bound applies to our engine only; the reference column uses the checkpoint's sampler")
+    if (args.entropy_bound is not None or args.fast) and args.hf:
+        p.error("--entropy-bound and --fast apply to our engine only; the reference column runs the checkpoint's sampler")
     options = {} if args.entropy_bound is None else {"entropy_bound": args.entropy_bound}
+    if args.fast:
+        options["mode"] = "fast"
 
     model, tok = load(args.model)
     rows = {}
