@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mlx_diffusiongemma import generate, load
 from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
+from mlx_diffusiongemma.engine import SamplerOptions
 
 # Two canvases of 64: every answer of the suite fits with the shipped tokenizer (numbers 0-99 are
 # single tokens). A tokenizer that spells numbers by digit needs --max-tokens 320 (the longest
@@ -89,11 +90,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.entropy_bound is not None or args.fast) and args.hf:
         p.error("--entropy-bound and --fast apply to our engine only; the reference column runs the checkpoint's sampler")
-    options = {} if args.entropy_bound is None else {"entropy_bound": args.entropy_bound}
-    if args.fast:
-        options["mode"] = "fast"
+    sampler = {} if args.entropy_bound is None else {"entropy_bound": args.entropy_bound}
+    options = {**sampler, **({"mode": "fast"} if args.fast else {})}
 
     model, tok = load(args.model)
+    try:  # the engine's own check of sampler values, before the first prompt rather than in it
+        SamplerOptions(**sampler).resolve(model.generation)
+    except ValueError as e:
+        p.error(str(e))
     rows = {}
     for family in args.families.split(","):
         cases = [(family, q, a) for q, a in held_out_set(family, args.per_family)]
