@@ -18,7 +18,8 @@ script
    docs/training.md between the `finetune-demo` markers.
 
 Budget: ~10 minutes on a 2-core x86 CPU. On Linux, preload an optimised BLAS (as for the demo's
-training): `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3`.
+training): `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3`, and on a Xeon that
+Debian's OpenBLAS does not recognise, `OPENBLAS_CORETYPE=SAPPHIRERAPIDS` (see scripts/train_demo.py).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
         "wall_seconds": wall, "cpu_seconds": cpu, "peak_memory_bytes": peak, "accounted_bytes": accounted,
         "before": before, "after": after, "log": log,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} ({mx.default_device()})",
-        "blas": os.environ.get("LD_PRELOAD", "MLX's bundled reference BLAS"),
+        "blas": os.environ.get("LD_PRELOAD", "MLX's bundled reference BLAS")
+                + (f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if "OPENBLAS_CORETYPE" in os.environ else ""),
         "command": "python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -11,7 +11,10 @@ To ship it: `cp OUT/model/* mlx_diffusiongemma/demo_model/`.
 
 On Linux, preloading an optimised BLAS makes MLX's CPU matmuls ~30x faster, e.g.
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python scripts/train_demo.py ...`
-(Debian's libopenblas0-pthread).
+(Debian's libopenblas0-pthread). Debian 12's OpenBLAS (0.3.21) does not know the newest Xeons and
+falls back to its generic kernel ("Core: Prescott" under `OPENBLAS_VERBOSE=2`): there, also set
+`OPENBLAS_CORETYPE=SAPPHIRERAPIDS` (or `SKYLAKEX`); measured 2026-12-06 on such a machine, MLX's
+2048x2048 float32 matmul went from ~30 to ~195 GFLOP/s.
 """
 
 from __future__ import annotations
