@@ -8,10 +8,10 @@ Only `config.json` and `*.safetensors` are read: no pickles, no code from the ch
 Output (written to `DST.partial-<pid>` next to DST and renamed into place when complete):
 - sharded safetensors (`model-00001-of-0000N.safetensors`, each at most `shard_size_bytes`
   unless one tensor alone is larger) and `model.safetensors.index.json`, with the MLX parameter
-  paths of `weights.map_key` (fused experts as `experts.gate_up_proj.weight` etc.);
+  paths of `model.model.map_key` (fused experts as `experts.gate_up_proj.weight` etc.);
 - `config.json`: the source's, plus a mlx-lm / mlx-vlm style `quantization` block (copied to
   `quantization_config` as mlx-lm does) for the quantized recipes. The vision tower is converted
-  too, kept in bfloat16 by every recipe (see `weights.module_bits`); with `text_only` its
+  too, kept in bfloat16 by every recipe (see `checkpoint.recipes.module_bits`); with `text_only` its
   tensors are left out (counted in the report) and `vision_config` is dropped, so the converted
   config says what the folder holds (`ModelArgs.has_vision` is False);
 - `generation_config.json`, tokenizer, chat template and processor files, copied as they are.
@@ -48,16 +48,18 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from mlx_diffusiongemma import weights as W
-from mlx_diffusiongemma.config import parse_model_args, read_json
-from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import (
+from mlx_diffusiongemma.checkpoint import recipes as W
+from mlx_diffusiongemma.checkpoint.files import read_json
+from mlx_diffusiongemma.checkpoint.loading import resolve
+from mlx_diffusiongemma.checkpoint.safetensors import (
     check_config_against_headers,
     check_safetensors,
     check_tensors,
-    resolve,
     safetensors_files,
 )
+from mlx_diffusiongemma.errors import CheckpointError
+from mlx_diffusiongemma.model.args import parse_model_args
+from mlx_diffusiongemma.model.model import is_vision_key, map_key
 
 from .plan import Plan, SizeEstimate, TensorPlan, projected_size
 from .writer import ShardWriter, put_in_place, remove
@@ -140,7 +142,7 @@ def convert(
     """Convert the checkpoint at `src` (folder or hub repo id) into an MLX folder at `dst`.
 
     `recipe` is one of `RECIPES`: "mixed-4bit" (default), "8bit" or "bf16" (see
-    `weights.module_bits`). An existing `dst` is refused unless `force`, and then replaced only
+    `checkpoint.recipes.module_bits`). An existing `dst` is refused unless `force`, and then replaced only
     once the new folder is complete. Raises `CheckpointError` on any problem with the input or
     the destination; nothing is left at `dst` (or next to it) by a failed or interrupted run.
     `text_only` leaves the vision tower out (a smaller folder that cannot read images).
@@ -194,7 +196,7 @@ def convert(
                         "it has a shard of its own"
                     )
                 _write_config(tmp / "config.json", config, plan, text_only=args.vision is None)
-                report.copied_files = _copy_aux(folder, tmp)
+                report.copied_files = copy_aux(folder, tmp)
                 report.replaced_existing = put_in_place(tmp, dst, replace=force)
         except BaseException:
             remove(tmp)
@@ -344,7 +346,7 @@ def _inventory(folder: Path, vision: bool = True) -> list[_SourceTensor]:
         )
         for key, info in entries:
             start, end = info["data_offsets"]
-            tensors.append(_SourceTensor(f, key, start, end - start, tuple(info["shape"]), W.map_key(key, vision)))
+            tensors.append(_SourceTensor(f, key, start, end - start, tuple(info["shape"]), map_key(key, vision)))
     return tensors
 
 
@@ -403,7 +405,7 @@ def _stream(
     arrays: dict[str, mx.array] = {}
     for t in inventory:
         if t.target is None:
-            if W.is_vision_key(t.key):
+            if is_vision_key(t.key):
                 report.vision_tensors_skipped += 1
                 report.vision_bytes_skipped += t.nbytes
             else:
@@ -413,7 +415,7 @@ def _stream(
                 arrays = _open(t.file)  # lazy: nothing is read until a tensor is evaluated
                 current = t.file
             target = plan.tensors[t.target]
-            if W.is_vision_key(t.key):
+            if is_vision_key(t.key):
                 report.vision_tensors_written += 1
             try:
                 outputs = _prepare(arrays.pop(t.key), target)
@@ -475,7 +477,7 @@ def _write_config(path: Path, config: dict[str, Any], plan: Plan, text_only: boo
         f.write("\n")
 
 
-def _copy_aux(folder: Path, tmp: Path) -> list[str]:
+def copy_aux(folder: Path, tmp: Path) -> list[str]:
     names = [n for n in _AUX_FILES if (folder / n).is_file()]
     for pattern in _AUX_GLOBS:
         names += sorted(p.name for p in folder.glob(pattern) if p.is_file() and p.name not in names)

@@ -4,7 +4,7 @@ The schema is the runtime's own `Model`, built lazily: MLX arrays are not materi
 evaluated, so building even the 26B model this way costs a few kilobytes. Its parameter paths and
 shapes are what the loader expects, and its modules are what `nn.quantize` would see, so the
 quantization decision per matrix comes from the very predicate the in-memory path uses
-(`weights.quant_predicate`): the converter and the loader cannot disagree.
+(`checkpoint.recipes.quant_predicate`): the converter and the loader cannot disagree.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
-from mlx_diffusiongemma import weights as W
-from mlx_diffusiongemma.config import ModelArgs, parse_model_args
-from mlx_diffusiongemma.model import Model
+from mlx_diffusiongemma.checkpoint import recipes as W
+from mlx_diffusiongemma.model.args import ModelArgs, parse_model_args
+from mlx_diffusiongemma.model.model import Model
 
 MODE = "affine"
 UNQUANTIZED_BITS = 16  # every float tensor that is not quantized is stored as bfloat16
@@ -91,7 +91,7 @@ class Plan:
 
         Top level: the recipe's default `group_size`/`bits`/`mode`. Per module path: an override
         `{"group_size", "bits"}` where a matrix differs from the default, `false` where a matrix
-        stays unquantized. `loading._quantize_from_config` reads exactly this.
+        stays unquantized. `checkpoint.recipes.quantize_from_config` reads exactly this.
         """
         if self.recipe not in _DEFAULT_BITS:
             return None

@@ -4,17 +4,21 @@
     model, tokenizer = load("mlx-community/diffusiongemma-26B-A4B-it-4bit")
     for event in stream_generate(model, tokenizer, "Why is the sky blue?"):
         ...
+
+The package's wings and the rules between them are mapped in docs/architecture.md.
 """
 
-from .engine import NoiseSource, SamplerOptions
+from .api import ChatSession, generate, load, stream_generate
+from .diffusion.events import BlockEvent, GenerationResult, StepEvent
+from .diffusion.noise import NoiseSource
+from .diffusion.options import FastOptions, GenerationOptions, SamplerOptions
+from .editing.edit import edit, stream_edit
+from .editing.infill import InfillResult, infill, stream_infill
+from .editing.schema import fill_json, stream_fill_json
+from .editing.score import ScoreResult, score
+from .editing.template import TemplateError
 from .errors import CheckpointError, ContextLengthError, DiffusionGemmaError, NumericalError
-from .fast import FastOptions
-from .events import BlockEvent, GenerationResult, StepEvent, split_thinking
-from .editing import (InfillResult, ScoreResult, edit, fill_json, infill, score, stream_edit, stream_fill_json,
-                      stream_infill)
-from .generate import ChatSession, generate, stream_generate
-from .loading import load
-from .template import TemplateError
+from .prompts.channels import split_thinking
 
 __version__ = "0.1.0"
 
@@ -23,6 +27,6 @@ __all__ = [
     "infill", "stream_infill", "fill_json", "stream_fill_json", "edit", "stream_edit", "score",
     "InfillResult", "ScoreResult", "TemplateError",
     "StepEvent", "BlockEvent", "GenerationResult", "split_thinking",
-    "SamplerOptions", "NoiseSource", "FastOptions",
+    "SamplerOptions", "NoiseSource", "FastOptions", "GenerationOptions",
     "DiffusionGemmaError", "CheckpointError", "ContextLengthError", "NumericalError",
 ]

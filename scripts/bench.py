@@ -347,8 +347,8 @@ def calibrate() -> dict[str, Any]:
 
 
 def accounting(presets: list[str]) -> dict[str, Any]:
-    from mlx_diffusiongemma.accounting import format_table, step_work
-    from mlx_diffusiongemma.config import parse_model_args
+    from mlx_diffusiongemma.perf.accounting import format_table, step_work
+    from mlx_diffusiongemma.model.args import parse_model_args
 
     rows, data = [], {}
     for preset in presets:
@@ -582,7 +582,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     L.append("")
     L.append(results["accounting"]["table"])
     L.append("")
-    from mlx_diffusiongemma.accounting import HOST_SYNCS_PER_STEP
+    from mlx_diffusiongemma.perf.accounting import HOST_SYNCS_PER_STEP
 
     L.append("Host synchronisations per step: " + "; ".join(f"{k}: {v}" for k, v in HOST_SYNCS_PER_STEP.items()) + ".")
     errors = [(k, r.get("failed") or r.get("unsupported") or r.get("errors")) for k, r in runs.items()
@@ -601,8 +601,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def compute_floor_ms(preset: str, precision: str, cache_len: int, cal: dict[str, Any]) -> float | None:
     """Matmul FLOPs of one decoder pass / the calibrated rate of the kernel that runs them (ms)."""
-    from mlx_diffusiongemma.accounting import step_work
-    from mlx_diffusiongemma.config import parse_model_args
+    from mlx_diffusiongemma.perf.accounting import step_work
+    from mlx_diffusiongemma.model.args import parse_model_args
 
     if not cal or preset not in bench_models.PRESETS:
         return None

@@ -4,7 +4,7 @@
     python scripts/bench_batch_decoder.py --model demo --batch 1,2,4,8 --prefix 200 --repeats 8
 
 For each batch size B, B requests with different cached prefixes (prefix .. prefix + B - 1
-tokens) and self-conditioning inputs: times `server.batch.denoise_batch` (one pass for all) and
+tokens) and self-conditioning inputs: times `Model.denoise_batch` (one pass for all) and
 B calls of `model.denoise` (one per request), alternating, and prints the best and median of
 `--repeats` and the largest difference between the two results.
 """
@@ -28,8 +28,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     import mlx_diffusiongemma as dg
-    from mlx_diffusiongemma.engine import DenoiseCall
-    from mlx_diffusiongemma.server.batch import denoise_batch
+    from mlx_diffusiongemma.diffusion.block import DenoiseCall, run_calls
 
     model, _ = dg.load(args.model)  # "demo": the trained demo; "demo-random": the random one
     c, v = model.canvas_length, model.vocab_size
@@ -48,11 +47,11 @@ def main(argv=None) -> int:
                                      mx.random.normal((1, c, v), key=k2), None))
         mx.eval([x.canvas for x in calls], [x.self_conditioning for x in calls])
         one = lambda: [model.denoise(x.canvas, x.cache, x.self_conditioning) for x in calls]  # noqa: E731
-        mx.eval(denoise_batch(model, calls), one())  # warm-up
+        mx.eval(run_calls(model, calls), one())  # warm-up
         batched, single = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            out_b = denoise_batch(model, calls)
+            out_b = mx.concatenate(run_calls(model, calls), axis=0)
             mx.eval(out_b)
             batched.append(time.perf_counter() - t)
             t = time.perf_counter()

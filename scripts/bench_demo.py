@@ -54,7 +54,7 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
     technique off, so each one measures one technique alone."""
     from dataclasses import replace
 
-    from mlx_diffusiongemma.fast import FastOptions
+    from mlx_diffusiongemma.diffusion.options import FastOptions
 
     off = FastOptions.none()
     full = FastOptions()
@@ -83,14 +83,14 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
 def prompts(per_family: int, seed: int | None = None) -> list[tuple[str, str, str]]:
     """The held-out prompts `scripts/eval_demo.py` scores, or (`seed`) another draw of held-out
     prompts: a tuning set, so that a setting chosen on it is then reported on the usual set."""
-    from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
+    from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set
 
     kw = {} if seed is None else {"seed": seed}
     return [(fam, p, a) for fam in FAMILIES for p, a in held_out_set(fam, per_family, **kw)]
 
 
 def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
-    from mlx_diffusiongemma.demo_tasks import FAMILIES
+    from mlx_diffusiongemma.demo.tasks import FAMILIES
 
     return bool(FAMILIES[family].judge(prompt, reference, produced))
 
@@ -98,7 +98,8 @@ def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
 def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str, Any]]:
     """Every configuration on every prompt, interleaved (prompt-major), so that a change of
     machine load during the run touches every configuration alike."""
-    from mlx_diffusiongemma import accounting, generate
+    from mlx_diffusiongemma import generate
+    from mlx_diffusiongemma.perf import accounting
 
     args = model.text
     c = model.canvas_length
@@ -117,8 +118,8 @@ def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str,
                 rows = [[c] * s for s in r.steps_per_block]
                 live = rows
             else:
-                rows = r.extra["padded_rows"]
-                live = r.extra["live_rows"]
+                rows = r.padded_rows
+                live = r.live_rows
             work = accounting.generation_work(args, c, r.prompt_tokens, rows, len(r.tokens), top_k=top_k, recipe=None)
             runs[label]["prompts"].append({
                 "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge(fam, p, a, r.text),
@@ -170,8 +171,8 @@ def shape_26b(trace_runs: dict[str, dict], canvas: int, top_k: dict[str, int | N
     at a 1K cache."""
     sys.path.insert(0, str(HERE))
     import bench_models
-    from mlx_diffusiongemma import accounting
-    from mlx_diffusiongemma.config import parse_model_args
+    from mlx_diffusiongemma.perf import accounting
+    from mlx_diffusiongemma.model.args import parse_model_args
 
     args = parse_model_args(bench_models.model_config("26b-shape")).text
     out = {}
@@ -225,7 +226,7 @@ def legacy_text_config(path: Path) -> None:
 
 def run_vlm(vlm_python: str, hf_export: Path, out: Path, tok, items, max_tokens: int,
             commands: list[str]) -> dict | None:
-    from mlx_diffusiongemma.generate import render_messages
+    from mlx_diffusiongemma.prompts.render import render_messages
 
     folder = out / "vlm-demo"
     if not (folder / "config.json").exists():
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx
 
     from mlx_diffusiongemma import load
-    from mlx_diffusiongemma.demo_tasks import FAMILIES
+    from mlx_diffusiongemma.demo.tasks import FAMILIES
 
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

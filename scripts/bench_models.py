@@ -232,7 +232,7 @@ def write_safetensors_bf16(path: Path, tensors: dict[str, np.ndarray], metadata:
 
 def build_hf_checkpoint(preset: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30) -> Path:
     """Write the preset's random-weight checkpoint into `folder` (skipped if already complete)."""
-    from mlx_diffusiongemma.demo import build_tokenizer
+    from mlx_diffusiongemma.demo.files import build_tokenizer
 
     folder = Path(folder)
     stamp = folder / "bench_checkpoint.json"

@@ -3,7 +3,7 @@
     python scripts/bench_worker_ours.py --model FOLDER --plan plan.json --out result.json
 
 Public API only: `mlx_diffusiongemma.load`, `model.prefill`, `model.denoise`,
-`mlx_diffusiongemma.sampler.compiled_step` (+ the engine's stop test and noise source, exactly
+`mlx_diffusiongemma.diffusion.sampler.compiled_step` (+ the engine's stop test and noise source, exactly
 what `engine.run` does per step) and `mlx_diffusiongemma.generate`. The breakdown pass stubs
 `model.Experts.__call__` to time the rest of the decoder without the routed experts.
 """
@@ -26,8 +26,10 @@ def main() -> None:
     args = C.worker_args(__doc__.splitlines()[0])
     plan = C.load_plan(args.plan)
     import mlx_diffusiongemma
-    from mlx_diffusiongemma import generate, load, sampler
-    from mlx_diffusiongemma import model as model_mod
+    from mlx_diffusiongemma import generate, load
+    from mlx_diffusiongemma.diffusion import sampler
+    from mlx_diffusiongemma.model import layers as layers_mod
+    from mlx_diffusiongemma.model import model as model_mod
 
     mem = C.Memory(mx)
     result: dict = {"port": "ours", "plan": plan, "model_folder": args.model,
@@ -124,16 +126,16 @@ def main() -> None:
     if plan.get("breakdown_cache_length") in caches:
         n = plan["breakdown_cache_length"]
         cache = caches[n]
-        original = model_mod.Experts.__call__
+        original = layers_mod.Experts.__call__
 
         def stub(self, x, idx, weights):
             return mx.zeros_like(x)
 
-        model_mod.Experts.__call__ = stub
+        layers_mod.Experts.__call__ = stub
         try:
             s_stub = C.time_calls(lambda: mx.eval(model.denoise(canvas, cache, sc)), warmup=warmup, repeats=repeats)
         finally:
-            model_mod.Experts.__call__ = original
+            layers_mod.Experts.__call__ = original
         # The experts alone, layer after layer, on canvas-shaped inputs and real routing.
         layers = model.layers
         d = model.text.hidden_size
@@ -181,7 +183,7 @@ def main() -> None:
                     "generation_time": r.generation_time, "prefill_time": r.prefill_time,
                     "steps_per_block": r.steps_per_block, "tokens_per_forward": r.tokens_per_forward,
                     "peak_memory_gb": r.peak_memory_gb,
-                    "decoder_passes": r.extra.get("decoder_passes"), "host_syncs": r.extra.get("host_syncs"),
+                    "decoder_passes": r.decoder_passes, "host_syncs": r.host_syncs,
                 })
         tps = C.summarize([x["generation_tps"] for x in runs])
         e2e[mode] = {"runs": runs, "generation_tps": tps, "options": extra,

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import text_config  # noqa: E402
 
-from mlx_diffusiongemma.accounting import weight_bytes_per_step  # noqa: E402
-from mlx_diffusiongemma.config import parse_text_args  # noqa: E402
-from mlx_diffusiongemma.config import ModelArgs  # noqa: E402
-from mlx_diffusiongemma.parallel import (  # noqa: E402
-    DistributedError, expert_ranges, link_time, pass_communication, plan_shards)
+from mlx_diffusiongemma.perf.accounting import weight_bytes_per_step
+from mlx_diffusiongemma.model.args import parse_text_args
+from mlx_diffusiongemma.model.args import ModelArgs
+from mlx_diffusiongemma.parallel.plan import DistributedError, expert_ranges, plan_shards
+from mlx_diffusiongemma.perf.communication import link_time, pass_communication
 
 # Links: nominal rate, and a per-message latency for the ring backend's TCP sockets. The rates are
 # the links' line rates (what MLX's ring backend reaches over TCP is lower: see the docs); the

@@ -28,8 +28,9 @@ def worker(folder: str, out: str) -> int:
     """One rank (or the single process): load, prefill 64 tokens, one denoise step, report."""
     import mlx.core as mx
 
-    from mlx_diffusiongemma.loading import load_model
-    from mlx_diffusiongemma.parallel import held_bytes, init_group, load_sharded
+    from mlx_diffusiongemma.checkpoint.loading import load_model
+    from mlx_diffusiongemma.parallel.group import init_group
+    from mlx_diffusiongemma.parallel.load import held_bytes, load_sharded
 
     group = init_group(timeout=300)
     rank, size = group.rank(), group.size()

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from mlx_diffusiongemma import generate, load
-from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
-from mlx_diffusiongemma.engine import SamplerOptions
+from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set
+from mlx_diffusiongemma.diffusion.options import SamplerOptions
 
 # Two canvases of 64: every answer of the suite fits with the shipped tokenizer (numbers 0-99 are
 # single tokens). A tokenizer that spells numbers by digit needs --max-tokens 320 (the longest
@@ -51,7 +51,7 @@ def eval_reference(folder: Path, cases, seed0: int, max_tokens: int = MAX_TOKENS
     import torch
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    from mlx_diffusiongemma.generate import render_messages
+    from mlx_diffusiongemma.prompts.render import render_messages
 
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -64,12 +64,12 @@ def eval_sudoku(model, tok, n: int, seed: int) -> list[dict]:
         for i, cells in enumerate(puzzles):
             if mode == "plain":
                 r = generate(model, tok, sudoku.prompt(cells), max_tokens=model.canvas_length, seed=seed + i)
-                text, p = r.answer, r.extra["decoder_passes"]
+                text, p = r.answer, r.decoder_passes
             else:
                 out = None
                 for out in sudoku.stream_solve(model, tok, cells, digits_only=mode.endswith("1-4"), seed=seed + i):
                     pass
-                text, p = out.text, out.result.extra["decoder_passes"]
+                text, p = out.text, out.result.decoder_passes
             solved += sudoku.is_solution(sudoku.parse_grid(text), cells)
             passes += p
         rows.append({"mode": mode, "solved": solved / len(puzzles), "passes": passes / len(puzzles),
@@ -136,7 +136,7 @@ def eval_read(model, tok, n: int, seed: int) -> dict:
         r = generate(model, tok, prompt, max_tokens=model.canvas_length, seed=seed + i)
         t_gen += time.perf_counter() - t0
         produced = r.answer.strip()
-        gen_passes += r.extra["decoder_passes"]
+        gen_passes += r.decoder_passes
         agree += res.choice == produced
         read_ok += res.choice == answer
         gen_ok += produced == answer

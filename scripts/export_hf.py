@@ -1,6 +1,6 @@
 """Export an MLX DiffusionGemma folder (e.g. the demo model) in the Hugging Face layout.
 
-    python scripts/export_hf.py mlx_diffusiongemma/demo_model -o demo-hf/
+    python scripts/export_hf.py mlx_diffusiongemma/demo/model -o demo-hf/
 
 The output is what `save_pretrained` of the reference `transformers` class writes (config.json,
 model.safetensors, generation_config.json) plus the tokenizer files, so the reference `generate`
@@ -40,7 +40,7 @@ def export(src: Path, dst: Path) -> Path:
     from mlx.utils import tree_flatten
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    from mlx_diffusiongemma.loading import load_model
+    from mlx_diffusiongemma.checkpoint.loading import load_model
 
     if dst.exists():
         raise SystemExit(f"error: {dst} exists; remove it or choose another folder")

@@ -102,7 +102,7 @@ def accuracy(model, tokenizer, pairs, seed: int) -> dict:
 
 def held_out_control(family: str, n: int) -> list[tuple[str, str]]:
     """The demo's held-out prompts of the family the new task is closest to."""
-    from mlx_diffusiongemma.demo_tasks import held_out_set
+    from mlx_diffusiongemma.demo.tasks import held_out_set
 
     return held_out_set(family, n)
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     train = draw(make, args.n_train, rng, seen)
     valid = draw(make, args.n_valid, rng, seen)
     if args.replay:
-        from mlx_diffusiongemma.demo_tasks import sample
+        from mlx_diffusiongemma.demo.tasks import sample
 
         # Training-side prompts only: the control is measured on held-out ones.
         train += [sample(rng, family, held_out=False) for _ in range(args.replay)]

@@ -37,21 +37,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _record(result) -> dict:
     """What a GenerationResult says about the path it took."""
-    passes = getattr(result, "decoder_passes", None)
-    if passes is None:
-        passes = result.extra["decoder_passes"]
-    return {"tokens": list(result.tokens), "steps": list(result.steps_per_block), "passes": passes,
+    return {"tokens": list(result.tokens), "steps": list(result.steps_per_block), "passes": result.decoder_passes,
             "finish": result.finish_reason}
 
 
 def demo_model(out: dict) -> None:
     import mlx_diffusiongemma as dg
-    from mlx_diffusiongemma.fast import FastOptions
+    from mlx_diffusiongemma import FastOptions
 
-    try:
-        from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set
-    except ImportError:
-        from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
+    from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set
 
     model, tok = dg.load("demo")
     for family in FAMILIES:
@@ -104,10 +98,7 @@ def demo_model(out: dict) -> None:
     out["demo/edit/span"] = {"text": r.text} | _record(r.result)
     s = dg.score(model, tok, "Is 37 greater than 12?", ["yes", "no"], seed=0)
     out["demo/score"] = {"choice": s.choice, "probabilities": {k: round(v, 6) for k, v in s.probabilities.items()}}
-    try:
-        from mlx_diffusiongemma.editing import sudoku
-    except ImportError:
-        from mlx_diffusiongemma import sudoku
+    from mlx_diffusiongemma.editing import sudoku
     cells = sudoku.parse_puzzle("..3./.4.2/21../..2.")
     final = None
     for item in sudoku.stream_solve(model, tok, cells, seed=6):
@@ -119,12 +110,9 @@ def random_models(out: dict, home: Path) -> None:
     import mlx.core as mx
 
     import mlx_diffusiongemma as dg
-    from mlx_diffusiongemma.fast import FastOptions
+    from mlx_diffusiongemma import FastOptions
 
-    try:
-        from mlx_diffusiongemma.demo.random import ensure_demo
-    except ImportError:
-        from mlx_diffusiongemma.demo import ensure_demo
+    from mlx_diffusiongemma.demo.random import ensure_demo
 
     model, tok = dg.load(ensure_demo(home / "demo-random"))
     for prompt in ("Hello there", "Tell me a story."):
@@ -135,13 +123,10 @@ def random_models(out: dict, home: Path) -> None:
 
     from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
 
-    try:
-        from mlx_diffusiongemma.checkpoint.loading import load_model
-        from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
-    except ImportError:
-        from mlx_diffusiongemma.config import load_generation_defaults
-        from mlx_diffusiongemma.loading import load_model
-    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
+    from mlx_diffusiongemma import SamplerOptions
+    from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+    from mlx_diffusiongemma.checkpoint.loading import load_model
+    from mlx_diffusiongemma.diffusion.engine import Request, run
 
     for name, sharp in (("plain", False), ("sharp", True)):
         ref = build_reference(tiny_text_config(), canvas_length=8, seed=4, vision=False)
@@ -152,9 +137,8 @@ def random_models(out: dict, home: Path) -> None:
         ours.generation = load_generation_defaults(folder)
         for mode in ("exact", "fast"):
             fast = {"fast": FastOptions()} if mode == "fast" else {}
-            mode_field = {"mode": mode} if "mode" in Request.__dataclass_fields__ else {}
             request = Request([2, 5, 17, 30, 44, 9], max_tokens=40, sampler=SamplerOptions(max_denoising_steps=12),
-                              seed=21, **fast, **mode_field)
+                              seed=21, **fast)
             result = list(run(ours, request))[-1]
             out[f"reference/{name}/{mode}"] = _record(result)
 

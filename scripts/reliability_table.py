@@ -27,7 +27,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from mlx_diffusiongemma.cli import app as cli
-    from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
+    from mlx_diffusiongemma.demo.random import DEMO_VERSION, ensure_demo
 
     work = Path(tempfile.mkdtemp(prefix="dgemma-reliability-"))
     home = work / "home"

@@ -7,7 +7,7 @@ sliding and full layers, self-conditioning; canvas 64), trains it on the trainin
 `mlx_diffusiongemma.demo_tasks` with `mlx_diffusiongemma.train` (full fine-tuning from random
 initialisation, float32, dense experts), and writes a loadable folder (bf16 weights) to
 `OUT/model` every `--save-every` steps and at the end. `OUT/train_log.jsonl` keeps every report.
-To ship it: `cp OUT/model/* mlx_diffusiongemma/demo_model/`.
+To ship it: `cp OUT/model/* mlx_diffusiongemma/demo/model/`.
 
 On Linux, preloading an optimised BLAS makes MLX's CPU matmuls ~30x faster, e.g.
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python scripts/train_demo.py ...`
@@ -32,13 +32,18 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from mlx_diffusiongemma.config import parse_model_args
-from mlx_diffusiongemma.demo_build import (
-    build_tokenizer, card_template_ids, generation_config, model_config, special_ids, training_mix,
+from mlx_diffusiongemma.model.args import parse_model_args
+from mlx_diffusiongemma.demo.build import (
+    build_tokenizer,
+    card_template_ids,
+    trained_generation_config,
+    model_config,
+    special_ids,
+    training_mix,
 )
-from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set
-from mlx_diffusiongemma.generate import render_messages
-from mlx_diffusiongemma.model import Model
+from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set
+from mlx_diffusiongemma.prompts.render import render_messages
+from mlx_diffusiongemma.model.model import Model
 from mlx_diffusiongemma.train.loop import evaluate, train
 from mlx_diffusiongemma.train.objective import Example, canvas_items, make_batch
 
@@ -51,7 +56,7 @@ def encode_pair(tok, prompt: str, answer: str, turn_end: int) -> Example:
 def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, template_fraction: float = 0.0,
             weights: dict[str, float] | None = None):
     """Endless batches of canvas items from the training mix. A `template_fraction` of the `card`
-    answers is written in a template's form (holes padded with end tokens: demo_build.card_template_ids),
+    answers is written in a template's form (holes padded with end tokens: demo/build.py's card_template_ids),
     its fixed text pinned (never corrupted) as `dgemma fill` pins it."""
     mix = training_mix(seed, weights)
     rng = random.Random(f"templates-{seed}")
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="start from OUT/model's weights")
     p.add_argument("--start-step", type=int, default=0, help="with --resume: the step to continue the schedule at")
     p.add_argument("--init-from", type=Path, help="start from this model folder's weights, tokenizer and config "
-                   "(continued training with a fresh schedule, e.g. from mlx_diffusiongemma/demo_model)")
+                   "(continued training with a fresh schedule, e.g. from mlx_diffusiongemma/demo/model)")
     p.add_argument("--digit-tokens", action="store_true",
                    help="a tokenizer that splits numbers into digits, as Gemma's does (demo_build.build_tokenizer)")
     p.add_argument("--template-fraction", type=float, default=0.0,
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
         (base / "config.json").write_text(json.dumps(
             model_config(len(vocab), hidden=args.hidden, layers=args.layers), indent=2))
         (base / "generation_config.json").write_text(json.dumps(
-            generation_config([ids["<eos>"], ids["<turn|>"]]), indent=2))
+            trained_generation_config([ids["<eos>"], ids["<turn|>"]]), indent=2))
     from mlx_lm.tokenizer_utils import load as load_tok
 
     ids = special_ids(base)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlx_diffusiongemma.config import parse_text_args  # noqa: E402
+from mlx_diffusiongemma.model.args import parse_text_args
 from mlx_diffusiongemma.train.memory import finetune_memory  # noqa: E402
 
 COLUMNS = [("weights", "weights"), ("trained_state", "LoRA/trained state"),
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         ]
         name = "26B-A4B shape"
     else:
-        from mlx_diffusiongemma.config import load_model_args
-        from mlx_diffusiongemma.loading import resolve
+        from mlx_diffusiongemma.checkpoint.config import load_model_args
+        from mlx_diffusiongemma.checkpoint.loading import resolve
 
         margs = load_model_args(resolve(args.model))
         text, canvas = margs.text, margs.canvas_length

@@ -16,7 +16,7 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, nu
 
 
 def tiny_text_config(**overrides) -> dict:
-    from mlx_diffusiongemma.demo import tokenizer_vocab_size
+    from mlx_diffusiongemma.demo.files import tokenizer_vocab_size
 
     cfg = dict(
         vocab_size=tokenizer_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -36,7 +36,7 @@ def build_reference(text: dict, canvas_length: int = 8, seed: int = 0, vision: b
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    from mlx_diffusiongemma.demo import image_token_ids
+    from mlx_diffusiongemma.demo.files import image_token_ids
 
     # A vision config given as a dict (the image tests) comes with the tokenizer's image token ids.
     images = image_token_ids() if isinstance(vision, dict) else {}
@@ -83,7 +83,7 @@ def save_checkpoint(model, folder: Path, *, legacy_config: bool = False, zero_pa
     """
     import torch
 
-    from mlx_diffusiongemma.demo import TURN_END, build_tokenizer
+    from mlx_diffusiongemma.demo.files import TURN_END, build_tokenizer
 
     folder = Path(folder)
     if dtype is not None:
@@ -119,3 +119,66 @@ def tiny_checkpoint(tmp_path_factory):
     model = build_reference(tiny_text_config())
     folder = save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "ckpt")
     return model, folder
+
+
+# -- the command line, as a user runs it ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory):
+    """MLX_DIFFUSIONGEMMA_HOME with the random demo model built (`--model demo-random` finds it)."""
+    from mlx_diffusiongemma.demo.random import DEMO_VERSION, ensure_demo
+
+    root = tmp_path_factory.mktemp("dgemma-home")
+    ensure_demo(root / f"demo-v{DEMO_VERSION}")
+    return root
+
+
+@pytest.fixture
+def runner(home, monkeypatch):
+    """typer's CliRunner, offline, with `home` as the demo models' home."""
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return CliRunner()
+
+
+def invoke(runner, args, input=None):
+    """`dgemma ARGS` in the runner (stdin from `input`)."""
+    from mlx_diffusiongemma.cli.app import app
+
+    return runner.invoke(app, args, input=input, prog_name="dgemma")
+
+
+def error_line(result, *, last: bool = False) -> str:
+    """The `error: ...` line on stderr, with no traceback: the only line, first (no blank line
+    before it); with `last`, the last line (after a command's own progress output)."""
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if last:
+        assert lines and lines[-1].startswith("error: "), result.output
+        return lines[-1]
+    assert result.stderr.startswith("error: "), repr(result.stderr)
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# -- checkpoints a test may damage -----------------------------------------------------------------
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    import shutil
+
+    _, folder = tiny_checkpoint
+    return Path(shutil.copytree(folder, tmp_path / "ckpt"))
+
+
+def edit_config(folder: Path, edit) -> None:
+    """Apply `edit` to the config.json of `folder`."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config, indent=2))

@@ -30,11 +30,14 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     a = p.parse_args()
 
-    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-    from mlx_diffusiongemma.events import GenerationResult
-    from mlx_diffusiongemma.parallel import DistributedError, Watchdog, held_bytes, init_group, load_sharded, lost_peer
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+    from mlx_diffusiongemma.diffusion.events import GenerationResult
+    from mlx_diffusiongemma.parallel.group import Watchdog, init_group, lost_peer
+    from mlx_diffusiongemma.parallel.load import held_bytes, load_sharded
+    from mlx_diffusiongemma.parallel.plan import DistributedError
 
-    from mlx_diffusiongemma.parallel import stop_on_termination
+    from mlx_diffusiongemma.parallel.group import stop_on_termination
 
     group = init_group(timeout=a.timeout)
     rank, size = group.rank(), group.size()
@@ -66,7 +69,7 @@ def main() -> int:
                         result = event
                 if not job["tp"]:  # fast mode (live rows over frozen K/V) on the expert split too
                     fast_req = Request(list(inputs["prompt"]), max_tokens=inputs["max_tokens"], seed=inputs["seed"],
-                                       sampler=SamplerOptions(max_denoising_steps=inputs["steps"]), mode="fast")
+                                       sampler=SamplerOptions(max_denoising_steps=inputs["steps"]), fast=FastOptions())
                     fast = list(dog.guard(run(model, fast_req)))[-1]
                     results[f"{job['name']}/fast_tokens"] = np.array(fast.tokens, dtype=np.int64)
                 held = held_bytes(model)
@@ -79,7 +82,7 @@ def main() -> int:
                 results[f"{name}/second"] = np.array(second)
                 results[f"{name}/tokens"] = np.array(result.tokens, dtype=np.int64)
                 results[f"{name}/steps"] = np.array(result.steps_per_block, dtype=np.int64)
-                results[f"{name}/syncs"] = np.array([result.extra["host_syncs"]], dtype=np.int64)
+                results[f"{name}/syncs"] = np.array([result.host_syncs], dtype=np.int64)
                 results[f"{name}/per_rank"] = np.array(per_rank)
     except DistributedError as e:
         print(f"error: rank {rank}: {e}", file=sys.stderr)

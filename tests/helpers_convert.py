@@ -98,8 +98,8 @@ def build_synthetic_checkpoint(folder: Path, text_config: dict[str, Any], *, fil
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_diffusiongemma.config import parse_model_args
-    from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.model.args import parse_model_args
+    from mlx_diffusiongemma.model.model import Model
 
     config = {
         "model_type": "diffusion_gemma",

@@ -68,6 +68,15 @@ class ScriptedModel:
         onehot = mx.array(target)[:, None] == mx.arange(v)[None, :]
         return mx.where(onehot, 30.0, -30.0)[None].astype(mx.float32)
 
+    def denoise_batch(self, canvases, caches, self_conditioning, top_k):
+        return _one_by_one(self, canvases, caches, self_conditioning, top_k)
+
+
+def _one_by_one(model, canvases, caches, self_conditioning, top_k):
+    """`denoise_batch` of a stand-in model: its own `denoise` per request."""
+    return mx.concatenate([model.denoise(c, k, s, self_conditioning_top_k=t)
+                           for c, k, s, t in zip(canvases, caches, self_conditioning, top_k)], axis=0)
+
 
 class EndlessModel:
     """The demo model with its end tokens' logits far below the rest (finite: the engine rejects
@@ -85,3 +94,6 @@ class EndlessModel:
         logits = self._model.denoise(canvas_ids, cache, self_conditioning, **kw)
         is_end = (mx.arange(logits.shape[-1])[:, None] == self._ends[None, :]).any(axis=-1)
         return mx.where(is_end, -1e4, logits)  # softcapped logits stay within +-30
+
+    def denoise_batch(self, canvases, caches, self_conditioning, top_k):
+        return _one_by_one(self, canvases, caches, self_conditioning, top_k)

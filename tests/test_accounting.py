@@ -16,11 +16,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_diffusiongemma import accounting as A
+from mlx_diffusiongemma.perf import accounting as A
 from mlx_diffusiongemma import load
-from mlx_diffusiongemma import model as model_mod
-from mlx_diffusiongemma.config import parse_text_args
-from mlx_diffusiongemma.demo import ensure_demo
+from mlx_diffusiongemma.model import model as model_mod
+from mlx_diffusiongemma.model.args import parse_text_args
+from mlx_diffusiongemma.demo.random import ensure_demo
 
 PROMPT = 100  # longer than the demo's canvas (32) and sliding window (64)
 
@@ -237,5 +237,5 @@ def test_one_host_sync_per_step(demo, tmp_path):
     tok = load(ensure_demo(tmp_path / "d"))[1]
     r = generate(model, tok, [2, 20, 21, 22], max_tokens=2 * model.canvas_length, seed=0,
                  max_denoising_steps=3, confidence_threshold=-1.0)
-    assert r.extra["decoder_passes"] == sum(r.steps_per_block) == 6
-    assert r.extra["host_syncs"] == r.extra["decoder_passes"]
+    assert r.decoder_passes == sum(r.steps_per_block) == 6
+    assert r.host_syncs == r.decoder_passes

@@ -18,15 +18,17 @@ import mlx.core as mx
 import pytest
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.demo import SPECIAL_TOKENS, ensure_demo
-from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent, split_thinking
-from mlx_diffusiongemma.generate import prompt_ids, render_messages
+from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS
+from mlx_diffusiongemma.demo.random import ensure_demo
+from mlx_diffusiongemma.diffusion.events import BlockEvent, GenerationResult, StepEvent
+from mlx_diffusiongemma.prompts.channels import split_thinking
+from mlx_diffusiongemma.prompts.render import prompt_ids, render_messages
 
 CANVAS = 32
 NEVER = (10_000,)  # an EOS id outside the vocabulary: generation can only end by length
 THINK_ID = SPECIAL_TOKENS.index("<|think|>")
 # The submodule (the package's `generate` attribute is the function of that name).
-generate_mod = importlib.import_module("mlx_diffusiongemma.generate")
+generate_mod = importlib.import_module("mlx_diffusiongemma.api")
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -122,7 +124,6 @@ def test_event_stream_consistency(demo, eos, max_tokens, eos_ids):
         assert all(s.block == index and s.max_steps == 5 for s in steps)
         for s in steps:
             assert s.argmax.shape == (CANVAS,) and s.canvas.shape == (CANVAS,) and s.accepted.shape == (CANVAS,)
-            assert s.draft_text == tok.decode(s.argmax.tolist())
             assert 1 <= s.accepted_count <= CANVAS  # the lowest-entropy token is always accepted
             assert s.mean_entropy >= 0
         # The committed block is the last step's argmax, cut after the first EOS (EOS kept).
@@ -144,7 +145,7 @@ def test_event_stream_consistency(demo, eos, max_tokens, eos_ids):
     assert result.text == tok.decode([t for t in result.tokens if t not in eos_set])
     assert result.steps_per_block == [b.steps for _, b in blocks]
     total_steps = sum(result.steps_per_block)
-    assert result.extra["decoder_passes"] == total_steps
+    assert result.decoder_passes == total_steps
     assert result.tokens_per_forward == pytest.approx(sum(t != pad for t in result.tokens) / total_steps)
     assert result.generation_tokens == len(result.tokens) <= max_tokens
     assert result.prompt_tokens == result.encoded_tokens == len(prompt_ids(tok, "Tell me a story."))
@@ -154,18 +155,21 @@ def test_event_stream_consistency(demo, eos, max_tokens, eos_ids):
         assert result.finish_reason == "length" and len(result.tokens) == max_tokens
 
 
-def test_drafts_are_decoded_lazily(demo):
+def test_step_events_are_plain_data(demo):
+    """Events carry arrays and numbers, nothing to call back: the engine decodes no draft (a
+    caller that shows one decodes `event.argmax` itself)."""
+    from dataclasses import fields
+
     model, _ = demo
     tok = CountingTokenizer(demo[1])
     events = list(dg.stream_generate(model, tok, "Hi", seed=0, max_tokens=40, max_denoising_steps=3))
     steps = [e for e in events if isinstance(e, StepEvent)]
     assert steps
     assert tok.decode_calls == 0, "the engine decoded drafts nobody asked for"
-    assert all(s._draft is None for s in steps)
-    draft = steps[0].draft_text
-    assert tok.decode_calls == 1
-    assert steps[0].draft_text == draft and tok.decode_calls == 1  # cached after the first access
-    assert all(s._draft is None for s in steps[1:])
+    for event in events:
+        values = [getattr(event, f.name) for f in fields(event)]
+        assert all(v is None or isinstance(v, (mx.array, int, float, str, list, tuple)) or hasattr(v, "__dataclass_fields__")
+                   for v in values), event
 
 
 # ----------------------------------------------------------------------------------------------- seeds
@@ -185,7 +189,7 @@ def test_same_seed_same_output(demo, eos):
     argmax_b, b = _run(model, tok, seed=11)
     assert a.tokens == b.tokens and a.text == b.text
     assert argmax_a == argmax_b
-    assert a.extra["seed"] == 11
+    assert a.seed == 11
     _, c = _run(model, tok, seed=12)
     assert c.tokens != a.tokens
 
@@ -195,9 +199,9 @@ def test_seed_none_is_random_and_recorded(demo, eos):
     eos(NEVER)
     _, a = _run(model, tok, seed=None)
     _, b = _run(model, tok, seed=None)
-    assert isinstance(a.extra["seed"], int) and isinstance(b.extra["seed"], int)
+    assert isinstance(a.seed, int) and isinstance(b.seed, int)
     assert len(a.tokens) == 48
-    _, replay = _run(model, tok, seed=a.extra["seed"])
+    _, replay = _run(model, tok, seed=a.seed)
     assert replay.tokens == a.tokens  # the recorded seed reproduces the run
 
 
@@ -263,7 +267,7 @@ def test_max_denoising_steps_override(demo, eos, cap):
     eos(NEVER)
     blocks, result = split(list(dg.stream_generate(model, tok, "Hi", seed=2, max_tokens=64,
                                                    max_denoising_steps=cap)))
-    assert result.extra["sampler"].max_denoising_steps == cap
+    assert result.sampler.max_denoising_steps == cap
     # Random weights are never confident, so every block runs to the cap.
     assert result.steps_per_block == [cap, cap]
     assert all(s.max_steps == cap for steps, _ in blocks for s in steps)
@@ -274,7 +278,7 @@ def test_checkpoint_defaults_apply_without_overrides(demo, eos):
     model, tok = demo
     eos(NEVER)
     result = dg.generate(model, tok, "Hi", seed=2, max_tokens=1)
-    assert result.extra["sampler"] == dg.SamplerOptions(
+    assert result.sampler == dg.SamplerOptions(
         max_denoising_steps=16, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
         confidence_threshold=0.005,
     )
@@ -389,10 +393,10 @@ def test_chat_session_reuses_the_cache(demo):
                                 {"role": "assistant", "content": first.text}]
     n_first_prompt = len(render_messages(tok, [{"role": "user", "content": "Hello there"}]))
     assert first.encoded_tokens == n_first_prompt
-    assert len(first.extra["encoded_canvases"]) >= 1, "the first reply must span two blocks for this test"
+    assert len(first.encoded_canvases) >= 1, "the first reply must span two blocks for this test"
     assert session.cache.length == len(session.cached_ids)
     cached = len(session.cached_ids)
-    assert cached == n_first_prompt + CANVAS * len(first.extra["encoded_canvases"])
+    assert cached == n_first_prompt + CANVAS * len(first.encoded_canvases)
 
     messages = history_with(session, "And then?")
     full = render_messages(tok, messages)
@@ -428,7 +432,7 @@ def test_chat_session_per_turn_overrides(demo, eos):
     session = dg.ChatSession(model, tok, seed=2, max_tokens=64, max_denoising_steps=4)
     result = session.send("Hi", max_tokens=5, max_denoising_steps=3)
     assert len(result.tokens) == 5 and result.steps_per_block == [3]
-    assert session.max_tokens == 64 and session.sampler_options == {"max_denoising_steps": 4}
+    assert session.options.max_tokens == 64 and session.options.sampler == dg.SamplerOptions(max_denoising_steps=4)
 
 
 # ----------------------------------------------------------------------------------------------- cancellation

@@ -4,54 +4,23 @@ session that survives any failed turn."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.cli import app as cli
-from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
+from conftest import error_line, invoke
+from mlx_diffusiongemma.demo.random import DEMO_VERSION
 from mlx_diffusiongemma.errors import NumericalError
 
 FAST = ["--max-tokens", "16", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dgemma-home")
-    ensure_demo(root / f"demo-v{DEMO_VERSION}")
-    return root
-
-
-@pytest.fixture(scope="module")
 def demo(home):
     return dg.load(home / f"demo-v{DEMO_VERSION}")
-
-
-@pytest.fixture
-def runner(home, monkeypatch):
-    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return CliRunner()
-
-
-def invoke(runner, args, input=None):
-    return runner.invoke(cli.app, args, input=input, prog_name="dgemma")
-
-
-def error_line(result) -> str:
-    """Exactly one line on stderr, `error: ...`, first (no blank line before it), no traceback."""
-    assert result.stderr.startswith("error: "), repr(result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # -- 9. sampler values, aligned with the reference ------------------------------------------------
@@ -60,7 +29,7 @@ def error_line(result) -> str:
 def test_t_min_zero_is_accepted_as_in_the_reference(demo):
     model, tok = demo
     r = dg.generate(model, tok, "Hi", seed=0, max_tokens=8, max_denoising_steps=2, t_min=0.0)
-    assert r.extra["sampler"].t_min == 0.0 and r.tokens
+    assert r.sampler.t_min == 0.0 and r.tokens
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -92,7 +61,7 @@ def test_bad_seed(demo, seed):
 def test_largest_seed_works(demo):
     model, tok = demo
     r = dg.generate(model, tok, "Hi", seed=2**64 - 1, max_tokens=8, max_denoising_steps=2)
-    assert r.extra["seed"] == 2**64 - 1
+    assert r.seed == 2**64 - 1
 
 
 # -- 9. NaN weights: detected at the first step, not all <pad> ---------------------------------------
@@ -222,7 +191,7 @@ def test_invalid_utf8_line_in_chat_keeps_the_session(runner):
 
 
 def test_unexpected_failure_during_a_reply_keeps_the_session(runner, monkeypatch):
-    from mlx_diffusiongemma.generate import ChatSession
+    from mlx_diffusiongemma.api import ChatSession
 
     original = ChatSession.stream
     calls = {"n": 0}
@@ -248,7 +217,7 @@ def test_context_limit_in_chat_points_to_reset(demo):
     from rich.console import Console
 
     from mlx_diffusiongemma.cli.chat import ChatLoop
-    from mlx_diffusiongemma.generate import ChatSession
+    from mlx_diffusiongemma.api import ChatSession
 
     model, tok = demo
     session = ChatSession(model, tok, max_tokens=8, max_denoising_steps=2, seed=0)

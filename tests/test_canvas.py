@@ -17,12 +17,14 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
 from test_engine_parity import RecordingNoise, run_reference
-from mlx_diffusiongemma import canvas as cs
-from mlx_diffusiongemma.canvas import CanvasState, StepView
-from mlx_diffusiongemma.config import load_generation_defaults
-from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.diffusion import canvas as cs
+from mlx_diffusiongemma.diffusion import sampler
+from mlx_diffusiongemma.diffusion.canvas import CanvasState, StepView
+from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+from mlx_diffusiongemma.diffusion.engine import Request, run
+from mlx_diffusiongemma.diffusion.options import SamplerOptions
+from mlx_diffusiongemma.diffusion.events import BlockEvent, GenerationResult, StepEvent
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 C = 8
 
@@ -181,16 +183,16 @@ def test_a_live_position_is_always_accepted_among_pins():
     canvas = mx.zeros((1, C), dtype=mx.int32)
     u = mx.array(rng.random((1, C)).astype(np.float32))
     r = mx.array(rng.integers(0, 50, (1, C)).astype(np.int32))
-    res = cs.pinned_step(logits, canvas, 1.0, u, r, 0.01, pinned, ids)
+    res = sampler.step(logits, canvas, 1.0, u, r, 0.01, pinned=pinned, ids=ids)
     accepted = np.array(res.accepted.tolist())[0]
     live = ~np.array(pinned.tolist())[0]
     assert accepted[~live].all()
     assert accepted[live].sum() == 1
-    e = np.array(cs.sampler.entropy(logits).tolist())[0]
+    e = np.array(sampler.entropy(logits).tolist())[0]
     assert accepted[live][np.argmin(e[live])]
-    # and without pins the plain step is reproduced bit for bit
-    plain = cs.sampler.step(logits, canvas, 1.0, u, r, 0.01)
-    none = cs.pinned_step(logits, canvas, 1.0, u, r, 0.01, mx.zeros((1, C), dtype=mx.bool_), ids)
+    # and with nothing pinned the step without pins is reproduced bit for bit
+    plain = sampler.step(logits, canvas, 1.0, u, r, 0.01)
+    none = sampler.step(logits, canvas, 1.0, u, r, 0.01, pinned=mx.zeros((1, C), dtype=mx.bool_), ids=ids)
     for a, b in zip(plain, none):
         assert np.array_equal(np.array(a.tolist()), np.array(b.tolist()))
 

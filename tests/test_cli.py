@@ -8,45 +8,17 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
-
-from mlx_diffusiongemma.cli import app as cli
-from mlx_diffusiongemma.cli.live import ChannelSplitter, LiveView, TokenLabels, render, visible
-from mlx_diffusiongemma.events import THOUGHT_CLOSE, THOUGHT_OPEN
+from conftest import error_line, invoke
+from mlx_diffusiongemma.cli import chat as chat_command
+from mlx_diffusiongemma.cli.views import LiveView, render, visible
+from mlx_diffusiongemma.prompts.channels import TextStream
+from mlx_diffusiongemma.prompts.labels import TokenLabels
+from mlx_diffusiongemma.prompts.channels import THOUGHT_CLOSE, THOUGHT_OPEN
 
 FAST = ["--max-tokens", "32", "--steps", "3"]
 ANSI = re.compile(r"\x1b\[")
 JSON_KEYS = {"text", "finish_reason", "tokens", "prompt_tokens", "prefill_time", "steps_per_block",
              "tokens_per_forward", "generation_tps", "peak_memory_gb"}
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """MLX_DIFFUSIONGEMMA_HOME with the demo model already built (`--model demo` finds it)."""
-    from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
-
-    root = tmp_path_factory.mktemp("dgemma-home")
-    ensure_demo(root / f"demo-v{DEMO_VERSION}")
-    return root
-
-
-@pytest.fixture
-def runner(home, monkeypatch):
-    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return CliRunner()
-
-
-def invoke(runner, args, input=None):
-    return runner.invoke(cli.app, args, input=input, prog_name="dgemma")
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # -- chat ------------------------------------------------------------------------------------------
@@ -112,7 +84,7 @@ def test_chat_turn_error_keeps_going_and_exits_1_when_piped(runner):
 
 def test_chat_terminal_mode(runner, monkeypatch):
     """As in a terminal (input() prompts, banner, stats line), without and with the live view."""
-    monkeypatch.setattr(cli, "_is_terminal", lambda: True)
+    monkeypatch.setattr(chat_command, "is_terminal", lambda: True)
     for extra in (["--no-live"], []):
         result = invoke(runner, ["chat", "--model", "demo", *FAST, *extra], input="hello\n/stats\n")
         assert result.exit_code == 0, result.output
@@ -208,11 +180,12 @@ def test_debug_shows_the_traceback(runner, tmp_path):
 
 
 def test_defaults_match_the_library():
-    from mlx_diffusiongemma.loading import DEFAULT_MODEL
-    from mlx_diffusiongemma.weights import RECIPES
+    from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+    from mlx_diffusiongemma.checkpoint.recipes import RECIPES
+    from mlx_diffusiongemma.cli import flags
 
-    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
-    assert tuple(cli.RECIPES) == tuple(RECIPES)
+    assert flags.DEFAULT_MODEL == DEFAULT_MODEL
+    assert tuple(flags.RECIPES) == tuple(RECIPES)
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -261,20 +234,23 @@ def test_visible_replaces_control_characters():
     assert "\n" not in visible("x\u2028y")
 
 
-def test_channel_splitter_separates_thought_and_answer():
-    s = ChannelSplitter()
-    pieces = []
+def test_the_terminal_splits_thought_and_answer_with_the_servers_splitter():
+    s = TextStream(parse_tools=False)
+    deltas = []
     # The opening marker is cut between two blocks: nothing of it may leak into the answer.
-    for delta in ["<|chan", "nel>thought\nlet me ", "think" + THOUGHT_CLOSE + "The ", "answer."]:
-        pieces += s.feed(delta)
-    pieces += s.feed("", final=True)
-    thought = "".join(t for k, t in pieces if k == "thought")
-    answer = "".join(t for k, t in pieces if k == "answer")
-    assert thought == "let me think" and answer == "The answer."
-    plain = ChannelSplitter()
-    assert plain.feed("a <") == [("answer", "a ")]  # "<" may start a marker: held back
-    assert plain.feed("b") == [("answer", "<b")]
+    for piece in ["<|chan", "nel>thought\nlet me ", "think\n" + THOUGHT_CLOSE + "The ", "answer."]:
+        deltas.append(s.feed(piece))
+    deltas.append(s.finish())
+    thought = "".join(d.reasoning for d in deltas)
+    answer = "".join(d.content for d in deltas)
+    assert thought == "let me think" and answer == "The answer."  # the thought's last newline dropped
+    plain = TextStream(parse_tools=False)
+    assert plain.feed("a <").content == "a "  # "<" may start a marker: held back
+    assert plain.feed("b").content == "<b"
     assert THOUGHT_OPEN not in answer
+    # Tool calls stay text in the terminal.
+    call = "<|tool_call>call:f{a:1}<tool_call|>"
+    assert TextStream(parse_tools=False).feed(call + "!").content == call + "!"
 
 
 def test_live_view_on_a_terminal(runner, home, monkeypatch):
@@ -282,7 +258,7 @@ def test_live_view_on_a_terminal(runner, home, monkeypatch):
     from rich.console import Console
 
     from mlx_diffusiongemma import load, stream_generate
-    from mlx_diffusiongemma.demo import demo_dir
+    from mlx_diffusiongemma.demo.random import demo_dir
 
     monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(home))
     model, tok = load(demo_dir())
@@ -302,7 +278,7 @@ def test_live_view_on_a_terminal(runner, home, monkeypatch):
 
 
 def _thinking_events():
-    from mlx_diffusiongemma.events import BlockEvent
+    from mlx_diffusiongemma.diffusion.events import BlockEvent
 
     deltas = [THOUGHT_OPEN[:6], THOUGHT_OPEN[6:] + "\nweigh it", THOUGHT_CLOSE + "Blue.", "\nDone"]
     return [BlockEvent(i, [0], d, 3, "step_cap", False) for i, d in enumerate(deltas)]
@@ -311,7 +287,7 @@ def _thinking_events():
 def test_thought_channel_is_shown_apart_and_dimmed():
     from rich.console import Console
 
-    from mlx_diffusiongemma.cli.live import ConsoleView, PlainView
+    from mlx_diffusiongemma.cli.views import ConsoleView, PlainView
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=80, color_system="standard")
@@ -324,13 +300,3 @@ def test_thought_channel_is_shown_apart_and_dimmed():
     out, err = io.StringIO(), io.StringIO()
     render(iter(_thinking_events()), PlainView(out, err))
     assert out.getvalue() == "Blue.\nDone\n" and err.getvalue() == "weigh it\n"
-
-
-def test_bench_command_forwards_to_the_benchmark_script():
-    from typer.testing import CliRunner
-
-    from mlx_diffusiongemma.cli.app import app
-
-    result = CliRunner().invoke(app, ["bench", "--help"])
-    assert result.exit_code == 0
-    assert "--presets" in result.output and "mlx-vlm" in result.output

@@ -11,10 +11,10 @@ import json
 import mlx.core as mx
 from rich.console import Console
 
-from mlx_diffusiongemma.cli.fill import CanvasView
-from mlx_diffusiongemma.cli.live import PINNED_STYLE, TokenLabels, draft_text
-from mlx_diffusiongemma.events import StepEvent
-from test_cli import error_line, home, invoke, runner  # noqa: F401  (fixtures)
+from mlx_diffusiongemma.cli.views import PINNED_STYLE, CanvasView, draft_text
+from mlx_diffusiongemma.prompts.labels import TokenLabels
+from mlx_diffusiongemma.diffusion.events import StepEvent
+from conftest import error_line, invoke
 
 FAST = ["--steps", "3", "--seed", "1"]
 
@@ -101,7 +101,7 @@ def test_pinned_tokens_have_their_own_style():
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=60)
     event = StepEvent(0, 1, 3, mx.array([0, 1, 2, 3]), mx.array([0, 1, 2, 3]), mx.array([True] * 4), 0.5,
-                      Tok().decode, pinned=mx.array([True, False, False, True]))
+                      pinned=mx.array([True, False, False, True]))
     with CanvasView(console, TokenLabels(Tok()), length=3) as view:
         view.handle(event)
         assert view.draft.plain == "ABC"
@@ -134,7 +134,7 @@ def test_sudoku_pins_the_givens(runner):
 
 
 def test_sudoku_helpers():
-    from mlx_diffusiongemma import sudoku
+    from mlx_diffusiongemma.editing import sudoku
 
     assert sudoku.solutions(sudoku.parse_puzzle("..3./.4.2/21../..2.")) == 1  # the default puzzle
     assert sudoku.solutions(sudoku.parse_puzzle("1..4/.4../..4./4..1")) == 2

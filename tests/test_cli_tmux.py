@@ -178,7 +178,7 @@ def test_live_chat_in_a_terminal(terminal, home, tmp_path):
 
 
 def test_ctrl_c_and_ctrl_d_at_the_prompt_exit_0(terminal, home):
-    from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
+    from mlx_diffusiongemma.demo.random import DEMO_VERSION, ensure_demo
 
     ensure_demo(home / f"demo-v{DEMO_VERSION}")  # built once, before both sessions start
     cmd = f"{shlex.quote(str(DGEMMA))} chat --model demo-random"

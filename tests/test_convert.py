@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_diffusiongemma import weights as W
+from mlx_diffusiongemma.model import model as W
 from mlx_diffusiongemma.convert import ConvertReport, convert, projected_size
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers_convert import AUX_FILES, build_hf_checkpoint, build_synthetic_checkpoint  # noqa: E402

@@ -22,9 +22,9 @@ from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma import generate, load
 from mlx_diffusiongemma.demo import is_trained_demo, shipped_demo_dir
-from mlx_diffusiongemma.demo_tasks import FAMILIES, held_out_set, is_held_out
-from mlx_diffusiongemma.generate import render_messages
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set, is_held_out
+from mlx_diffusiongemma.prompts.render import render_messages
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +41,7 @@ def test_ships_with_the_package_and_is_small():
             "tokenizer_config.json"} <= names
     total = sum(p.stat().st_size for p in folder.iterdir())
     assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB is too large to ship"
-    config = json.loads((folder / "config.json").read_text())
-    assert is_trained_demo(config)
+    assert is_trained_demo(folder)
 
 
 def test_has_the_architecture_of_the_real_model(demo):
@@ -54,7 +53,7 @@ def test_has_the_architecture_of_the_real_model(demo):
     names = {k for k, _ in tree_flatten(model.parameters())}
     assert any("self_conditioning" in k for k in names)
     assert any("router" in k for k in names)
-    assert model.is_demo
+    assert is_trained_demo(model.source)
     # The Gemma 4 chat format.
     ids = render_messages(tok, [{"role": "user", "content": "What is 2 + 3?"}])
     assert tok.decode(ids).startswith("<bos><|turn>user\n") and tok.decode(ids).endswith("<|turn>model\n")
@@ -99,7 +98,7 @@ def test_template_shaped_training_answers(demo):
     --template-fraction) read back, by the hole rule and as JSON, to the card's values."""
     import random
 
-    from mlx_diffusiongemma.demo_build import card_template_ids
+    from mlx_diffusiongemma.demo.build import card_template_ids
 
     _, tok = demo
     eos = tok.convert_tokens_to_ids("<eos>") if hasattr(tok, "convert_tokens_to_ids") else 1

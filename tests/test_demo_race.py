@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlx_diffusiongemma import demo as D
+from mlx_diffusiongemma.demo import random as D
 
 _LOAD_DEMO = """
-from mlx_diffusiongemma.loading import load
+from mlx_diffusiongemma.api import load
 model, tok = load("demo-random")
 assert tok.encode("hi")
 print("ok", model.source, flush=True)

@@ -8,8 +8,15 @@ from itertools import islice
 
 import pytest
 
-from mlx_diffusiongemma.demo_tasks import (
-    FAMILIES, format_grid, held_out_set, is_held_out, parse_grid, sample, sudoku_grids, sudoku_solutions,
+from mlx_diffusiongemma.demo.tasks import (
+    FAMILIES,
+    format_grid,
+    held_out_set,
+    is_held_out,
+    parse_grid,
+    sample,
+    sudoku_grids,
+    sudoku_solutions,
 )
 
 
@@ -61,8 +68,8 @@ def test_the_demo_tokenizer_spells_numbers_as_asked(tmp_path, digits):
     tokens. Either way the task texts decode back exactly and the chat's special tokens are whole."""
     from tokenizers import Tokenizer
 
-    from mlx_diffusiongemma.demo import SPECIAL_TOKENS
-    from mlx_diffusiongemma.demo_build import build_tokenizer
+    from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS
+    from mlx_diffusiongemma.demo.build import build_tokenizer
 
     build_tokenizer(tmp_path, digits=digits)
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -82,7 +89,7 @@ def test_the_demo_tokenizer_spells_numbers_as_asked(tmp_path, digits):
 def test_the_training_mix_follows_the_weights_it_is_given():
     from collections import Counter
 
-    from mlx_diffusiongemma.demo_build import training_mix
+    from mlx_diffusiongemma.demo.build import training_mix
 
     only_add = {name: 0 for name in FAMILIES} | {"add": 1}
     assert {family for family, _, _ in islice(training_mix(0, only_add), 50)} == {"add"}

@@ -18,17 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma.config import load_generation_defaults
-from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-from mlx_diffusiongemma.loading import load_model
-from mlx_diffusiongemma.parallel import (
-    DistributedError,
-    SafetensorsSlicer,
-    expert_ranges,
-    plan_shards,
-    share,
-    slice_of,
-)
+from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+from mlx_diffusiongemma.diffusion.engine import Request, run
+from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+from mlx_diffusiongemma.checkpoint.loading import load_model
+from mlx_diffusiongemma.checkpoint.safetensors import SafetensorsSlicer
+from mlx_diffusiongemma.parallel.group import share
+from mlx_diffusiongemma.parallel.plan import DistributedError, expert_ranges, plan_shards, slice_of
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 QUANTIZED = Path(__file__).parent / "fixtures" / "mlxvlm_tiny" / "mlxvlm-4bit"  # 4 experts, 4-bit
@@ -98,7 +94,7 @@ def _single(folder: Path):
     result = list(run(model, req))[-1]
     experts = sum(v.nbytes for k, v in _flat(model) if ".experts." in k)
     fast = Request(INPUTS["prompt"], max_tokens=INPUTS["max_tokens"], seed=INPUTS["seed"],
-                   sampler=SamplerOptions(max_denoising_steps=INPUTS["steps"]), mode="fast")
+                   sampler=SamplerOptions(max_denoising_steps=INPUTS["steps"]), fast=FastOptions())
     fast_tokens = list(run(model, fast))[-1].tokens
     return np.array(first), np.array(second), result, experts, model.text.num_experts, fast_tokens
 
@@ -181,7 +177,7 @@ def test_expert_ranges_cover_every_expert_once():
 
 
 def test_plan_refuses_splits_that_do_not_divide():
-    from mlx_diffusiongemma.config import parse_model_args
+    from mlx_diffusiongemma.model.args import parse_model_args
 
     config = {"model_type": "diffusion_gemma", "text_config": tiny_text_config(num_experts=4)}
     args = parse_model_args(config)

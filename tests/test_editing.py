@@ -16,10 +16,11 @@ import pytest
 
 import mlx_diffusiongemma as dg
 from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma import editing
-from mlx_diffusiongemma import template as tpl
-from mlx_diffusiongemma.events import StepEvent
-from mlx_diffusiongemma.template import TemplateError
+from mlx_diffusiongemma import edit, fill_json, infill, score, stream_infill
+from mlx_diffusiongemma.editing.edit import find_span
+from mlx_diffusiongemma.editing import template as tpl
+from mlx_diffusiongemma.diffusion.events import StepEvent
+from mlx_diffusiongemma.editing.template import TemplateError
 
 C = 16
 FAST = dict(max_denoising_steps=4)
@@ -77,16 +78,16 @@ def test_bad_templates_fail_before_any_work(tiny, bad, message):
     model, tok = tiny
     counting = Counting(model, fail=True)
     with pytest.raises(TemplateError, match=message):
-        editing.infill(counting, tok, "hi", bad, **FAST)
+        infill(counting, tok, "hi", bad, **FAST)
 
 
 def test_template_longer_than_the_context_fails_before_any_work(tiny):
     model, tok = tiny
     counting = Counting(model, fail=True)
     with pytest.raises(TemplateError, match="longer than the model's context"):
-        editing.infill(counting, tok, "hi", "x {{a:300}}", **FAST)
+        infill(counting, tok, "hi", "x {{a:300}}", **FAST)
     with pytest.raises(TemplateError, match="the context is 256"):
-        editing.infill(counting, tok, "hi", "x {{a:120}} y {{b:120}}", **FAST)
+        infill(counting, tok, "hi", "x {{a:120}} y {{b:120}}", **FAST)
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ def test_infill_pins_the_fixed_text_across_canvases(tiny):
     every step; each hole's value is its tokens; the same seed gives the same fill."""
     model, tok = tiny
     template = "Name: {{name:6}}, born in {{year:4}}. " + "Lives in a town by the sea. " + "Likes {{thing:..10}}!"
-    events = list(editing.stream_infill(model, tok, "Describe a person.", template, seed=3, **FAST))
+    events = list(stream_infill(model, tok, "Describe a person.", template, seed=3, **FAST))
     out = events[-1]
     lay = tpl.layout(tok, tpl.parse(template))
     assert lay.length > 2 * C
@@ -176,7 +177,7 @@ def test_infill_pins_the_fixed_text_across_canvases(tiny):
     for h in lay.holes:
         assert out.details[h.name]["tokens"] == [t for t in tokens[h.start:h.start + h.length]][:len(out.details[h.name]["tokens"])]
     assert out.text == tpl.fill_text(lay, out.holes)
-    again = editing.infill(model, tok, "Describe a person.", template, seed=3, **FAST)
+    again = infill(model, tok, "Describe a person.", template, seed=3, **FAST)
     assert again.text == out.text and again.holes == out.holes
 
 
@@ -213,7 +214,7 @@ def test_json_always_parses_and_matches(tiny, seed):
     """Random weights write nonsense, but the structure is pinned and the values constrained:
     the text parses and matches the schema every time."""
     model, tok = tiny
-    out = editing.fill_json(model, tok, "A person as JSON.", SCHEMA, seed=seed, **FAST)
+    out = fill_json(model, tok, "A person as JSON.", SCHEMA, seed=seed, **FAST)
     value = json.loads(out.text)
     assert value == out.value
     _matches(value, SCHEMA)
@@ -222,9 +223,9 @@ def test_json_always_parses_and_matches(tiny, seed):
 def test_json_schema_errors(tiny):
     model, tok = tiny
     with pytest.raises(TemplateError, match="object schema"):
-        editing.fill_json(model, tok, "x", {"type": "array"})
+        fill_json(model, tok, "x", {"type": "array"})
     with pytest.raises(TemplateError, match="not supported"):
-        editing.fill_json(model, tok, "x", {"type": "object", "properties": {"a": {"type": "array"}}})
+        fill_json(model, tok, "x", {"type": "object", "properties": {"a": {"type": "array"}}})
 
 
 # -- edit ------------------------------------------------------------------------------------------
@@ -236,25 +237,25 @@ def test_edit_warm_start_renoises_the_chosen_fraction(tiny):
     ids = tok.encode(text, add_special_tokens=False)
     one_step = dict(max_denoising_steps=1)  # one decoder call per canvas: call i is canvas i's start
     zero = Counting(model)
-    out = editing.edit(zero, tok, text, "Rewrite it.", strength=0.0, seed=1, **one_step)
+    out = edit(zero, tok, text, "Rewrite it.", strength=0.0, seed=1, **one_step)
     assert sum(zero.canvases, [])[:len(ids)] == ids  # the first decoder inputs are the text itself
     half = Counting(model)
-    editing.edit(half, tok, text, "Rewrite it.", strength=0.5, seed=1, **one_step)
+    edit(half, tok, text, "Rewrite it.", strength=0.5, seed=1, **one_step)
     kept = sum(a == b for a, b in zip(sum(half.canvases, []), ids))
     assert 0.3 * len(ids) < kept < 0.75 * len(ids)
-    assert isinstance(out.text, str) and out.result.extra["seed"] == 1
+    assert isinstance(out.text, str) and out.result.seed == 1
 
 
 def test_edit_span_keeps_everything_else(tiny):
     model, tok = tiny
     text = "The cat sat on the mat."
-    span = editing.find_span(text, "cat")
-    out = editing.edit(model, tok, text, "Use another animal.", spans=[span], seed=0, **FAST)
+    span = find_span(text, "cat")
+    out = edit(model, tok, text, "Use another animal.", spans=[span], seed=0, **FAST)
     assert out.text.startswith("The ") and out.text.endswith(" sat on the mat.")
     assert set(out.holes) == {"span0"}
     assert out.text == "The " + out.holes["span0"] + " sat on the mat."
     with pytest.raises(TemplateError, match="does not occur"):
-        editing.find_span(text, "dog")
+        find_span(text, "dog")
 
 
 # -- score -----------------------------------------------------------------------------------------
@@ -263,13 +264,13 @@ def test_edit_span_keeps_everything_else(tiny):
 def test_score_is_one_decoder_pass(tiny):
     model, tok = tiny
     counting = Counting(model)
-    res = editing.score(counting, tok, "Is 7 odd?", ["yes", "no", "maybe"])
+    res = score(counting, tok, "Is 7 odd?", ["yes", "no", "maybe"])
     assert counting.denoise_calls == 1
     assert sum(res.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert res.choice == max(res.probabilities, key=res.probabilities.get)
     assert res.confidence == pytest.approx(res.probabilities[res.choice])
     assert res.decoder_passes == 1
-    again = editing.score(model, tok, "Is 7 odd?", ["yes", "no", "maybe"])
+    again = score(model, tok, "Is 7 odd?", ["yes", "no", "maybe"])
     assert again.probabilities == res.probabilities
 
 
@@ -277,11 +278,11 @@ def test_score_matches_its_definition(tiny):
     """Options' probabilities from the pass's log-probabilities by hand: tokens at the slot, an end
     token (any) at its unused positions, normalised over the options."""
     model, tok = tiny
-    res = editing.score(model, tok, "Pick.", {"a": ["xy", "z"], "b": ["q", "r"]}, template="A={{a}} B={{b}}", seed=5)
+    res = score(model, tok, "Pick.", {"a": ["xy", "z"], "b": ["q", "r"]}, template="A={{a}} B={{b}}", seed=5)
     # recompute by hand from one pass with the same canvas
     lay = tpl.layout(tok, [tpl.Fixed("A="), tpl.Hole("a", None, options=("xy", "z")), tpl.Fixed(" B="),
                            tpl.Hole("b", None, options=("q", "r"))])
-    from mlx_diffusiongemma.generate import prompt_ids
+    from mlx_diffusiongemma.prompts.render import prompt_ids
     ids = prompt_ids(tok, "Pick.")
     cache = model.make_cache()
     model.extend(cache, ids)
@@ -302,16 +303,16 @@ def test_score_matches_its_definition(tiny):
 def test_score_errors(tiny):
     model, tok = tiny
     with pytest.raises(TemplateError, match="give options as"):
-        editing.score(model, tok, "x", ["a"], template="{{a}} {{b}}")
+        score(model, tok, "x", ["a"], template="{{a}} {{b}}")
     with pytest.raises(TemplateError, match="fit one canvas"):
-        editing.score(model, tok, "x", ["a"], template="x" * 40 + "{{a}}")
+        score(model, tok, "x", ["a"], template="x" * 40 + "{{a}}")
 
 
 def test_infill_and_json_in_fast_mode(tiny):
     """Fast mode runs its own loop over the same canvas states: pins hold, JSON still parses
     (option slots then take the option closest to the committed tokens)."""
     model, tok = tiny
-    out = editing.infill(model, tok, "x", "A{{a:3}}B{{b:..4}}C", seed=1, mode="fast", **FAST)
-    assert out.text.startswith("A") and out.text.endswith("C") and out.result.extra["mode"] == "fast"
-    res = editing.fill_json(model, tok, "A person as JSON.", SCHEMA, seed=1, mode="fast", **FAST)
+    out = infill(model, tok, "x", "A{{a:3}}B{{b:..4}}C", seed=1, mode="fast", **FAST)
+    assert out.text.startswith("A") and out.text.endswith("C") and out.result.mode == "fast"
+    res = fill_json(model, tok, "A person as JSON.", SCHEMA, seed=1, mode="fast", **FAST)
     _matches(json.loads(res.text), SCHEMA)

@@ -17,10 +17,12 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
-from mlx_diffusiongemma.engine import NoiseSource, Request, SamplerOptions, run
-from mlx_diffusiongemma.events import BlockEvent, GenerationResult
-from mlx_diffusiongemma.loading import load_model
-from mlx_diffusiongemma.config import load_generation_defaults
+from mlx_diffusiongemma.diffusion.engine import Request, run
+from mlx_diffusiongemma.diffusion.noise import NoiseSource
+from mlx_diffusiongemma.diffusion.options import SamplerOptions
+from mlx_diffusiongemma.diffusion.events import BlockEvent, GenerationResult
+from mlx_diffusiongemma.checkpoint.loading import load_model
+from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
 
 
 class RecordingNoise(NoiseSource):

@@ -10,11 +10,14 @@ import pytest
 
 from conftest import build_reference, save_checkpoint, sharpen, tiny_text_config
 from mlx_diffusiongemma import generate, load
-from mlx_diffusiongemma.demo import ensure_demo
-from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-from mlx_diffusiongemma.events import GenerationResult, StepEvent
-from mlx_diffusiongemma.fast import FastOptions, bucket_rows, top_k_two_stage
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.demo.random import ensure_demo
+from mlx_diffusiongemma.diffusion.engine import Request, run
+from mlx_diffusiongemma.diffusion.events import GenerationResult, StepEvent
+from mlx_diffusiongemma.diffusion.fast import bucket_rows
+from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+from mlx_diffusiongemma.diffusion.topk import top_k_two_stage
+from mlx_diffusiongemma.checkpoint.loading import load_model
+from mlx_diffusiongemma.model.args import GenerationDefaults
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def test_top_k_sampler_decides_as_the_full_one_when_the_tail_is_empty():
     """With every token outside the top k at zero probability, the top-k sampler math makes the
     full-vocabulary decisions on the same uniforms: the draw (inverse CDF in token-id order, as
     `sampler.draw_tokens`), argmax, top-2 gap, entropy, acceptance and next input."""
-    from mlx_diffusiongemma.fast import row_step
+    from mlx_diffusiongemma.diffusion.sampler import compiled_step
 
     rng = np.random.default_rng(0)
     rows, vocab, k = 48, 800, 64
@@ -109,21 +112,23 @@ def test_top_k_sampler_decides_as_the_full_one_when_the_tail_is_empty():
         ids = rng.choice(vocab, 40, replace=False)
         logits[0, r, ids] = rng.normal(size=40) * rng.choice([0.5, 3.0, 10.0])
     args = (mx.array(logits), mx.array(rng.integers(0, vocab, (1, rows)), dtype=mx.int32), mx.array(0.6),
-            mx.array(rng.random((1, rows)), dtype=mx.float32), mx.array(rng.integers(0, vocab, (1, rows)), dtype=mx.int32),
-            mx.ones((1, rows), dtype=mx.bool_), mx.zeros((1, rows), dtype=mx.bool_), mx.zeros((1, rows), dtype=mx.int32))
-    full = row_step(*args, 0.1, None)
-    top = row_step(*args, 0.1, k)
-    for name in ("tokens", "greedy", "accepted"):
+            mx.array(rng.random((1, rows)), dtype=mx.float32), mx.array(rng.integers(0, vocab, (1, rows)), dtype=mx.int32))
+    rows_kw = dict(valid=mx.ones((1, rows), dtype=mx.bool_), pinned=mx.zeros((1, rows), dtype=mx.bool_),
+                   ids=mx.zeros((1, rows), dtype=mx.int32), with_gap=True)
+    full = compiled_step(*args, 0.1, **rows_kw)
+    top = compiled_step(*args, 0.1, top_k=k, **rows_kw)
+    for name in ("next_canvas", "argmax", "accepted"):
         assert getattr(top, name).tolist() == getattr(full, name).tolist(), name
     np.testing.assert_allclose(np.array(top.gap), np.array(full.gap), rtol=1e-6)
     # The top-k entropy bounds the float32 rounding of the tail mass (~1e-7) from above.
-    np.testing.assert_allclose(np.array(top.entropy), np.array(full.entropy), rtol=1e-4, atol=5e-5)
-    assert (np.array(top.entropy) >= np.array(full.entropy) - 1e-6).all()
+    np.testing.assert_allclose(np.array(top.token_entropy), np.array(full.token_entropy), rtol=1e-4, atol=5e-5)
+    assert (np.array(top.token_entropy) >= np.array(full.token_entropy) - 1e-6).all()
     assert 0 < int(full.accepted.sum().item()) < rows  # the acceptance rule really chose
     # Every row accepted: the next inputs are the draws themselves, flat rows included.
-    draws_full, draws_top = row_step(*args, 1e9, None).tokens, row_step(*args, 1e9, k).tokens
+    draws_full = compiled_step(*args, 1e9, **rows_kw).next_canvas
+    draws_top = compiled_step(*args, 1e9, top_k=k, **rows_kw).next_canvas
     assert draws_top.tolist() == draws_full.tolist()
-    assert (draws_full != full.greedy).sum().item() > 5  # not just the argmax
+    assert (draws_full != full.argmax).sum().item() > 5  # not just the argmax
 
 
 def test_bucket_rows_bounds_the_number_of_shapes():
@@ -145,16 +150,16 @@ def _events(model, **kw):
 def test_every_technique_off_gives_the_exact_path(which, demo, sharp):
     model = demo[0] if which == "demo" else sharp
     exact, exact_steps = _events(model)
-    none, none_steps = _events(model, mode="fast", fast=FastOptions.none())
+    none, none_steps = _events(model, fast=FastOptions.none())
     assert none.tokens == exact.tokens and none.steps_per_block == exact.steps_per_block
     assert [e.argmax.tolist() for e in none_steps] == [e.argmax.tolist() for e in exact_steps]
     assert [e.canvas.tolist() for e in none_steps] == [e.canvas.tolist() for e in exact_steps]
-    assert none.extra["live_rows"] == [[model.canvas_length] * s for s in exact.steps_per_block]
+    assert none.live_rows == [[model.canvas_length] * s for s in exact.steps_per_block]
 
 
 def test_frozen_positions_keep_their_token_and_leave_the_decoder(sharp):
     exact, _ = _events(sharp)
-    result, steps = _events(sharp, mode="fast")
+    result, steps = _events(sharp, fast=FastOptions())
     c = sharp.canvas_length
     frozen_at: dict[tuple[int, int], int] = {}
     last_block, prev = -1, None
@@ -165,12 +170,12 @@ def test_frozen_positions_keep_their_token_and_leave_the_decoder(sharp):
         if prev is not None:
             assert e.live_rows <= prev.live_rows  # the live set only shrinks
         prev = e
-    for block_trace in result.extra["live_rows"]:
+    for block_trace in result.live_rows:
         assert block_trace[0] == c
-    computed = sum(sum(t) for t in result.extra["live_rows"])
+    computed = sum(sum(t) for t in result.live_rows)
     assert computed < c * sum(exact.steps_per_block)
     assert len(result.tokens) == len(exact.tokens)
-    print(f"\nsharpened: exact {sum(exact.steps_per_block)} steps x {c} rows; fast rows {result.extra['live_rows']}")
+    print(f"\nsharpened: exact {sum(exact.steps_per_block)} steps x {c} rows; fast rows {result.live_rows}")
 
 
 class _Scripted:
@@ -181,7 +186,7 @@ class _Scripted:
     canvas_length = 12
     vocab_size = 40
     embed_dtype = mx.float32
-    generation = None
+    generation = GenerationDefaults()
 
     def __init__(self, gap=30.0):
         self.answer = mx.array([7, 8, 9, 10, 1] + [20] * 7)
@@ -190,7 +195,7 @@ class _Scripted:
         self.text = type("T", (), {"max_position_embeddings": 4096})()
 
     def make_cache(self):
-        from mlx_diffusiongemma.cache import PromptCache
+        from mlx_diffusiongemma.model.cache import PromptCache
 
         return PromptCache([])
 
@@ -198,7 +203,7 @@ class _Scripted:
         cache.length += len(ids)
 
     def make_canvas_kv(self):
-        from mlx_diffusiongemma.model import CanvasKV
+        from mlx_diffusiongemma.model.cache import CanvasKV
 
         return CanvasKV([], [])
 
@@ -232,7 +237,7 @@ def _certain(answer):
 
 def _scripted(mode, fast=None, steps=10):
     model = _Scripted()
-    req = Request([3, 4], max_tokens=12, seed=0, mode=mode, fast=fast,
+    req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or FastOptions()) if mode == "fast" else None,
                   sampler=SamplerOptions(max_denoising_steps=steps, confidence_threshold=0.5))
     return list(run(model, req))[-1]
 
@@ -245,8 +250,8 @@ def test_a_settled_eos_ends_the_canvas():
         result = _scripted("fast", fast)
         assert result.tokens == [7, 8, 9, 10, 1] == exact.tokens
         assert result.steps_per_block[0] < 10
-        assert sum(result.extra["live_rows"][0]) < 12 * 10
-        print(f"\n{fast}: steps {result.steps_per_block}, rows {result.extra['live_rows']}")
+        assert sum(result.live_rows[0]) < 12 * 10
+        print(f"\n{fast}: steps {result.steps_per_block}, rows {result.live_rows}")
     no_eos = _scripted("fast", FastOptions(eos_stop=False, commit_gap=None))
     assert no_eos.steps_per_block == [10]
     # Early commit looks only up to a certain EOS: the uncertain tail after it does not block it.
@@ -260,7 +265,7 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
     predicts it (the first), not after it settles: the second step computes the answer rows only.
     An uncertain row after the EOS keeps the tail live, as does a non-end token."""
     def go(model, fast):
-        req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=fast,
+        req = Request([3, 4], max_tokens=12, seed=0, fast=fast,
                       sampler=SamplerOptions(max_denoising_steps=10))
         return list(run(model, req))[-1]
 
@@ -268,17 +273,17 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
     late = go(_certain(answer), FastOptions(eos_tail_gap=None, commit_gap=None))
     early = go(_certain(answer), FastOptions(commit_gap=None))
     assert early.tokens == late.tokens == [7, 8, 9, 10, 1]
-    assert late.extra["live_rows"] == [[12, 12]]
-    assert early.extra["live_rows"] == [[12, 4]]
+    assert late.live_rows == [[12, 12]]
+    assert early.live_rows == [[12, 4]]
     # A sure EOS at 2, but position 6 is not an end token: only the suffix from 7 is a tail.
     mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False, commit_gap=None))
-    assert mixed.extra["live_rows"][0][:2] == [12, 7]
+    assert mixed.live_rows[0][:2] == [12, 7]
     # An uncertain tail (fresh noise after the EOS at every call) is never frozen at first sight.
-    assert _scripted("fast", FastOptions(freeze=False, commit_gap=None)).extra["live_rows"][0][1] == 12
+    assert _scripted("fast", FastOptions(freeze=False, commit_gap=None)).live_rows[0][1] == 12
     # With stop_at_eos off (templates, infill), end tokens are content: nothing freezes early.
-    req = Request([3, 4], max_tokens=12, seed=0, mode="fast", fast=FastOptions(commit_gap=None), stop_at_eos=False,
+    req = Request([3, 4], max_tokens=12, seed=0, fast=FastOptions(commit_gap=None), stop_at_eos=False,
                   sampler=SamplerOptions(max_denoising_steps=10))
-    assert list(run(_certain(answer), req))[-1].extra["live_rows"][0][1] > 4
+    assert list(run(_certain(answer), req))[-1].live_rows[0][1] > 4
 
 
 def test_the_stop_mean_counts_frozen_rows_as_certain():
@@ -292,7 +297,7 @@ def test_the_stop_mean_counts_frozen_rows_as_certain():
         rows < 5, 3.0, 30.0)[None, :, None]
 
     def go(mode, threshold, fast=None):
-        req = Request([3, 4], max_tokens=12, seed=0, mode=mode, fast=fast,
+        req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or FastOptions()) if mode == "fast" else None,
                       sampler=SamplerOptions(max_denoising_steps=10, confidence_threshold=threshold))
         return list(run(model, req))
 
@@ -317,7 +322,7 @@ def test_commit_gap_commits_a_certain_canvas_at_once():
     model = _certain([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
     req = lambda **kw: Request([3], max_tokens=12, seed=0, sampler=SamplerOptions(max_denoising_steps=10), **kw)  # noqa: E731
     exact = list(run(model, req()))[-1]
-    early = list(run(model, req(mode="fast", fast=FastOptions(commit_gap=5.0))))[-1]
+    early = list(run(model, req(fast=FastOptions(commit_gap=5.0))))[-1]
     assert early.tokens == exact.tokens == model.answer.tolist()
     assert early.steps_per_block == [1] and exact.steps_per_block[0] >= 2
 
@@ -325,7 +330,7 @@ def test_commit_gap_commits_a_certain_canvas_at_once():
 def test_api_and_errors(demo):
     model, tok = demo
     out = generate(model, tok, "sort 3 1 2", max_tokens=40, seed=1, mode="fast", max_denoising_steps=4)
-    assert isinstance(out, GenerationResult) and out.extra["mode"] == "fast" and out.extra["live_rows"]
+    assert isinstance(out, GenerationResult) and out.mode == "fast" and out.live_rows
     with pytest.raises(ValueError, match="mode"):
         generate(model, tok, "x", max_tokens=8, mode="turbo")
     with pytest.raises(ValueError, match="top_k"):
@@ -342,7 +347,7 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mlx_diffusiongemma.cli import app as cli
-    from mlx_diffusiongemma.demo import DEMO_VERSION
+    from mlx_diffusiongemma.demo.random import DEMO_VERSION
 
     ensure_demo(tmp_path / f"demo-v{DEMO_VERSION}")
     monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(tmp_path))
@@ -372,8 +377,8 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
 
 
 def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():
-    from mlx_diffusiongemma.accounting import generation_work, rescale_trace, rows_step_work, step_work
-    from mlx_diffusiongemma.config import parse_model_args
+    from mlx_diffusiongemma.perf.accounting import generation_work, rescale_trace, rows_step_work, step_work
+    from mlx_diffusiongemma.model.args import parse_model_args
 
     args = parse_model_args({"model_type": "diffusion_gemma", "canvas_length": 32,
                              "text_config": tiny_text_config(hidden_size=128, intermediate_size=128)}).text
@@ -394,7 +399,7 @@ def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():
 def test_fast_mode_keeps_pins_and_runs_hooks(sharp):
     """Frozen positions are canvas.py's FROZEN state: user pins hold in fast mode too, and the
     request's hooks see the states the settle rule produced."""
-    from mlx_diffusiongemma.canvas import CanvasState
+    from mlx_diffusiongemma.diffusion.canvas import CanvasState
 
     c = sharp.canvas_length
     pins = {0: 5, 3: 9}
@@ -404,7 +409,7 @@ def test_fast_mode_keeps_pins_and_runs_hooks(sharp):
         seen.append((view.step, int(view.state.frozen.sum().item())))
         return None
 
-    req = Request([2, 5, 17], max_tokens=c, seed=3, mode="fast", stop_at_eos=False, hooks=(hook,),
+    req = Request([2, 5, 17], max_tokens=c, seed=3, fast=FastOptions(), stop_at_eos=False, hooks=(hook,),
                   canvases={0: CanvasState.from_lists(c, pins=pins)}, sampler=SamplerOptions(max_denoising_steps=12))
     events = list(run(sharp, req))
     steps = [e for e in events if isinstance(e, StepEvent)]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mlx_diffusiongemma.cli import app as cli
+from conftest import error_line, invoke
 from mlx_diffusiongemma.train import finetune as F
 
 WORDS = ["cat", "dog", "sun", "map", "red", "blue", "tree", "fish", "bird", "moon", "star", "leaf"]
@@ -34,33 +34,6 @@ def write_task(folder, n_train=24, n_valid=4):
     (folder / "train.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(n_train)))
     (folder / "valid.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(n_valid)))
     return folder
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    from mlx_diffusiongemma.demo import DEMO_VERSION, ensure_demo
-
-    root = tmp_path_factory.mktemp("dgemma-home")
-    ensure_demo(root / f"demo-v{DEMO_VERSION}")
-    return root
-
-
-@pytest.fixture
-def runner(home, monkeypatch):
-    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return CliRunner()
-
-
-def invoke(runner, args):
-    return runner.invoke(cli.app, args, prog_name="dgemma")
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +93,7 @@ def test_adapter_path_changes_generation_and_fuse_writes_a_model(trained, runner
                             "--steps", "3", "--seed", "0", "--json"])
     assert again.exit_code == 0, again.output
     exists = invoke(runner, ["fuse", "--model", "demo-random", "--adapter-path", str(adapters), "--save-path", str(fused)])
-    assert exists.exit_code == 1 and "already exists" in error_line(exists)
+    assert exists.exit_code == 1 and "already exists" in error_line(exists, last=True)
 
 
 def test_resume_continues_from_saved_adapters(trained, runner, tmp_path):
@@ -133,7 +106,7 @@ def test_resume_continues_from_saved_adapters(trained, runner, tmp_path):
     wrong = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--iters", "1", "--lora-rank", "4",
                             "--adapter-path", str(out), "--resume-adapter-file",
                             str(adapters / "adapters.safetensors")])
-    assert wrong.exit_code == 1 and "does not match this run's trainable parameters" in error_line(wrong)
+    assert wrong.exit_code == 1 and "does not match this run's trainable parameters" in error_line(wrong, last=True)
 
 
 def test_ctrl_c_saves_the_adapters(runner, tmp_path, monkeypatch):
@@ -183,10 +156,10 @@ def test_bad_input_is_one_error_line(runner, tmp_path, setup, args, message):
     result = invoke(runner, ["finetune", "--model", "demo-random", "--data", str(data), "--adapter-path",
                              str(tmp_path / "a"), *args])
     assert result.exit_code == 1, result.output
-    assert message in error_line(result)
+    assert message in error_line(result, last=True)
 
 
 def test_bad_adapter_path_on_generate(runner, tmp_path):
     result = invoke(runner, ["generate", "--model", "demo-random", "-p", "hi", "--adapter-path", str(tmp_path / "nope")])
     assert result.exit_code == 1
-    assert "no such adapter folder" in error_line(result)
+    assert "no such adapter folder" in error_line(result, last=True)

@@ -15,23 +15,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma.config import load_generation_defaults, parse_model_args
+from conftest import build_reference, edit_config, save_checkpoint, tiny_text_config
+from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+from mlx_diffusiongemma.model.args import parse_model_args
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import as_dtype, load
-
-
-@pytest.fixture
-def ckpt(tiny_checkpoint, tmp_path) -> Path:
-    _, folder = tiny_checkpoint
-    return Path(shutil.copytree(folder, tmp_path / "ckpt"))
-
-
-def _edit_config(folder: Path, edit) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config, indent=2))
+from mlx_diffusiongemma.api import load
+from mlx_diffusiongemma.checkpoint.loading import as_dtype
 
 
 def _error(path, **kw) -> str:
@@ -69,7 +58,7 @@ def test_config_values_out_of_bounds(ckpt, field, value, words):
         if field == "num_hidden_layers":
             c["text_config"].pop("layer_types", None)
             c["text_config"].pop("per_layer_config", None)
-    _edit_config(ckpt, edit)
+    edit_config(ckpt, edit)
     t0 = time.perf_counter()
     msg = _error(ckpt)
     assert words in msg, msg
@@ -78,18 +67,18 @@ def test_config_values_out_of_bounds(ckpt, field, value, words):
 
 @pytest.mark.parametrize("value", [-1, 0, 10**9, "x"])
 def test_bad_canvas_length(ckpt, value):
-    _edit_config(ckpt, lambda c: c.update(canvas_length=value))
+    edit_config(ckpt, lambda c: c.update(canvas_length=value))
     assert "canvas_length" in _error(ckpt)
 
 
 def test_layer_count_must_match_the_weights_before_the_model_is_built(ckpt, monkeypatch):
-    import mlx_diffusiongemma.loading as L
+    import mlx_diffusiongemma.checkpoint.loading as L
 
     def edit(c):
         c["text_config"]["num_hidden_layers"] = 400  # within bounds, far beyond the 4 on disk
         c["text_config"].pop("layer_types", None)
         c["text_config"].pop("per_layer_config", None)
-    _edit_config(ckpt, edit)
+    edit_config(ckpt, edit)
     built = []
     monkeypatch.setattr(L, "Model", lambda *a: built.append(a))
     msg = _error(ckpt)
@@ -98,30 +87,30 @@ def test_layer_count_must_match_the_weights_before_the_model_is_built(ckpt, monk
 
 
 def test_vocab_must_match_the_embedding(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=5000))
+    edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=5000))
     msg = _error(ckpt)
     assert "vocab_size = 5000" in msg and "embed_tokens" in msg
-    _edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=50))  # smaller: a shape error
+    edit_config(ckpt, lambda c: c["text_config"].update(vocab_size=50))  # smaller: a shape error
     msg = _error(ckpt)
     assert "embed_tokens" in msg and "(50, 64)" in msg
 
 
 def test_null_final_logit_softcapping_is_refused(ckpt):
     # The reference divides by it unconditionally: null cannot run there either.
-    _edit_config(ckpt, lambda c: c["text_config"].update(final_logit_softcapping=None))
+    edit_config(ckpt, lambda c: c["text_config"].update(final_logit_softcapping=None))
     assert "final_logit_softcapping is null" in _error(ckpt)
 
 
 def test_bidirectional_attention_all_is_refused(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="all"))
+    edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="all"))
     msg = _error(ckpt)
     assert "use_bidirectional_attention is 'all'" in msg and "non-causal encoder" in msg
-    _edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="sometimes"))
+    edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="sometimes"))
     assert "use_bidirectional_attention must be" in _error(ckpt)
 
 
 def test_bidirectional_attention_vision_or_absent_loads(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="vision"))
+    edit_config(ckpt, lambda c: c["text_config"].update(use_bidirectional_attention="vision"))
     load(ckpt)
 
 
@@ -139,7 +128,8 @@ def test_fifo_instead_of_a_file_is_refused(ckpt, name):
 def test_hanging_chat_template_is_stopped(ckpt, monkeypatch):
     import importlib
 
-    G = importlib.import_module("mlx_diffusiongemma.generate")  # the module, not the function
+    G = importlib.import_module("mlx_diffusiongemma.api")  # the module, not the function
+    R = importlib.import_module("mlx_diffusiongemma.prompts.render")
 
     path = ckpt / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
@@ -147,7 +137,7 @@ def test_hanging_chat_template_is_stopped(ckpt, monkeypatch):
                             "{% endfor %}{% endfor %}{% endfor %}")
     path.write_text(json.dumps(cfg))
     model, tok = load(ckpt)
-    monkeypatch.setattr(G, "TEMPLATE_TIME_LIMIT", 0.5)
+    monkeypatch.setattr(R, "TEMPLATE_TIME_LIMIT", 0.5)
     t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match="chat template"):
         G.generate(model, tok, "hi", max_tokens=4)
@@ -158,7 +148,7 @@ def test_hanging_chat_template_is_stopped(ckpt, monkeypatch):
 
 
 def test_template_limit_does_not_change_the_rendering(tiny_checkpoint):
-    from mlx_diffusiongemma.generate import render_messages
+    from mlx_diffusiongemma.prompts.render import render_messages
 
     _, tok = load(tiny_checkpoint[1])
     messages = [{"role": "user", "content": "Hello there"}]
@@ -236,8 +226,8 @@ def test_max_new_tokens_is_the_api_default(ckpt):
     assert model.generation.max_new_tokens == 5
     result = dg.generate(model, tok, "hi", seed=0, max_denoising_steps=2)
     assert len(result.tokens) <= 5
-    assert dg.ChatSession(model, tok).max_tokens == 5
-    assert dg.ChatSession(model, tok, max_tokens=9).max_tokens == 9
+    assert len(dg.ChatSession(model, tok, seed=0, max_denoising_steps=2).send("hi").tokens) <= 5
+    assert dg.ChatSession(model, tok, max_tokens=9).options.max_tokens == 9
 
 
 def test_default_max_tokens_without_max_new_tokens_is_256(tiny_checkpoint):
@@ -282,7 +272,7 @@ def test_attention_bias_parity_with_the_reference(tmp_path):
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.cache_utils import DynamicCache
 
-    from mlx_diffusiongemma.loading import load_model
+    from mlx_diffusiongemma.checkpoint.loading import load_model
 
     ref = build_reference(tiny_text_config(attention_bias=True), vision=False)
     with torch.no_grad():
@@ -315,5 +305,5 @@ def test_attention_bias_parity_with_the_reference(tmp_path):
 
 
 def test_attention_bias_must_be_a_boolean(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(attention_bias="yes"))
+    edit_config(ckpt, lambda c: c["text_config"].update(attention_bias="yes"))
     assert "attention_bias must be true or false" in _error(ckpt)

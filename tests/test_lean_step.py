@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma import load
-from mlx_diffusiongemma.demo import ensure_demo
-from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-from mlx_diffusiongemma.events import GenerationResult, StepEvent
+from mlx_diffusiongemma.demo.random import ensure_demo
+from mlx_diffusiongemma.diffusion.engine import Request, run
+from mlx_diffusiongemma.diffusion.options import SamplerOptions
+from mlx_diffusiongemma.diffusion.events import GenerationResult, StepEvent
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _run(model, interval, **sampler):
 def test_deferred_stop_check_gives_identical_tokens(demo, sampler):
     model, _ = demo
     base, base_steps = _run(model, 1, **sampler)
-    assert base.extra["host_syncs"] == sum(base.steps_per_block)  # one per step
+    assert base.host_syncs == sum(base.steps_per_block)  # one per step
     for interval in (3, 4):
         result, steps = _run(model, interval, **sampler)
         assert result.tokens == base.tokens
@@ -42,9 +43,9 @@ def test_deferred_stop_check_gives_identical_tokens(demo, sampler):
         assert result.tokens_per_forward == base.tokens_per_forward
         assert [e.argmax.tolist() for e in steps] == [e.argmax.tolist() for e in base_steps]
         bound = sum(math.ceil(s / interval) for s in base.steps_per_block)
-        assert result.extra["host_syncs"] <= bound
-        print(f"\n{sampler}: interval {interval}: {result.extra['host_syncs']} syncs for "
-              f"{sum(result.steps_per_block)} steps (interval 1: {base.extra['host_syncs']})")
+        assert result.host_syncs <= bound
+        print(f"\n{sampler}: interval {interval}: {result.host_syncs} syncs for "
+              f"{sum(result.steps_per_block)} steps (interval 1: {base.host_syncs})")
 
 
 def test_deferred_stop_check_when_the_stop_fires_mid_batch(tmp_path):
@@ -60,9 +61,9 @@ def test_deferred_stop_check_when_the_stop_fires_mid_batch(tmp_path):
     for interval in (3, 4, 5):
         result, _ = _run(model, interval, max_denoising_steps=12)
         assert result.tokens == base.tokens and result.steps_per_block == base.steps_per_block
-        assert result.extra["host_syncs"] < base.extra["host_syncs"]
+        assert result.host_syncs < base.host_syncs
         print(f"\nsharpened: interval {interval}: steps {result.steps_per_block}, "
-              f"{result.extra['host_syncs']} syncs (interval 1: {base.extra['host_syncs']})")
+              f"{result.host_syncs} syncs (interval 1: {base.host_syncs})")
 
 
 def test_top_k_self_conditioning_error_is_bounded(demo):

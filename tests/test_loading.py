@@ -13,33 +13,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma import weights as W
-from mlx_diffusiongemma.config import (
-    DEFAULT_GENERATION,
-    load_generation_defaults,
-    parse_model_args,
-    parse_text_args,
-)
+from conftest import build_reference, edit_config, save_checkpoint, tiny_text_config
+from mlx_diffusiongemma.model import model as W
+from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+from mlx_diffusiongemma.model.args import SAMPLER_DEFAULTS, parse_model_args, parse_text_args
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.loading import load, load_model
+from mlx_diffusiongemma.api import load
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture
-def ckpt(tiny_checkpoint, tmp_path) -> Path:
-    """A private copy of the tiny checkpoint that a test may damage."""
-    _, folder = tiny_checkpoint
-    return Path(shutil.copytree(folder, tmp_path / "ckpt"))
-
-
-def _edit_config(folder: Path, edit) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config, indent=2))
 
 
 def _edit_tensors(folder: Path, edit) -> None:
@@ -77,19 +60,19 @@ def test_folder_without_config(ckpt):
 
 
 def test_config_of_another_model_type(ckpt):
-    _edit_config(ckpt, lambda c: c.update(model_type="gemma3"))
+    edit_config(ckpt, lambda c: c.update(model_type="gemma3"))
     msg = _error(ckpt)
     assert "'gemma3'" in msg and "diffusion_gemma" in msg and "config.json" in msg
 
 
 def test_text_config_of_another_model_type(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(model_type="gemma3_text"))
+    edit_config(ckpt, lambda c: c["text_config"].update(model_type="gemma3_text"))
     msg = _error(ckpt)
     assert "text_config" in msg and "'gemma3_text'" in msg and "diffusion_gemma_text" in msg
 
 
 def test_config_without_text_config(ckpt):
-    _edit_config(ckpt, lambda c: c.pop("text_config"))
+    edit_config(ckpt, lambda c: c.pop("text_config"))
     assert "no text_config" in _error(ckpt)
 
 
@@ -143,7 +126,7 @@ def test_wrong_shape_tensor(ckpt):
 
 
 def test_config_disagrees_with_weights(ckpt):
-    _edit_config(ckpt, lambda c: c["text_config"].update(hidden_size=32))
+    edit_config(ckpt, lambda c: c["text_config"].update(hidden_size=32))
     msg = _error(ckpt)
     assert "has shape" in msg and "config.json implies" in msg
 
@@ -509,7 +492,7 @@ def test_generation_defaults_with_nulls(tmp_path):
     g = load_generation_defaults(folder)
     assert (g.max_denoising_steps, g.entropy_bound, g.t_min, g.t_max, g.stability_threshold,
             g.confidence_threshold) == (48, 0.1, 0.4, 0.8, 1, 0.005)
-    assert tuple(DEFAULT_GENERATION.values()) == (48, 0.1, 0.4, 0.8, 1, 0.005)
+    assert tuple(SAMPLER_DEFAULTS.values()) == (48, 0.1, 0.4, 0.8, 1, 0.005)
     assert g.eos_token_ids == (1, 106, 50)
     assert g.pad_token_id == 0
 

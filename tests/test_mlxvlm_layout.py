@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_diffusiongemma.loading import load, load_model
+from mlx_diffusiongemma.api import load
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mlxvlm_tiny"
 HF = FIXTURE / "hf"

@@ -11,7 +11,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 
 from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.checkpoint.loading import load_model
 
 TOL = 1e-4
 

@@ -22,7 +22,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from mlx_diffusiongemma import sampler as S
+from mlx_diffusiongemma.diffusion import sampler as S
 
 F32_MAX_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 

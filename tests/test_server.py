@@ -26,9 +26,10 @@ pytest.importorskip("starlette", reason="the [server] extra is not installed")
 openai = pytest.importorskip("openai", reason="the [server-test] extra is not installed")
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.demo import SPECIAL_TOKENS, TURN_END, ensure_demo
+from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS, TURN_END
+from mlx_diffusiongemma.demo.random import ensure_demo
 from mlx_diffusiongemma.server import ServerConfig, create_app
-from mlx_diffusiongemma.server.textstream import TextStream
+from mlx_diffusiongemma.prompts.channels import TextStream
 
 from helpers_server import EndlessModel, ScriptedModel, running
 
@@ -51,7 +52,7 @@ def _home(home):
 
 
 def demo_folder(home):
-    from mlx_diffusiongemma.demo import demo_dir
+    from mlx_diffusiongemma.demo.random import demo_dir
 
     with _home(home):
         return demo_dir()
@@ -192,7 +193,8 @@ def test_drafts_stream_extension(server, demo):
 def test_fast_mode_over_http(server, demo):
     """`mode: "fast"` runs fast mode: the tokens of the engine's fast path for the same prompt and
     seed, streamed or not, and alongside an exact request each keeps its solo result."""
-    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
 
     model, tok = demo
     eos = set(model.generation.eos_token_ids)
@@ -203,7 +205,7 @@ def test_fast_mode_over_http(server, demo):
     exact = c.completions.create(**kw, extra_body={**FAST, "mode": "exact"})
     assert fast.model_extra["timings"]["mode"] == "fast" and exact.model_extra["timings"]["mode"] == "exact"
     for mode, answer in (("fast", fast), ("exact", exact)):
-        ref = list(run(model, Request(ids, max_tokens=70, seed=4, mode=mode,
+        ref = list(run(model, Request(ids, max_tokens=70, seed=4, fast=FastOptions() if mode == "fast" else None,
                                       sampler=SamplerOptions(max_denoising_steps=4))))[-1]
         assert answer.usage.completion_tokens == len(ref.tokens)
         assert answer.choices[0].text == tok.decode([t for t in ref.tokens if t not in eos])
@@ -436,7 +438,7 @@ def body(**kw):
     (body(max_tokens="ten"), 400, "max_tokens"),
     (body(n=2), 400, "n"),
     (body(entropy_bound=-1), 400, "entropy_bound"),
-    (body(entropy_bound=0), 400, None),
+    (body(entropy_bound=0), 400, "entropy_bound"),  # the knob's own check (> 0), as on the CLI
     (body(t_min=5, t_max=0.1), 400, None),  # t_max <= t_min; t_min = 0 is valid (reference, issue 14)
     (body(max_denoising_steps=1.5), 400, "max_denoising_steps"),
     (body(stop=[1]), 400, "stop"),
@@ -583,8 +585,9 @@ def test_prefix_streamer_pins_what_it_emits(demo):
     """On the engine directly, with scripted (certain) predictions and a stop test that needs 3
     stable steps: the prefix is settled (stable over 2 steps) at step 2, emitted and pinned then,
     before the block stops; every block commits exactly what was emitted first."""
-    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-    from mlx_diffusiongemma.events import BlockEvent, StepEvent
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import SamplerOptions
+    from mlx_diffusiongemma.diffusion.events import BlockEvent, StepEvent
     from mlx_diffusiongemma.server.in_canvas import PrefixStreamer
 
     model, tok = demo
@@ -645,29 +648,27 @@ def test_in_canvas_parameters_are_checked(server):
 
 
 def test_batched_decoder_rows_equal_single_passes(demo_home):
-    """denoise_batch over requests with different prefixes (shorter and longer than the sliding
-    window), with and without self-conditioning and top-k: each row equals that request's own
-    decoder pass to float32 tolerance, and gives the same argmax."""
+    """Model.denoise_batch over requests with different prefixes (shorter and longer than the
+    sliding window), with and without self-conditioning and top-k: each row equals that request's
+    own decoder pass to float32 tolerance, and gives the same argmax."""
     import mlx.core as mx
 
-    from mlx_diffusiongemma.engine import DenoiseCall
-    from mlx_diffusiongemma.loading import load_model
-    from mlx_diffusiongemma.server.batch import denoise_batch
+    from mlx_diffusiongemma.checkpoint.loading import load_model
 
     model, _ = load_model(demo_folder(demo_home), dtype=mx.float32)
     assert model.text.sliding_window < 100
     key = mx.random.key(3)
-    calls = []
+    calls = []  # (canvas, cache, self-conditioning, top_k) of each request
     for r, (n, sc, top_k) in enumerate([(5, False, None), (100, True, None), (40, True, 16), (1, True, None)]):
         cache = model.make_cache()
         model.extend(cache, [(7 * i + r) % model.vocab_size for i in range(n)])
         k1, k2, key = mx.random.split(key, 3)
         canvas = mx.random.randint(0, model.vocab_size, (1, CANVAS), key=k1)
         cond = mx.random.normal((1, CANVAS, model.vocab_size), key=k2) * 3 if sc else None
-        calls.append(DenoiseCall(canvas, cache, cond, top_k))
-    batched = denoise_batch(model, calls)
-    for r, c in enumerate(calls):
-        alone = model.denoise(c.canvas, c.cache, c.self_conditioning, self_conditioning_top_k=c.top_k)
+        calls.append((canvas, cache, cond, top_k))
+    batched = model.denoise_batch(*zip(*calls))
+    for r, (canvas, cache, cond, top_k) in enumerate(calls):
+        alone = model.denoise(canvas, cache, cond, self_conditioning_top_k=top_k)
         assert mx.allclose(batched[r : r + 1], alone, atol=1e-4, rtol=1e-4).item()
         assert (batched[r].argmax(-1) == alone[0].argmax(-1)).all().item()
 

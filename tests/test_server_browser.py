@@ -20,7 +20,7 @@ pytest.importorskip("starlette", reason="the [server] extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the [server-test] extra is not installed")
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.demo import ensure_demo
+from mlx_diffusiongemma.demo.random import ensure_demo
 from mlx_diffusiongemma.server import ServerConfig, create_app
 
 from helpers_server import running

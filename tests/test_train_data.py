@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mlx_diffusiongemma.demo import SPECIAL_TOKENS, TURN_END, build_tokenizer
-from mlx_diffusiongemma.generate import render_messages
+from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS, TURN_END, build_tokenizer
+from mlx_diffusiongemma.prompts.render import render_messages
 from mlx_diffusiongemma.train.data import (
     DataError, dataset_items, iterate_batches, load_dataset, load_examples,
 )

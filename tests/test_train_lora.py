@@ -15,9 +15,10 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.demo import ensure_demo
+from mlx_diffusiongemma.demo.random import ensure_demo
 from mlx_diffusiongemma.errors import CheckpointError
-from mlx_diffusiongemma.model import ExpertLinear
+from mlx_diffusiongemma.model.layers import ExpertLinear
+from mlx_diffusiongemma.checkpoint import adapters as A
 from mlx_diffusiongemma.train import lora as L
 from mlx_diffusiongemma.train.fuse import fuse_adapters, save_model
 from mlx_diffusiongemma.train.objective import Example, canvas_items, diffusion_loss, make_batch
@@ -58,7 +59,7 @@ def test_gradients_finite(demo_folder, base, kind):
     model, _ = dg.load(demo_folder, quantize="mixed-4bit" if base == "4bit" else None)
     if base == "4bit":
         assert isinstance(model.layers[0].experts.gate_up_proj, QuantizedSwitchLinear)
-    L.setup_finetune(model, kind, 2, L.lora_parameters(rank=4))
+    L.setup_finetune(model, kind, 2, A.lora_parameters(rank=4))
     if kind == "lora":
         perturb_adapters(model)  # so lora_a gets a gradient too
         assert isinstance(model.layers[-1].experts.gate_up_proj, LoRASwitchLinear)
@@ -96,15 +97,15 @@ def test_adapters_save_load_and_change_outputs(demo_folder, tmp_path, base):
     quantize = "mixed-4bit" if base == "4bit" else None
     model, _ = dg.load(demo_folder, quantize=quantize)
     plain = canvas_logits(model)
-    params = L.lora_parameters(rank=4, scale=10.0)
+    params = A.lora_parameters(rank=4, scale=10.0)
     L.setup_finetune(model, "lora", 3, params)
     perturb_adapters(model)
     model.eval()
     tuned = canvas_logits(model)
     assert float(mx.abs(tuned - plain).max()) > 1e-2  # the adapters change the outputs
     L.write_adapter_config(tmp_path, {"fine_tune_type": "lora", "num_layers": 3, "lora_parameters": params})
-    L.save_adapters(model, tmp_path / L.ADAPTER_WEIGHTS)
-    saved = mx.load(str(tmp_path / L.ADAPTER_WEIGHTS))
+    L.save_adapters(model, tmp_path / A.ADAPTER_WEIGHTS)
+    saved = mx.load(str(tmp_path / A.ADAPTER_WEIGHTS))
     assert set(saved) == set(dict(tree_flatten(model.trainable_parameters())))
     assert all(k.endswith(("lora_a", "lora_b")) for k in saved)
 
@@ -134,7 +135,7 @@ def tiny_folder(tiny_checkpoint):
 def test_dense_experts_equal_gather_with_lora(tiny_folder):
     model, _ = dg.load(tiny_folder, dtype=mx.float32)
     plain = canvas_logits(model)
-    L.setup_finetune(model, "lora", 4, L.lora_parameters(rank=4))
+    L.setup_finetune(model, "lora", 4, A.lora_parameters(rank=4))
     perturb_adapters(model, seed=3, amplitude=SMALL)
     model.eval()
     gather = canvas_logits(model)
@@ -152,7 +153,7 @@ def test_fused_equals_model_plus_adapters(tiny_folder, tmp_path, base):
     if base == "4bit":
         assert isinstance(model.layers[0].experts.gate_up_proj, QuantizedSwitchLinear)
     plain = canvas_logits(model)
-    L.setup_finetune(model, "lora", 4, L.lora_parameters(rank=4))
+    L.setup_finetune(model, "lora", 4, A.lora_parameters(rank=4))
     perturb_adapters(model, seed=5, amplitude=SMALL)
     model.eval()
     expected = canvas_logits(model)
@@ -174,7 +175,7 @@ def test_fused_equals_model_plus_adapters(tiny_folder, tmp_path, base):
 
 def test_fuse_keeps_a_quantized_base_quantized(demo_folder, tmp_path):
     model, _ = dg.load(demo_folder, quantize="mixed-4bit")
-    L.setup_finetune(model, "lora", 2, L.lora_parameters(rank=4))
+    L.setup_finetune(model, "lora", 2, A.lora_parameters(rank=4))
     perturb_adapters(model)
     fuse_adapters(model)
     folder = save_model(model, demo_folder, tmp_path / "fused-4bit")
@@ -189,27 +190,27 @@ def test_fuse_keeps_a_quantized_base_quantized(demo_folder, tmp_path):
 def test_bad_adapter_folders(demo_folder, tmp_path):
     model, _ = dg.load(demo_folder)
     with pytest.raises(CheckpointError, match="no such adapter folder"):
-        L.load_adapters(model, tmp_path / "missing")
+        A.load_adapters(model, tmp_path / "missing")
     (tmp_path / "a").mkdir()
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
-        L.load_adapters(model, tmp_path / "a")
-    (tmp_path / "a" / L.ADAPTER_CONFIG).write_text("{oops")
+        A.load_adapters(model, tmp_path / "a")
+    (tmp_path / "a" / A.ADAPTER_CONFIG).write_text("{oops")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        L.load_adapters(model, tmp_path / "a")
-    (tmp_path / "a" / L.ADAPTER_CONFIG).write_text(json.dumps(
+        A.load_adapters(model, tmp_path / "a")
+    (tmp_path / "a" / A.ADAPTER_CONFIG).write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 0, "scale": 1.0}}))
     with pytest.raises(CheckpointError, match="rank must be an integer"):
-        L.load_adapters(model, tmp_path / "a")
-    (tmp_path / "a" / L.ADAPTER_CONFIG).write_text(json.dumps(
+        A.load_adapters(model, tmp_path / "a")
+    (tmp_path / "a" / A.ADAPTER_CONFIG).write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}))
     with pytest.raises(CheckpointError, match="no adapters.safetensors"):
-        L.load_adapters(model, tmp_path / "a")
+        A.load_adapters(model, tmp_path / "a")
     # Weights written for rank 8 do not fit a config that says rank 4.
     other, _ = dg.load(demo_folder)
-    L.setup_finetune(other, "lora", 2, L.lora_parameters(rank=8))
-    L.save_adapters(other, tmp_path / "a" / L.ADAPTER_WEIGHTS)
+    L.setup_finetune(other, "lora", 2, A.lora_parameters(rank=8))
+    L.save_adapters(other, tmp_path / "a" / A.ADAPTER_WEIGHTS)
     with pytest.raises(CheckpointError, match="do not fit this model"):
-        L.load_adapters(model, tmp_path / "a")
+        A.load_adapters(model, tmp_path / "a")
 
 
 def test_grad_checkpoint_gives_the_same_gradients(tiny_folder):
@@ -220,7 +221,7 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_folder):
     results = []
     for checkpoint in (False, True):
         model, _ = dg.load(tiny_folder, dtype=mx.float32)
-        L.setup_finetune(model, "lora", 2, L.lora_parameters(rank=4))
+        L.setup_finetune(model, "lora", 2, A.lora_parameters(rank=4))
         perturb_adapters(model, seed=7, amplitude=SMALL)
         if checkpoint:
             checkpoint_feed_forward(model)

@@ -7,7 +7,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_diffusiongemma as dg
-from mlx_diffusiongemma.demo import ensure_demo
+from mlx_diffusiongemma.demo.random import ensure_demo
+from mlx_diffusiongemma.checkpoint import adapters as A
 from mlx_diffusiongemma.train import lora as L
 from mlx_diffusiongemma.train.memory import finetune_memory
 
@@ -20,7 +21,7 @@ def demo_folder(tmp_path_factory):
 @pytest.mark.parametrize("kind, layers, rank", [("lora", 3, 4), ("lora", -1, 8), ("full", 2, 8)])
 def test_trained_parameters_match_the_model(demo_folder, kind, layers, rank):
     model, _ = dg.load(demo_folder)
-    L.setup_finetune(model, kind, layers, L.lora_parameters(rank=rank))
+    L.setup_finetune(model, kind, layers, A.lora_parameters(rank=rank))
     actual = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     m = finetune_memory(model.text, canvas_length=model.canvas_length, context_length=16,
                         fine_tune_type=kind, num_layers=layers, rank=rank, recipe="bf16")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma.loading import load_model
+from mlx_diffusiongemma.checkpoint.loading import load_model
 from mlx_diffusiongemma.train.objective import (
     CanvasItem, Example, canvas_items, canvas_logits, corrupt, cross_entropy, diffusion_loss,
     encode_context, make_batch,
@@ -148,8 +148,8 @@ def test_pinned_positions_stay_clean_under_corruption():
 
 def test_a_short_run_lowers_the_loss(tmp_path):
     """CI-sized: a tiny random model learns to answer with a fixed canvas for a fixed prompt."""
-    from mlx_diffusiongemma.config import parse_model_args
-    from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.model.args import parse_model_args
+    from mlx_diffusiongemma.model.model import Model
 
     cfg = {"model_type": "diffusion_gemma", "canvas_length": CANVAS,
            "text_config": tiny_text_config(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
@@ -168,7 +168,7 @@ def test_a_short_run_lowers_the_loss(tmp_path):
 
 
 def test_fast_activations_match_mlx_values_and_gradients():
-    from mlx_diffusiongemma import fastmath
+    from mlx_diffusiongemma.model import activations as fastmath
 
     x = mx.concatenate([mx.linspace(-12, 12, 2001), mx.random.normal((4000,)) * 3])
     assert np.abs(np.array(fastmath.tanh(x)) - np.array(mx.tanh(x))).max() < 1e-6

@@ -22,9 +22,9 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 
 from conftest import build_reference, save_checkpoint, tiny_text_config
-from mlx_diffusiongemma.demo import image_token_ids, tokenizer_vocab_size
-from mlx_diffusiongemma.loading import load_model
-from mlx_diffusiongemma.processor import ImageProcessor
+from mlx_diffusiongemma.demo.files import image_token_ids, tokenizer_vocab_size
+from mlx_diffusiongemma.checkpoint.loading import load_model
+from mlx_diffusiongemma.prompts.processor import ImageProcessor
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -228,9 +228,10 @@ def test_processor_matches_reference_on_arrays():
 def test_generation_parity_with_image(pair, monkeypatch):
     from test_engine_parity import RecordingNoise, run_reference
 
-    from mlx_diffusiongemma.config import load_generation_defaults
-    from mlx_diffusiongemma.engine import Request, SamplerOptions, run
-    from mlx_diffusiongemma.events import GenerationResult
+    from mlx_diffusiongemma.checkpoint.config import load_generation_defaults
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import SamplerOptions
+    from mlx_diffusiongemma.diffusion.events import GenerationResult
 
     ref, ours, folder = pair
     image = _images()[1]
@@ -274,7 +275,7 @@ def test_vision_8bit_against_bf16(tmp_path):
     matrix. Printed, bounded loosely, and recorded in docs/vision.md."""
     import mlx.nn as nn
 
-    from mlx_diffusiongemma import weights as W
+    from mlx_diffusiongemma.model import model as W
 
     vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=64, patch_size=8, position_embedding_size=64)
@@ -317,8 +318,8 @@ def test_vision_8bit_against_bf16(tmp_path):
 def test_vision_memory_counts_the_towers_parameters(pair):
     from mlx.utils import tree_flatten
 
-    from mlx_diffusiongemma.accounting import vision_memory
-    from mlx_diffusiongemma.config import VisionArgs
+    from mlx_diffusiongemma.perf.accounting import vision_memory
+    from mlx_diffusiongemma.model.args import VisionArgs
 
     _, ours, _ = pair
     enc = ours.model.encoder

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from conftest import build_reference, save_checkpoint, tiny_text_config
 from mlx_diffusiongemma import ChatSession, generate, load
-from mlx_diffusiongemma import weights as W
-from mlx_diffusiongemma.demo import image_token_ids, tokenizer_vocab_size
+from mlx_diffusiongemma.model import model as W
+from mlx_diffusiongemma.demo.files import image_token_ids, tokenizer_vocab_size
 from mlx_diffusiongemma.errors import DiffusionGemmaError
-from mlx_diffusiongemma.processor import ImageError, ImageProcessor
+from mlx_diffusiongemma.prompts.processor import ImageError, ImageProcessor
 
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -71,16 +71,19 @@ class Untouchable:
 
 
 def test_load_has_vision_and_processor(loaded):
+    from mlx_diffusiongemma.prompts.images import image_processor
+
     model, _ = loaded
-    assert model.has_vision and model.processor is not None
-    assert model.processor.max_soft_tokens == 70 and model.processor.patch_size == 4
+    processor = image_processor(model)  # the vision config's sizes, the checkpoint's budget
+    assert model.has_vision and model.args.image_soft_tokens == 70
+    assert processor.max_soft_tokens == 70 and processor.patch_size == 4
     names = [k for k, _ in tree_flatten(model.parameters())]
     assert any(k.startswith("model.encoder.vision_tower.") for k in names)
 
 
 def test_text_only_load(folder):
     model, _ = load(folder, text_only=True)
-    assert not model.has_vision and model.processor is None
+    assert not model.has_vision
     assert not any("vision" in k for k, _ in tree_flatten(model.parameters()))
     with pytest.raises(ImageError, match="no vision tower"):
         generate(model, load(folder, text_only=True)[1], "hi", images=[np.zeros((8, 8, 3), np.uint8)],
@@ -243,4 +246,4 @@ def test_convert_keeps_vision(folder, tmp_path):
     assert text.vision_tensors_written == 0 and text.vision_tensors_skipped > 0
     assert "vision_config" not in json.loads((tmp_path / "t" / "config.json").read_text())
     model, _ = load(tmp_path / "t")
-    assert not model.has_vision and model.processor is None
+    assert not model.has_vision

@@ -1,1 +1,3 @@
-"""The `dgemma` command line: typer commands (app) and rich rendering of engine events (live)."""
+"""The `dgemma` command line: typer commands (`app.py` gathers them; one module per command or two),
+their flags (`flags.py`, the generation knobs derived from `GenerationOptions`), errors
+(`errors.py`) and the terminal views of engine events (`views.py`)."""

@@ -1,4 +1,4 @@
-"""The `dgemma chat` loop: read a line, run a slash command or send it to the `ChatSession`.
+"""`dgemma chat`: read a line, run a slash command or send it to the `ChatSession`.
 
 In a terminal replies are drawn live and followed by a stats line; Ctrl-C during a reply stops
 it (the session only records completed turns), Ctrl-C or Ctrl-D at the prompt quits. Piped, the
@@ -11,37 +11,76 @@ import json
 import sys
 from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlx_diffusiongemma import editing
-from mlx_diffusiongemma import template as template_mod
+from mlx_diffusiongemma.diffusion.options import GENERATION_KNOBS, MAX_STEPS, GenerationOptions, KnobError
 from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
-from mlx_diffusiongemma.events import split_thinking
+from mlx_diffusiongemma.prompts.channels import split_thinking
 
-from .fill import CanvasView, run_events, styled_fill
-from .live import ConsoleView, LiveView, PlainView, TokenLabels, render, stats_line, stats_rows
+from .errors import check_text, handle_errors, is_terminal
+from .fill import labels_for, styled_fill
+from .flags import DEFAULT_MODEL, AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
+from .generate import TEXT_DEFAULTS, TEXT_KNOBS
+from .loader import load_model
+from .views import CanvasView, ConsoleView, LiveView, PlainView, render, run_events, stats_line, stats_rows
 
 PROMPT = ">>> "
 
-HELP = """\
+HELP = f"""\
 /help            this help
 /reset           forget the conversation
 /stats           numbers of the last reply
-/steps N         max denoising steps per block, 1 to 1024 (no N: show it)
+/steps N         max denoising steps per block, 1 to {MAX_STEPS} (no N: show it)
 /think on|off    thinking mode (the thought channel is shown dimmed)
 /image PATH      attach an image to your next message (repeatable; no PATH: list them)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
-/fill TEMPLATE   answer the next message with a template, e.g. Name:{{name:..4}} (/fill off)
+/fill TEMPLATE   answer the next message with a template, e.g. Name:{{{{name:..4}}}} (/fill off)
 /edit TEXT       rewrite the last reply following TEXT (warm start from the reply)
 /quit            leave (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
 
 
+@generation_flags(*TEXT_KNOBS, fast=True, **TEXT_DEFAULTS)
+def chat(
+    model: Model = DEFAULT_MODEL,
+    system: System = None,
+    no_live: NoLive = False,
+    image: Images = None,
+    text_only: TextOnly = False,
+    offline: Offline = False,
+    adapter_path: AdapterPath = None,
+    debug: Debug = False,
+    *,
+    options: GenerationOptions,
+):
+    """Chat with the model (multi-turn; /help lists the slash commands; --image or /image attach images)."""
+    interactive = is_terminal()
+    ui = Console(stderr=not interactive, highlight=False)
+    with handle_errors(debug):
+        if system is not None:
+            check_text(system, "the system prompt")
+        from .images import check_image_options, preprocess
+
+        check_image_options(image, text_only)
+        llm, tokenizer = load_model(model, offline, ui, adapter_path, text_only)
+        pending = preprocess(llm, image)  # checked before the first message
+        from mlx_diffusiongemma.api import ChatSession
+
+        session = ChatSession(llm, tokenizer, system=system, options=options)
+        if interactive:
+            ui.print("[bold]DiffusionGemma chat[/] [dim]· /help for commands · Ctrl-D to quit[/]")
+        loop = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui)
+        loop.pending_images = pending
+        code = loop.run()
+    raise typer.Exit(code)
+
+
 def demo_help() -> str:
     """What the trained demo model can do: one prompt to try per task family."""
-    from mlx_diffusiongemma.demo_tasks import FAMILIES
+    from mlx_diffusiongemma.demo.tasks import FAMILIES
 
     lines = ["", "The demo model knows only these toy tasks; prompts to try (type them as shown):"]
     for family in FAMILIES.values():
@@ -64,9 +103,7 @@ class ChatLoop:
         self.live = live and interactive
         self.ui = ui  # messages (stdout in a terminal, stderr when piped)
         self.out = out or ui  # replies in a terminal
-        gen = getattr(session.model, "generation", None)
-        self.labels = TokenLabels(session.tokenizer, getattr(gen, "eos_token_ids", ()),
-                                  getattr(gen, "pad_token_id", None))
+        self.labels = labels_for(session.model, session.tokenizer)
         self.failed = False
         self.template: str | None = None  # /fill: the template for the next reply
         self.pending_images: list = []  # processed images for the next message (--image, /image)
@@ -140,9 +177,11 @@ class ChatLoop:
         """One turn. Whatever goes wrong is reported and the session goes on: the conversation
         is as it was before the message."""
         if self.template is not None:
+            from mlx_diffusiongemma.editing.infill import stream_infill
+
             template, self.template = self.template, None
             history = self.session.messages + [{"role": "user", "content": message}]
-            self._canvas_reply(history, lambda **kw: editing.stream_infill(
+            self._canvas_reply(history, lambda **kw: stream_infill(
                 self.session.model, self.session.tokenizer, history, template, **kw))
             return
         try:
@@ -183,10 +222,12 @@ class ChatLoop:
     def _canvas_reply(self, history, start) -> None:
         """Run a template / edit reply; it joins the history when complete."""
         s = self.session
-        options = dict(s.sampler_options, seed=s.seed, thinking=s.thinking)
+        # A template or an edit takes the session's seed, thinking and sampler knobs (the canvas
+        # sets the length; the exact path, as the canvas verbs' default).
+        options = GenerationOptions(seed=s.options.seed, thinking=s.options.thinking, sampler=s.options.sampler)
         view = CanvasView(self.out, self.labels) if self.live else None
         try:
-            out = run_events(start(**options), view=view)
+            out = run_events(start(options=options), view=view)
         except KeyboardInterrupt:
             self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
             return
@@ -216,7 +257,9 @@ class ChatLoop:
 
     def cmd_help(self, arg: str) -> None:
         self.ui.print(escape(HELP), highlight=False)
-        if getattr(self.session.model, "is_demo", False):
+        from mlx_diffusiongemma.demo import is_trained_demo
+
+        if is_trained_demo(self.session.model.source):
             self.ui.print(escape(demo_help()), highlight=False)
 
     def cmd_quit(self, arg: str) -> None:
@@ -234,7 +277,7 @@ class ChatLoop:
             names = ", ".join(p.name for p in self.pending_images) or "none"
             self.ui.print(f"images for the next message: {escape(names)}; usage: /image PATH")
             return
-        from mlx_diffusiongemma.generate import image_processor
+        from mlx_diffusiongemma.prompts.images import image_processor
 
         try:
             image = image_processor(self.session.model)(str(Path(arg).expanduser()), arg)
@@ -256,19 +299,22 @@ class ChatLoop:
         self.ui.print(table)
 
     def cmd_steps(self, arg: str) -> None:
-        opts = self.session.sampler_options
+        s = self.session
         if not arg:
-            current = opts.get("max_denoising_steps") or self.session.model.generation.max_denoising_steps
+            current = s.options.sampler.max_denoising_steps or s.model.generation.max_denoising_steps
             self.ui.print(f"max denoising steps per block: {current}")
             return
-        from mlx_diffusiongemma.engine import _MAX_STEPS
-
+        spec = GENERATION_KNOBS["max_denoising_steps"]
+        usage = f"usage: /steps N (a whole number from {spec.low:g} to {spec.high:g}); {escape(arg)!s} is not one"
         # isdigit() alone accepts "²" and other digits int() refuses: ASCII digits only.
-        if not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= _MAX_STEPS:
-            self.ui.print(f"usage: /steps N (a whole number from 1 to {_MAX_STEPS}); "
-                          f"{escape(arg)!s} is not one")
+        if not (arg.isascii() and arg.isdigit()):
+            self.ui.print(usage)
             return
-        opts["max_denoising_steps"] = int(arg)
+        try:
+            s.options = s.options.updated(max_denoising_steps=int(arg))
+        except KnobError:
+            self.ui.print(usage)
+            return
         self.ui.print(f"max denoising steps per block: {int(arg)}")
 
     def cmd_think(self, arg: str) -> None:
@@ -287,8 +333,10 @@ class ChatLoop:
             self.template = None
             self.ui.print("template cleared")
             return
+        from mlx_diffusiongemma.editing.template import parse
+
         try:
-            template_mod.parse(arg)
+            parse(arg)
         except DiffusionGemmaError as e:
             self.failed = True
             print(f"error: {e}", file=sys.stderr)
@@ -305,8 +353,9 @@ class ChatLoop:
         index = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
         context = s.messages[:index]
         history = s.messages + [{"role": "user", "content": arg}]
-        self._canvas_reply(history, lambda **kw: editing.stream_edit(
-            s.model, s.tokenizer, last, arg, context=context, **kw))
+        from mlx_diffusiongemma.editing.edit import stream_edit
+
+        self._canvas_reply(history, lambda **kw: stream_edit(s.model, s.tokenizer, last, arg, context=context, **kw))
 
     def cmd_save(self, arg: str) -> None:
         if not arg:

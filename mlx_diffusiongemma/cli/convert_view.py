@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -11,7 +13,34 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .errors import handle_errors
+from .flags import RECIPES, Debug, positive
+
 _PRECISION = {4: "4-bit", 8: "8-bit", 16: "bfloat16", 32: "float32"}
+
+
+def _recipe(value: str) -> str:
+    if value not in RECIPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RECIPES)}")
+    return value
+
+
+def convert(
+    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],
+    recipe: Annotated[str, typer.Option(
+        "--recipe", callback=_recipe, help=f"Weights precision: {', '.join(RECIPES)}.")] = "mixed-4bit",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
+    shard_size: Annotated[float, typer.Option(
+        "--shard-size", callback=positive, help="Largest shard, in GB (2^30 bytes).")] = 5.0,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="Leave the vision tower out (smaller; the folder cannot read images).")] = False,
+    debug: Debug = False,
+):
+    """Convert a Hugging Face DiffusionGemma checkpoint into an MLX folder."""
+    with handle_errors(debug):
+        run_convert(src, output, recipe=recipe, force=force, shard_size_bytes=int(shard_size * 2**30),
+                    out=Console(highlight=False), err=Console(stderr=True, highlight=False), text_only=text_only)
 
 
 def human_bytes(n: float) -> str:

@@ -24,7 +24,8 @@ def launched() -> bool:
 
 def generate(**options: Any) -> None:
     """`_generate`, with MLX's report of a lost peer turned into a one-line error."""
-    from mlx_diffusiongemma.parallel import DistributedError, lost_peer
+    from mlx_diffusiongemma.parallel.group import lost_peer
+    from mlx_diffusiongemma.parallel.plan import DistributedError
 
     try:
         _generate(**options)
@@ -35,19 +36,22 @@ def generate(**options: Any) -> None:
         raise DistributedError(f"rank {rank}: lost another rank of the group ({e}); stopping") from None
 
 
-def _generate(*, prompt: str, model: str, max_tokens: int, seed: int | None, system: str | None,
-             think: bool, sampler: dict[str, Any], as_json: bool, offline: bool,
-             tensor_parallel: Sequence[str], fast: bool = False) -> None:
+def _generate(*, prompt: str, model: str, system: str | None, options, as_json: bool, offline: bool,
+              tensor_parallel: Sequence[str]) -> None:
     """One reply, computed by every rank together; printed by rank 0 (plain text or --json)."""
     import mlx.core as mx
 
-    from mlx_diffusiongemma.engine import run
-    from mlx_diffusiongemma.generate import make_request, render_messages
-    from mlx_diffusiongemma.loading import load_tokenizer, resolve
-    from mlx_diffusiongemma.parallel import (
-        DistributedError, Watchdog, init_group, load_sharded, share, stop_on_termination)
+    from mlx_diffusiongemma import demo
+    from mlx_diffusiongemma.checkpoint.loading import resolve
+    from mlx_diffusiongemma.checkpoint.tokenizer import load_tokenizer
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import fresh_seed
+    from mlx_diffusiongemma.parallel.group import Watchdog, init_group, share, stop_on_termination
+    from mlx_diffusiongemma.parallel.load import load_sharded
+    from mlx_diffusiongemma.parallel.plan import DistributedError
+    from mlx_diffusiongemma.prompts.render import render_messages
 
-    from .live import PlainView, render
+    from .views import PlainView, render
 
     timeout = float(os.environ.get(ENV_TIMEOUT, "120"))
     group = init_group(timeout=timeout)
@@ -55,8 +59,8 @@ def _generate(*, prompt: str, model: str, max_tokens: int, seed: int | None, sys
     stop_on_termination("lost another rank of the group (mlx.launch stopped this one after another rank exited)")
     with Watchdog(timeout, f"rank {rank}: no answer from the other ranks within {timeout:g} s "
                            f"(a rank is stuck or a host is unreachable; {ENV_TIMEOUT} sets the bound); stopping.") as dog:
-        folder = resolve(model, offline=offline or None)
-        if fast and "attention" in tensor_parallel:
+        folder = demo.folder_for(model) or resolve(model, offline=offline or None)
+        if options.fast is not None and "attention" in tensor_parallel:
             # Fast mode's canvas K/V buffers are sized by the model's (global) KV heads.
             raise DistributedError("--fast does not combine with --tensor-parallel attention yet")
         llm, _ = load_sharded(folder, group, tensor_parallel=tensor_parallel)
@@ -67,22 +71,19 @@ def _generate(*, prompt: str, model: str, max_tokens: int, seed: int | None, sys
             tokenizer = load_tokenizer(folder, llm.generation)
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            ids = render_messages(tokenizer, messages, think)
-            payload = {"ids": ids, "seed": seed if seed is not None else int.from_bytes(os.urandom(4), "little")}
+            ids = render_messages(tokenizer, messages, options.thinking)
+            payload = {"ids": ids, "seed": options.seed if options.seed is not None else fresh_seed()}
         payload = share(payload, group)
-        request = make_request(payload["ids"], dict(sampler, max_tokens=max_tokens, seed=payload["seed"],
-                                                       mode="fast" if fast else "exact"))
+        request = Request.of(payload["ids"], options.updated(seed=payload["seed"]))
         mx.reset_peak_memory()
         if rank != 0:
             for _ in dog.guard(run(llm, request)):
                 pass
             return
-        events = dog.guard(run(llm, request, decode=tokenizer.decode, detokenizer=tokenizer.detokenizer))
-        view = PlainView(io.StringIO()) if as_json else PlainView(sys.stdout, sys.stderr if think else None)
+        events = dog.guard(run(llm, request, detokenizer=tokenizer.detokenizer))
+        view = PlainView(io.StringIO()) if as_json else PlainView(sys.stdout, sys.stderr if options.thinking else None)
         result = render(events, view)
     if as_json:
-        from .app import result_json
-
-        out = result_json(result)
+        out = result.to_json()
         out["ranks"] = group.size()
         print(json.dumps(out, ensure_ascii=False))

@@ -1,8 +1,8 @@
 """`dgemma fill`, `dgemma edit`, `dgemma score`: templates, edits and structured reads in a terminal.
 
-The live view redraws the canvases being denoised with the given (pinned) tokens in their own
-style, so the model is seen writing around them; committed canvases stay above the draft. The
-final text is printed with the generated values highlighted. `--json` prints one object instead.
+The live view (`views.CanvasView`) redraws the canvases being denoised with the given (pinned)
+tokens in their own style, so the model is seen writing around them; the final text is printed
+with the generated values highlighted. `--json` prints one object instead.
 """
 
 from __future__ import annotations
@@ -10,84 +10,152 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Annotated, Optional
 
-from rich.console import Console, Group
-from rich.live import Live
+import typer
+from rich.console import Console
 from rich.text import Text
 
-from mlx_diffusiongemma.events import BlockEvent, StepEvent
+from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
-from .live import STATUS_STYLE, TokenLabels, draft_text
+from .errors import fail, handle_errors, is_terminal
+from .flags import DEFAULT_MODEL, Debug, Model, NoLive, Offline, generation_flags
+from .loader import load_model
 
 VALUE_STYLE = "bold green"  # generated hole values in the final text
+Json = Annotated[bool, typer.Option("--json", help="Print {text, holes: {name: value}, ...} as JSON.")]
 
 
-class CanvasView:
-    """Every canvas of a template or an edit drawn live (cropped to `length` tokens, if given)."""
+@generation_flags("max_denoising_steps", "seed")
+def fill(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The request; '-' reads it from stdin.")],
+    template: Annotated[Optional[str], typer.Option(
+        "--template", "-t", help="Text with holes {{name:N}} (N tokens) or {{name:..N}} (at most N).")] = None,
+    template_file: Annotated[Optional[str], typer.Option(
+        "--template-file", help="Template from a file ('-': stdin).")] = None,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="A JSON schema file: fill an object that parses.")] = None,
+    model: Model = DEFAULT_MODEL,
+    no_live: NoLive = False,
+    as_json: Json = False,
+    offline: Offline = False,
+    debug: Debug = False,
+    *,
+    options: GenerationOptions,
+):
+    """Fill the holes of a template (the fixed text is pinned on the canvas)."""
+    from mlx_diffusiongemma.editing import infill, schema as schema_fill, template as tpl
 
-    def __init__(self, console: Console, labels: TokenLabels, length: int | None = None):
-        self.console = console
-        self.labels = labels
-        self.length = length
-        self.done: list[Text] = []
-        self.draft = Text()
-        self.status = Text("encoding the prompt…", style=STATUS_STYLE)
-        self.live = Live(console=console, transient=True, auto_refresh=False, vertical_overflow="ellipsis",
-                         redirect_stdout=False, redirect_stderr=False)
-        self._last: StepEvent | None = None
+    with handle_errors(debug):
+        if sum(x is not None for x in (template, template_file, schema)) != 1:
+            fail("give exactly one of --template, --template-file or --schema")
+        if prompt == "-" and template_file == "-":
+            fail("only one of --prompt and --template-file can read stdin")
+        prompt = sys.stdin.read() if prompt == "-" else prompt
+        if template_file is not None:
+            template = read_source(template_file, "the template")
+        parsed = json.loads(read_source(schema, "the schema")) if schema is not None else None
+        check_template(template, parsed)  # syntax and schema errors before loading anything
+        llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
+        started = time.perf_counter()
+        if parsed is not None:
+            events = schema_fill.stream_fill_json(llm, tokenizer, prompt, parsed, options=options)
+            length = None
+        else:
+            events = infill.stream_infill(llm, tokenizer, prompt, template, options=options)
+            length = tpl.layout(tokenizer, tpl.parse(template)).length
+        out = _run(events, llm, tokenizer, live=not no_live and not as_json, length=length)
+        print_result(out, as_json=as_json, started=started)
 
-    def __enter__(self):
-        self.live.start()
-        self._refresh()
-        return self
 
-    def __exit__(self, *exc) -> bool:
-        self.live.stop()
-        return False
+@generation_flags("max_denoising_steps", "seed")
+def edit(
+    text: Annotated[str, typer.Option("--text", help="File with the text to edit ('-': stdin).")],
+    instruction: Annotated[str, typer.Option("--instruction", "-i", help="What to change.")],
+    strength: Annotated[float, typer.Option(
+        "--strength", min=0.0, max=1.0, help="Fraction of positions renoised (without --span).")] = 0.5,
+    span: Annotated[Optional[list[str]], typer.Option(
+        "--span", help="Rewrite only this part of the text (repeatable); the rest is pinned.")] = None,
+    model: Model = DEFAULT_MODEL,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Room for a longer reply.")] = None,
+    no_live: NoLive = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {text, holes, ...} as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+    *,
+    options: GenerationOptions,
+):
+    """Edit text in place: start the canvas from it (warm start) or rewrite marked spans."""
+    from mlx_diffusiongemma.editing.edit import find_span, stream_edit
 
-    def _refresh(self) -> None:
-        self.live.update(Group(Text.assemble(*self.done, self.draft), self.status), refresh=True)
+    with handle_errors(debug):
+        source = read_source(text, "the text").rstrip("\n")
+        ranges = [find_span(source, part) for part in span or []]  # before loading anything
+        llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
+        started = time.perf_counter()
+        events = stream_edit(llm, tokenizer, source, instruction, strength=strength, spans=ranges or None,
+                             max_tokens=max_tokens, options=options)
+        out = _run(events, llm, tokenizer, live=not no_live and not as_json)
+        print_result(out, as_json=as_json, started=started)
 
-    def _crop(self, event: StepEvent) -> int:
-        c = len(event.argmax.tolist())
-        if self.length is None:
-            return c
-        return max(0, min(c, self.length - event.block * c))
 
-    def handle(self, event) -> None:
-        if isinstance(event, StepEvent):
-            n = self._crop(event)
-            pinned = event.pinned.tolist()[:n] if event.pinned is not None else None
-            self.draft = draft_text(event.argmax.tolist()[:n], event.accepted.tolist()[:n], self.labels, pinned)
-            self.status = Text(f"canvas {event.block + 1} · step {event.step}/{event.max_steps} · "
-                               f"accepted {event.accepted_count}/{len(event.argmax.tolist())} · "
-                               f"entropy {event.mean_entropy:.2f}", style=STATUS_STYLE, no_wrap=True)
-            self._last = event
-            self._refresh()
-        elif isinstance(event, BlockEvent):
-            self.done.append(self.draft)
-            self.draft = Text()
-            self._refresh()
+def score(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")],
+    option: Annotated[list[str], typer.Option("--option", "-o", help="A possible answer (repeat: at least 2).")],
+    template: Annotated[str, typer.Option("--template", "-t", help="Reply template with one {{slot}}.")] = "{{answer}}",
+    model: Model = DEFAULT_MODEL,
+    seed: Annotated[int, typer.Option("--seed", help="Noise under the slot.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probabilities as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Probabilities of a few answers from one decoder pass (classification, multiple choice)."""
+    from mlx_diffusiongemma.editing.score import score as score_options
+
+    with handle_errors(debug):
+        if len(option) < 2:
+            fail("give at least two --option values")
+        check_template(template, None)
+        llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
+        res = score_options(llm, tokenizer, prompt, option, template=template, seed=seed)
+        if as_json:
+            print(json.dumps(res.to_json(), ensure_ascii=False))
+            return
+        console = Console(highlight=False)
+        slot = next(iter(res.slots.values()))
+        for choice, p in sorted(slot.probabilities.items(), key=lambda kv: -kv[1]):
+            mark = "→" if choice == slot.choice else " "
+            console.print(f"{mark} {p:6.1%}  {choice}", highlight=False, markup=False)
+        console.print(f"[dim]choice {slot.choice!r} · confidence {slot.confidence:.1%} · 1 decoder pass[/]")
 
 
 def check_template(template: str | None, schema: dict | None) -> None:
     """Template syntax / schema errors, before the model is loaded."""
-    from mlx_diffusiongemma import editing, template as tpl
+    from mlx_diffusiongemma.editing import schema as schema_fill, template as tpl
 
     if schema is not None:
-        editing.json_segments(schema)
+        schema_fill.json_segments(schema)
     else:
         tpl.parse(template)
 
 
-def labels_for(model, tokenizer) -> TokenLabels:
+def labels_for(model, tokenizer):
+    from mlx_diffusiongemma.prompts.labels import TokenLabels
+
     gen = model.generation
     return TokenLabels(tokenizer, gen.eos_token_ids, gen.pad_token_id)
 
 
+def _run(events, model, tokenizer, *, live: bool, length: int | None = None):
+    """A canvas verb's events drawn live on a terminal (or drained); its InfillResult."""
+    from .views import CanvasView, run_events
+
+    view = CanvasView(Console(highlight=False), labels_for(model, tokenizer), length) if live and is_terminal() else None
+    return run_events(events, view=view)
+
+
 def styled_fill(out) -> Text:
     """The filled template with the generated values highlighted."""
-    from mlx_diffusiongemma.template import Fixed
+    from mlx_diffusiongemma.editing.template import Fixed
 
     text = Text()
     if not out.segments:
@@ -98,23 +166,6 @@ def styled_fill(out) -> Text:
         else:
             text.append(out.holes.get(seg.name, ""), VALUE_STYLE)
     return text
-
-
-def run_events(events, *, view: CanvasView | None):
-    """Drain a stream (events, then the final result); returns the final result."""
-    final = None
-    try:
-        if view is None:
-            for item in events:
-                final = item
-        else:
-            with view:
-                for item in events:
-                    view.handle(item)
-                    final = item
-    finally:
-        events.close()
-    return final
 
 
 def read_source(value: str, what: str) -> str:
@@ -130,60 +181,15 @@ def read_source(value: str, what: str) -> str:
     return text
 
 
-def print_result(out, *, as_json: bool, console: Console, err: Console, terminal: bool, started: float) -> None:
+def print_result(out, *, as_json: bool, started: float) -> None:
     if as_json:
         print(json.dumps(out.to_json(), ensure_ascii=False))
         return
-    if terminal:
-        console.print(styled_fill(out), soft_wrap=True)
+    if is_terminal():
+        Console(highlight=False).print(styled_fill(out), soft_wrap=True)
         r = out.result
-        passes = r.extra.get("decoder_passes")
-        err.print(f"[dim]{len(r.steps_per_block)} canvas(es) · {passes} decoder passes · "
-                  f"{time.perf_counter() - started:.1f} s · seed {r.extra.get('seed')}[/]")
+        Console(stderr=True, highlight=False).print(
+            f"[dim]{len(r.steps_per_block)} canvas(es) · {r.decoder_passes} decoder passes · "
+            f"{time.perf_counter() - started:.1f} s · seed {r.seed}[/]")
     else:
         sys.stdout.write(out.text + "\n")
-
-
-def fill_command(llm, tokenizer, *, prompt: str, template: str | None, schema: dict | None, seed, as_json: bool,
-                 live: bool, terminal: bool, sampler: dict, console: Console, err: Console) -> None:
-    from mlx_diffusiongemma import editing, template as tpl
-
-    started = time.perf_counter()
-    if schema is not None:
-        events = editing.stream_fill_json(llm, tokenizer, prompt, schema, seed=seed, **sampler)
-        length = None
-    else:
-        events = editing.stream_infill(llm, tokenizer, prompt, template, seed=seed, **sampler)
-        length = tpl.layout(tokenizer, tpl.parse(template)).length
-    view = CanvasView(console, labels_for(llm, tokenizer), length) if live and terminal and not as_json else None
-    out = run_events(events, view=view)
-    print_result(out, as_json=as_json, console=console, err=err, terminal=terminal and not as_json, started=started)
-
-
-def edit_command(llm, tokenizer, *, text: str, instruction: str, strength: float, spans: list[str], seed,
-                 max_tokens, as_json: bool, live: bool, terminal: bool, sampler: dict, console: Console,
-                 err: Console) -> None:
-    from mlx_diffusiongemma import editing
-
-    started = time.perf_counter()
-    ranges = [editing.find_span(text, s) for s in spans]
-    events = editing.stream_edit(llm, tokenizer, text, instruction, strength=strength, spans=ranges or None,
-                                 seed=seed, max_tokens=max_tokens, **sampler)
-    view = CanvasView(console, labels_for(llm, tokenizer)) if live and terminal and not as_json else None
-    out = run_events(events, view=view)
-    print_result(out, as_json=as_json, console=console, err=err, terminal=terminal and not as_json, started=started)
-
-
-def score_command(llm, tokenizer, *, prompt: str, options: list[str], template: str, seed: int, as_json: bool,
-                  console: Console) -> None:
-    from mlx_diffusiongemma import editing
-
-    res = editing.score(llm, tokenizer, prompt, options, template=template, seed=seed)
-    if as_json:
-        print(json.dumps(res.to_json(), ensure_ascii=False))
-        return
-    slot = next(iter(res.slots.values()))
-    for option, p in sorted(slot.probabilities.items(), key=lambda kv: -kv[1]):
-        mark = "→" if option == slot.choice else " "
-        console.print(f"{mark} {p:6.1%}  {option}", highlight=False, markup=False)
-    console.print(f"[dim]choice {slot.choice!r} · confidence {slot.confidence:.1%} · 1 decoder pass[/]")

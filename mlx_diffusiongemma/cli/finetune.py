@@ -9,11 +9,73 @@ adapters and exits 130.
 from __future__ import annotations
 
 import time
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .errors import handle_errors
+from .flags import DEFAULT_MODEL, Debug, Model, Offline, positive
+
+
+
+def finetune(
+    data: Annotated[str, typer.Option("--data", help="Folder with train.jsonl and valid.jsonl (chat 'messages' or 'prompt'/'completion').")],
+    model: Model = DEFAULT_MODEL,
+    fine_tune_type: Annotated[str, typer.Option("--fine-tune-type", help="lora or full.")] = "lora",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, adamw, sgd or adafactor.")] = "adam",
+    num_layers: Annotated[Optional[int], typer.Option("--num-layers", help="Layers to fine-tune, from the last (-1: all; default 16 or all).")] = None,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, max=1024, help="LoRA rank.")] = 8,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA scale (mlx-lm's, not alpha).")] = 20.0,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Canvases per step.")] = 4,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", callback=positive, help="Learning rate.")] = 1e-5,
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="constant or cosine.")] = "constant",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warm-up steps.")] = 0,
+    adapter_path: Annotated[str, typer.Option("--adapter-path", help="Folder the adapters are written to.")] = "adapters",
+    resume_adapter_file: Annotated[Optional[str], typer.Option("--resume-adapter-file", help="adapters.safetensors of an earlier run to start from.")] = None,
+    val_batches: Annotated[int, typer.Option("--val-batches", min=-1, help="Validation batches (-1: all, 0: none).")] = 25,
+    steps_per_eval: Annotated[int, typer.Option("--steps-per-eval", min=1, help="Validate every N steps.")] = 200,
+    steps_per_report: Annotated[int, typer.Option("--steps-per-report", min=1, help="Log a line every N steps (piped output).")] = 10,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Save the adapters every N steps.")] = 100,
+    max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=1, help="Longest example, prompt + answer tokens.")] = 2048,
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute feed-forward activations in the backward pass (less memory).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and the corruption noise.")] = 0,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Fine-tune with the block-diffusion objective: LoRA (also on 4-bit models) or full."""
+    from mlx_diffusiongemma.train.finetune import FinetuneSettings
+
+    err = Console(stderr=True, highlight=False)
+    with handle_errors(debug):
+        settings = FinetuneSettings(
+            model=model, data=data, fine_tune_type=fine_tune_type, optimizer=optimizer, num_layers=num_layers,
+            lora_rank=lora_rank, lora_scale=lora_scale, iters=iters, batch_size=batch_size,
+            learning_rate=learning_rate, lr_schedule=lr_schedule, warmup=warmup, adapter_path=adapter_path,
+            resume_adapter_file=resume_adapter_file, val_batches=val_batches, steps_per_eval=steps_per_eval,
+            save_every=save_every, max_seq_length=max_seq_length, grad_checkpoint=grad_checkpoint, seed=seed,
+            offline=offline or None)
+        code = run_finetune(settings, steps_per_report=steps_per_report, out=Console(highlight=False), err=err,
+                            interactive=err.is_terminal)
+    raise typer.Exit(code)
+
+
+def fuse(
+    adapter_path: Annotated[str, typer.Option("--adapter-path", help="Adapter folder from `dgemma finetune`.")] = "adapters",
+    save_path: Annotated[str, typer.Option("--save-path", help="Destination folder (must not exist).")] = "fused_model",
+    model: Model = DEFAULT_MODEL,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write unquantized weights.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Merge fine-tuned adapters into the weights and write a model folder."""
+    with handle_errors(debug):
+        run_fuse(model, adapter_path, save_path, dequantize=dequantize, offline=offline or None,
+                 out=Console(highlight=False), err=Console(stderr=True, highlight=False))
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:

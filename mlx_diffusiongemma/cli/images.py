@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from mlx_diffusiongemma.processor import ImageError
+from mlx_diffusiongemma.prompts.processor import ImageError
 
 
 def check_image_options(images: Sequence[Path] | None, text_only: bool) -> None:
@@ -22,6 +22,6 @@ def preprocess(model, images: Sequence[Path] | None) -> list:
     model work; a text-only model refuses them."""
     if not images:
         return []
-    from mlx_diffusiongemma.generate import image_processor
+    from mlx_diffusiongemma.prompts.images import image_processor
 
     return image_processor(model).process_all([str(Path(p).expanduser()) for p in images])

@@ -4,8 +4,49 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
+
+from .errors import fail, handle_errors
+from .flags import DEFAULT_MODEL, AdapterPath, Debug, Model, Offline
+from .loader import load_model
+
+
+def serve(
+    model: Model = DEFAULT_MODEL,
+    adapter_path: AdapterPath = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8080,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Default max_tokens of a request.")] = 512,
+    max_tokens_limit: Annotated[int, typer.Option(
+        "--max-tokens-limit", min=1, help="Largest max_tokens accepted.")] = 16384,
+    chat_template_args: Annotated[str, typer.Option(
+        "--chat-template-args", help='JSON arguments for the chat template, e.g. \'{"enable_thinking":true}\'.')] = "{}",
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="DGEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1, help="Requests denoised in turn.")] = 4,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting before 503.")] = 16,
+    max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body.")] = 4096,
+    prompt_cache_size: Annotated[int, typer.Option("--prompt-cache-size", min=0, help="KV caches kept.")] = 8,
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    fast: Annotated[bool, typer.Option(
+        "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode, or the exact "
+        "reference sampler (default; batched across requests).")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (and a web chat at /)."""
+    ui = Console(stderr=True, highlight=False)
+    with handle_errors(debug):
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            fail(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        run_server(model=model, host=host, port=port, api_key=api_key, log_level=log_level,
+                   chat_template_args=chat_template_args, load=lambda: load_model(model, offline, ui, adapter_path),
+                   ui=ui, default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
+                   max_active=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_kb * 1024,
+                   prompt_cache_size=prompt_cache_size, default_mode="fast" if fast else "exact")
 
 
 def parse_template_args(text: str) -> dict:

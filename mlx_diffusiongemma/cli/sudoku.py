@@ -4,89 +4,72 @@ from __future__ import annotations
 
 import json
 import sys
-import time
+from typing import Annotated
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.text import Text
+import typer
+from rich.console import Console
 
-from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.events import BlockEvent, GenerationResult, StepEvent
+from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
-from .live import ACCEPTED_STYLE, NOISY_STYLE, PINNED_STYLE, STATUS_STYLE
+from .errors import handle_errors, is_terminal
+from .flags import Debug, Model, Offline, generation_flags
+from .loader import load_model
 
 DEFAULT_PUZZLE = "..3./.4.2/21../..2."
 
 
-class GridView:
-    """The reply canvas drawn as a grid: givens pinned-style, accepted cells bold, the rest dim."""
+@generation_flags("max_denoising_steps", "seed")
+def sudoku(
+    puzzle: Annotated[str, typer.Option("--puzzle", help="16 cells, 1-4 or '.', rows split by '/'.")] = DEFAULT_PUZZLE,
+    model: Model = "demo",
+    plain: Annotated[bool, typer.Option("--plain", help="No pins: the puzzle as a plain prompt (to compare).")] = False,
+    free: Annotated[bool, typer.Option("--free", help="Blanks may take any token (default: digits 1-4).")] = False,
+    delay: Annotated[float, typer.Option("--delay", min=0.0, help="Seconds to show each step.")] = 0.15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the grid and whether it is solved as JSON.")] = False,
+    offline: Offline = False,
+    debug: Debug = False,
+    *,
+    options: GenerationOptions,
+):
+    """Solve a 4x4 Sudoku with its givens pinned on the canvas (best with the trained demo model).
+    Exit code 3 when the grid is not a solution."""
+    from mlx_diffusiongemma.editing import sudoku as puzzles
 
-    def __init__(self, console: Console, tokenizer, length: int, delay: float):
-        self.console, self.tokenizer, self.length, self.delay = console, tokenizer, length, delay
-        self.live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False,
-                         redirect_stderr=False)
-
-    def __enter__(self):
-        self.live.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.live.stop()
-        return False
-
-    def handle(self, event) -> None:
-        if not isinstance(event, StepEvent) or event.block != 0:
-            return
-        n = self.length
-        ids, accepted = event.argmax.tolist()[:n], event.accepted.tolist()[:n]
-        pinned = event.pinned.tolist()[:n] if event.pinned is not None else [False] * n
-        grid = Text()
-        for token, ok, pin in zip(ids, accepted, pinned):
-            piece = self.tokenizer.decode([token])
-            if piece not in "\n ":
-                piece = piece if len(piece) == 1 and piece.isprintable() else "?"
-            grid.append(piece, PINNED_STYLE if pin else ACCEPTED_STYLE if ok else NOISY_STYLE)
-        status = Text(f"step {event.step}/{event.max_steps} · accepted {sum(accepted)}/{n}", style=STATUS_STYLE)
-        self.live.update(Group(grid, status), refresh=True)
-        if self.delay:
-            time.sleep(self.delay)
+    with handle_errors(debug):
+        cells = puzzles.parse_puzzle(puzzle)  # before loading anything
+        llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
+        code = solve(llm, tokenizer, cells, plain=plain, free=free, options=options, delay=delay, as_json=as_json)
+    raise typer.Exit(code)
 
 
-def sudoku_command(llm, tokenizer, *, puzzle: str, plain: bool, free: bool, seed, steps, delay: float,
-                   as_json: bool, terminal: bool, console: Console, err: Console) -> int:
-    from mlx_diffusiongemma import template as tpl
-    from mlx_diffusiongemma.generate import generate
+def solve(llm, tokenizer, cells, *, plain: bool, free: bool, options: GenerationOptions, delay: float,
+          as_json: bool) -> int:
+    from mlx_diffusiongemma.api import generate
+    from mlx_diffusiongemma.editing import sudoku as puzzles, template as tpl
 
-    cells = sudoku.parse_puzzle(puzzle)
-    options = {"seed": seed} | ({"max_denoising_steps": steps} if steps else {})
+    from .fill import labels_for
+    from .views import GridView, run_events
+
+    console, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    terminal = is_terminal()
     if plain:
-        result = generate(llm, tokenizer, sudoku.prompt(cells), max_tokens=llm.canvas_length, **options)
+        result = generate(llm, tokenizer, puzzles.prompt(cells), options=options.updated(max_tokens=llm.canvas_length))
         text = result.answer.strip()
-        passes = result.extra["decoder_passes"]
+        passes = result.decoder_passes
     else:
-        length = tpl.layout(tokenizer, sudoku.segments(cells, not free, tokenizer)).length
-        events = sudoku.stream_solve(llm, tokenizer, cells, digits_only=not free, **options)
-        out = None
+        length = tpl.layout(tokenizer, puzzles.segments(cells, not free, tokenizer)).length
+        events = puzzles.stream_solve(llm, tokenizer, cells, digits_only=not free, options=options)
         show = terminal and not as_json
         if show:
             err.print("[dim]givens pinned on the canvas:[/]")
-        try:
-            if show:
-                with GridView(console, tokenizer, length, delay) as view:
-                    for item in events:
-                        view.handle(item)
-                        out = item
-            else:
-                for item in events:
-                    out = item
-        finally:
-            events.close()
+        view = GridView(console, labels_for(llm, tokenizer), length, delay) if show else None
+        out = run_events(events, view=view)
         text = out.text
-        passes = out.result.extra["decoder_passes"]
-    grid = sudoku.parse_grid(text)
-    solved = sudoku.is_solution(grid, cells)
+        passes = out.result.decoder_passes
+    grid = puzzles.parse_grid(text)
+    solved = puzzles.is_solution(grid, cells)
     if as_json:
-        print(json.dumps({"puzzle": sudoku.format_grid(cells), "text": text, "solved": solved,
+        print(json.dumps({"puzzle": puzzles.format_grid(cells), "text": text, "solved": solved,
                           "decoder_passes": passes, "mode": "plain" if plain else "pinned"}))
     elif terminal:
         if plain:

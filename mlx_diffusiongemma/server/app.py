@@ -22,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine import check_fits
-from ..errors import ContextLengthError
+from ..diffusion.engine import check_fits
+from ..errors import ContextLengthError, DiffusionGemmaError
+from ..prompts.channels import Delta, TextStream
+from ..prompts.render import render_messages
 from . import protocol as P
-from .textstream import Delta, TextStream
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("mlx_diffusiongemma.server")
@@ -56,7 +57,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     if config.default_mode not in P.MODES:
         raise ValueError(f"default_mode must be one of {P.MODES}, not {config.default_mode!r}")
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
-                    prompt_cache_size=config.prompt_cache_size, default_mode=config.default_mode)
+                    prompt_cache_size=config.prompt_cache_size)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
 
     def check_request(params: P.Params) -> None:
         try:
-            params.sampler.resolve(model.generation)
+            params.options.sampler.resolve(model.generation)
         except ValueError as e:
             raise P.bad(str(e)) from None
         vocab = model.vocab_size
@@ -234,7 +235,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         check_auth(request)
         body = await read_body(request)
         params = P.parse_common(body, "chat", default_max_tokens=config.default_max_tokens,
-                                max_tokens_limit=config.max_tokens_limit)
+                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
         check_model(params)
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
@@ -247,7 +248,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         check_auth(request)
         body = await read_body(request)
         params = P.parse_common(body, "completion", default_max_tokens=config.default_max_tokens,
-                                max_tokens_limit=config.max_tokens_limit)
+                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
         check_model(params)
         params.prompt_ids = P.completion_prompt(body, tokenizer)
         return await generate(request, params)
@@ -307,17 +308,12 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
 
 
 def _render(tokenizer, messages, tools, kwargs) -> list[int]:
-    """Prompt ids through the checkpoint's chat template (a template error is the client's)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
+    """Prompt ids through the one renderer (the chat template, under its time limit); a template
+    that refuses the conversation, or runs past the limit, is the client's error."""
     try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                            **kwargs)
-    except Exception as e:  # jinja raises TemplateError (and others) on a conversation it refuses
-        raise P.bad(f"the chat template rejected the conversation: {e}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+        return render_messages(tokenizer, messages, None, tools=tools, template_kwargs=kwargs)
+    except DiffusionGemmaError as e:
+        raise P.bad(str(e), param="messages") from None
 
 
 def _as_api_error(e: Exception) -> P.APIError:

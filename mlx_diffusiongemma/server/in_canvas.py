@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..canvas import StepView, pin
+from ..diffusion.canvas import StepView, pin
 
 DEFAULT_STABILITY = 2  # the argmax unchanged over the last 2 steps
 DEFAULT_MAX_ENTROPY = 0.5  # nats

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from ..cache import PromptCache
+from ..model.cache import PromptCache
 
 
 class PromptCacheStore:

@@ -14,16 +14,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import SamplerOptions
+from ..diffusion.options import (
+    GENERATION_KNOBS,
+    MODES,
+    FastOptions,
+    GenerationOptions,
+    KnobError,
+    SamplerOptions,
+    check_knob,
+)
 
 # Diffusion knobs accepted as extra request fields (the names of the checkpoint's
 # generation_config.json and of the engine, as vLLM's and mlx-vlm's DiffusionGemma options use).
-SAMPLER_FIELDS = {
-    "max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
-    "stability_threshold": int, "confidence_threshold": float,
-}
-# The engine's paths (engine.Request.mode): the reference sampler, or fast mode (docs/fast-mode.md).
-MODES = ("exact", "fast")
+SAMPLER_FIELDS = tuple(SamplerOptions.__dataclass_fields__)
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256
 
@@ -54,9 +57,8 @@ class Params:
 
     kind: str  # "chat" | "completion"
     model: str
+    options: GenerationOptions  # max_tokens (always set), seed, sampler, fast (the request's "mode")
     prompt_ids: list[int] = field(default_factory=list)
-    max_tokens: int = 512
-    seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -64,9 +66,11 @@ class Params:
     in_canvas: bool = False
     in_canvas_stability: int = 2
     in_canvas_max_entropy: float = 0.5
-    sampler: SamplerOptions = SamplerOptions()
     has_tools: bool = False
-    mode: str | None = None  # "exact" | "fast"; None: the server's default (`dgemma serve --fast`)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.options.max_tokens
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -99,6 +103,25 @@ def _number(body: dict, name: str, kind: type, *, lo: float | None = None, hi: f
     return kind(value)
 
 
+def _knob(body: dict, name: str, knob: str | None = None) -> Any:
+    """The generation knob `knob` (default: `name`) from the body's field `name`: a JSON number of
+    the right kind, in the knob's range (`diffusion.options`, the one definition the CLI and the
+    Python API check against too)."""
+    knob = knob or name
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{name}' must be a number, got {json.dumps(value)[:40]}", param=name)
+    spec = GENERATION_KNOBS[knob]
+    if spec.kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 512.0 is 512
+    try:
+        return check_knob(knob, value, spec)
+    except KnobError as e:
+        raise bad(str(e).replace(knob, name, 1), param=name) from None
+
+
 def _bool(body: dict, name: str, default: bool = False) -> bool:
     value = body.get(name, default)
     if value is None:
@@ -108,18 +131,20 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int) -> Params:
-    """The fields shared by chat and completions (everything but the prompt)."""
+def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int,
+                 default_mode: str = "exact") -> Params:
+    """The fields shared by chat and completions (everything but the prompt); a request without a
+    "mode" runs in `default_mode` (`dgemma serve --fast`)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required (a string; GET /v1/models lists it)", param="model")
     n = _number(body, "n", int, lo=1)
     if n not in (None, 1):
         raise bad("'n' must be 1: one completion per request", param="n")
-    max_tokens = _number(body, "max_completion_tokens", int, lo=1, hi=max_tokens_limit)
+    max_tokens = _max_tokens(body, "max_completion_tokens", max_tokens_limit)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, lo=1, hi=max_tokens_limit)
-    seed = _number(body, "seed", int, lo=0, hi=2**32 - 1)
+        max_tokens = _max_tokens(body, "max_tokens", max_tokens_limit)
+    seed = _knob(body, "seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -137,20 +162,31 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
     options = options or {}
     if options and not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    knobs = {name: _number(body, name, typ, lo=0) for name, typ in SAMPLER_FIELDS.items()}
-    sampler = SamplerOptions(**knobs)
-    mode = body.get("mode")
-    if mode is not None and mode not in MODES:
+    knobs = {name: _knob(body, name) for name in SAMPLER_FIELDS}
+    mode = body.get("mode", default_mode)
+    if mode not in MODES:
         raise bad(f"'mode' must be one of {', '.join(repr(m) for m in MODES)}", param="mode")
+    try:
+        generation = GenerationOptions(max_tokens=max_tokens or default_max_tokens, seed=seed,
+                                       sampler=SamplerOptions(**knobs), fast=FastOptions() if mode == "fast" else None)
+    except ValueError as e:  # a pair of knobs that do not go together (t_max <= t_min)
+        raise bad(str(e)) from None
     return Params(
-        kind=kind, model=model, max_tokens=max_tokens or default_max_tokens, seed=seed,
+        kind=kind, model=model, options=generation,
         stop=[s for s in stop if s], stream=stream,
         include_usage=_bool(options, "include_usage"), include_drafts=_bool(options, "include_drafts"),
-        in_canvas=_bool(options, "in_canvas"), sampler=sampler,
+        in_canvas=_bool(options, "in_canvas"),
         in_canvas_stability=_number(body, "in_canvas_stability", int, lo=1, hi=64) or 2,
         in_canvas_max_entropy=_or(_number(body, "in_canvas_max_entropy", float, lo=0), 0.5),
-        mode=mode,
     )
+
+
+def _max_tokens(body: dict, name: str, limit: int) -> int | None:
+    """`max_tokens` (or its newer name `max_completion_tokens`), within the server's limit."""
+    value = _knob(body, name, "max_tokens")
+    if value is not None and value > limit:
+        raise bad(f"'{name}' must be <= {limit}, got {value}", param=name)
+    return value
 
 
 def _or(value, default):

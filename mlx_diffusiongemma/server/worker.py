@@ -6,15 +6,15 @@ hands items over with `call_soon_threadsafe`.
 
 Scheduling: up to `max_active` jobs are admitted in arrival order (the rest wait; more than
 `max_queue` waiting: `QueueFull`, HTTP 503). Each round advances every admitted job to its next
-decoder pass (the engine runs with `external_decoder=True` and yields a `DenoiseCall` there);
-the round's calls go through the decoder as ONE batch (batch.py), and each job gets its row of
-logits back. The sampler, stop test, commit and encoder passes stay per request, in the
-engine's own code, so a request gives the same tokens alone or in a batch. A job whose block
-stops simply leaves the batch (no row is computed for it), a job still prefilling takes one
-prompt chunk per round and joins the batch when it is ready. A job whose client went away is
-closed at its next turn (its generator is closed, which stops the engine mid-block).
-A fast-mode job (`mode: "fast"`) runs its own decoder pass over its live rows inside its turn,
-one denoising step per round, outside the batch.
+decoder pass (the engine runs with `external_decoder=True` and yields the pass it needs there);
+the round's passes run through `block.run_calls`, which puts the passes the engine marks
+batchable (the exact path's) into ONE batched decoder pass and runs the others (fast mode's,
+over each request's own live rows) one by one; each job gets its logits back. The sampler, stop
+test, commit and encoder passes stay per request, in the engine's own code, so a request gives
+the same tokens alone or in a batch. A job whose block stops simply leaves the round (no row is
+computed for it), a job still prefilling takes one prompt chunk per round and joins when it is
+ready. A job whose client went away is closed at its next turn (its generator is closed, which
+stops the engine mid-block).
 """
 
 from __future__ import annotations
@@ -29,17 +29,15 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from ..engine import DenoiseCall, Request, run
-from ..events import BlockEvent, GenerationResult, StepEvent
-from .batch import denoise_batch
+from ..diffusion.block import DecoderCall, run_calls
+from ..diffusion.engine import Request, run
+from ..diffusion.events import BlockEvent, GenerationResult, StepEvent
+from ..prompts.labels import TokenLabels
 from .in_canvas import PrefixStreamer
 from .prompt_cache import PromptCacheStore
 from .protocol import Params
 
 log = logging.getLogger("mlx_diffusiongemma.server")
-
-PREFILL_CHUNK = 512
-
 
 class QueueFull(Exception):
     pass
@@ -70,32 +68,16 @@ class _Running:
     send: Any = None  # what to send into `items` next (the logits of its last decoder call)
 
 
-class TokenLabels:
-    """Token id -> its text alone, for the drafts stream (cached: drafts repeat tokens)."""
-
-    def __init__(self, tokenizer, eos_ids):
-        self._decode = tokenizer.decode
-        self._eos = set(eos_ids)
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token: int) -> str:
-        label = self._cache.get(token)
-        if label is None:
-            label = self._cache[token] = "" if token in self._eos else self._decode([token])
-        return label
-
-
 class Worker:
     def __init__(self, model, tokenizer, *, max_active: int = 4, max_queue: int = 16,
-                 prompt_cache_size: int = 8, default_mode: str = "exact"):
+                 prompt_cache_size: int = 8):
         self.model = model
-        self.default_mode = default_mode
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.max_queue = max(0, max_queue)
         self.store = PromptCacheStore(prompt_cache_size)
         self.eos_ids = tuple(model.generation.eos_token_ids)
-        self.labels = TokenLabels(tokenizer, self.eos_ids)
+        self.labels = TokenLabels(tokenizer, self.eos_ids)  # the drafts stream's pieces
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[tuple[Job, Iterator]] = []
         self._cond = threading.Condition()
@@ -153,26 +135,29 @@ class Worker:
             job.put(("error", RuntimeError("the server is shutting down")))
 
     def _round(self, running: list["_Running"]) -> None:
-        """Advance every job to its next decoder pass, then run those passes as one batch."""
-        calls: list[tuple[_Running, DenoiseCall]] = []
+        """Advance every job to its next decoder pass, then run the round's passes (the batchable
+        ones as one batch)."""
+        calls: list[tuple[_Running, DecoderCall]] = []
         for entry in running:
             call = self._advance(entry)
             if call is not None:
                 calls.append((entry, call))
         if not calls:
             return
-        self.batch_sizes[len(calls)] = self.batch_sizes.get(len(calls), 0) + 1
+        batched = sum(c.batchable for _, c in calls)
+        for size in ([batched] if batched else []) + [1] * (len(calls) - batched):
+            self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
         try:
-            logits = denoise_batch(self.model, [c for _, c in calls])
+            logits = run_calls(self.model, [c for _, c in calls])
         except Exception as e:
             log.exception("decoder pass failed")
             for entry, _ in calls:
                 self._finish(entry, error=e)
             return
-        for r, (entry, _) in enumerate(calls):
-            entry.send = logits[r : r + 1]
+        for (entry, _), out in zip(calls, logits):
+            entry.send = out
 
-    def _advance(self, entry: "_Running") -> DenoiseCall | None:
+    def _advance(self, entry: "_Running") -> DecoderCall | None:
         """Run one job until it needs the decoder (returns the call) or has done one other unit
         of work (a prompt chunk) or finished; client items found on the way are handed over."""
         job = entry.job
@@ -215,8 +200,9 @@ class Worker:
         if cache is None or cached == 0:
             cache, cached = model.make_cache(), 0
         new = ids[cached:]
-        for start in range(0, len(new), PREFILL_CHUNK):
-            model.extend(cache, new[start : start + PREFILL_CHUNK])
+        chunk = p.options.prefill_chunk
+        for start in range(0, len(new), chunk):
+            model.extend(cache, new[start : start + chunk])
             yield None
         mx.eval(cache.state())
         self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
@@ -226,9 +212,7 @@ class Worker:
         streamer = None
         if p.in_canvas:
             streamer = PrefixStreamer(self.eos_ids, p.max_tokens, p.in_canvas_stability, p.in_canvas_max_entropy)
-        mode = p.mode or self.default_mode
-        request = Request([], max_tokens=p.max_tokens, sampler=p.sampler, seed=p.seed, mode=mode,
-                          hooks=(streamer,) if streamer else ())
+        request = Request.of([], p.options, hooks=(streamer,) if streamer else ())
         detok = self.tokenizer.detokenizer
         eos = set(self.eos_ids)
 
@@ -239,11 +223,9 @@ class Worker:
             return ("text", {"text": detok.last_segment, "tokens": len(tokens), **extra})
 
         produced = 0
-        # The exact path hands its decoder passes to the worker, which batches them across jobs.
-        # Fast mode runs its own passes over a different set of live rows at every step (no
-        # batching across requests): each step is one turn of this job, so the others go on.
-        batched = mode == "exact"
-        events = run(model, request, cache=cache, external_decoder=batched)
+        # Every decoder pass is handed to the worker (one per turn of this job); the engine's
+        # calls say which of them can be batched with other jobs'.
+        events = run(model, request, cache=cache, external_decoder=True)
         logits = None
         try:
             while True:
@@ -252,8 +234,8 @@ class Worker:
                 except StopIteration:
                     break
                 logits = None
-                if isinstance(event, DenoiseCall):
-                    logits = yield ("denoise", event)  # the worker sends back this row's logits
+                if isinstance(event, DecoderCall):
+                    logits = yield ("denoise", event)  # the worker sends back this call's logits
                     continue
                 if isinstance(event, StepEvent):
                     if p.include_drafts:
@@ -262,8 +244,6 @@ class Worker:
                         emitted = streamer.take()
                         if emitted:  # a settled prefix, pinned: it will be committed as it is
                             yield text(emitted, block=event.block, step=event.step)
-                    if not batched:
-                        yield None  # this step was this job's decoder pass: its turn ends
                 elif isinstance(event, BlockEvent):
                     sent = streamer.emitted_in(event.block) if streamer is not None else []
                     if event.tokens[: len(sent)] != sent:  # pins are committed as given: never
@@ -278,7 +258,7 @@ class Worker:
                     tail = detok.last_segment
                     if tail:
                         yield ("text", {"text": tail, "tokens": 0})
-                    encoded = [t for canvas in event.extra["encoded_canvases"] for t in canvas]
+                    encoded = [t for canvas in event.encoded_canvases for t in canvas]
                     self.store.insert(list(ids) + encoded, cache)
                     yield ("done", {
                         "finish_reason": event.finish_reason,
@@ -287,15 +267,17 @@ class Worker:
                         "tokens_per_forward": event.tokens_per_forward,
                         "generation_time": event.generation_time,
                         "generation_tps": event.generation_tps,
-                        "seed": event.extra.get("seed"),
-                        "mode": mode,
+                        "seed": event.seed,
+                        "mode": event.mode,
                     })
         finally:
             events.close()
 
     def _draft(self, event: StepEvent) -> dict[str, Any]:
         ids = event.argmax.tolist()
+        labels = self.labels
         return {"block": event.block, "step": event.step, "max_steps": event.max_steps,
-                "pieces": [self.labels(t) for t in ids], "accepted": [int(a) for a in event.accepted.tolist()],
-                "eos": [int(t in self.labels._eos) for t in ids], "mean_entropy": event.mean_entropy,
+                "pieces": ["" if labels.is_eos(t) else labels(t) for t in ids],
+                "accepted": [int(a) for a in event.accepted.tolist()],
+                "eos": [int(labels.is_eos(t)) for t in ids], "mean_entropy": event.mean_entropy,
                 "pinned": None if event.pinned is None else [int(x) for x in event.pinned.tolist()]}

@@ -8,7 +8,7 @@ Each line is one JSON object in one of two forms:
 - completion: `{"prompt": "...", "completion": "..."}` (one user turn, one reply).
 
 Prompts are rendered with the checkpoint's chat template exactly as generation renders them
-(`generate.render_messages`), so what is trained is what runs. The answer is the tokens the
+(`prompts.render.render_messages`), so what is trained is what runs. The answer is the tokens the
 template writes for the reply, up to and including the turn-end token (Gemma 4's `<turn|>`, one
 of the checkpoint's EOS ids). Sizes are bounded (file, line, examples, tokens) and every bad line
 is reported with its file and line number.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DiffusionGemmaError
-from ..generate import render_messages
+from ..prompts.render import render_messages
 from .objective import Batch, Example, canvas_items, make_batch
 
 SPLITS = ("train", "valid", "test")
@@ -128,10 +128,8 @@ def encode_example(tokenizer, prompt: list[dict[str, str]], answer: str) -> Exam
     prompt_ids = render_messages(tokenizer, prompt)
     answer_ids: list[int] | None = None
     if getattr(tokenizer, "chat_template", None) is not None:
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True)
-        if isinstance(full, dict) or hasattr(full, "input_ids"):
-            full = full["input_ids"]
-        full = [int(i) for i in full]
+        full = render_messages(tokenizer, prompt + [{"role": "assistant", "content": answer}], None,
+                               add_generation_prompt=False)
         if full[: len(prompt_ids)] == prompt_ids and end in full[len(prompt_ids):]:
             rest = full[len(prompt_ids):]
             answer_ids = rest[: rest.index(end) + 1]

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from ..errors import CheckpointError
+from ..checkpoint.adapters import ADAPTER_WEIGHTS, FINE_TUNE_TYPES, lora_parameters
 from . import lora as L
 from .data import DEFAULT_MAX_SEQ_LENGTH, DataError, dataset_items, iterate_batches, load_dataset
 from .loop import TrainReport, evaluate, train
@@ -59,8 +60,8 @@ class FinetuneSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in adapter_config.json
 
     def check(self) -> None:
-        if self.fine_tune_type not in L.FINE_TUNE_TYPES:
-            raise ValueError(f"--fine-tune-type must be one of {', '.join(L.FINE_TUNE_TYPES)}")
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in SCHEDULES:
@@ -135,7 +136,7 @@ class FinetuneRun:
     def prepare(cls, s: FinetuneSettings, *, model=None, tokenizer=None) -> "FinetuneRun":
         """Load (unless given) the model, read the data, set up LoRA or full training, write
         adapter_config.json. Raises DataError / CheckpointError / ValueError on bad input."""
-        from ..loading import load
+        from ..api import load
 
         s.check()
         if model is None:
@@ -148,13 +149,13 @@ class FinetuneRun:
             raise DataError(f"{s.data}: {len(train_items)} training canvases is fewer than --batch-size {s.batch_size}")
         n = s.num_layers if s.num_layers is not None else min(DEFAULT_NUM_LAYERS, len(model.layers))
         n = len(model.layers) if n == -1 else n
-        lora = L.lora_parameters(s.lora_rank, s.lora_scale, s.lora_dropout) if s.fine_tune_type == "lora" else None
+        lora = lora_parameters(s.lora_rank, s.lora_scale, s.lora_dropout) if s.fine_tune_type == "lora" else None
         L.setup_finetune(model, s.fine_tune_type, n, lora)
         if s.resume_adapter_file:
             _resume(model, Path(s.resume_adapter_file).expanduser())
         if s.grad_checkpoint:
             checkpoint_feed_forward(model)
-        # The cheap float32 GELU/tanh (`fastmath`: same functions to float32 rounding) on the CPU
+        # The cheap float32 GELU/tanh (`model.activations`: same functions to float32 rounding) on the CPU
         # backend, where MLX's transcendental kernels dominate a small model's step; not for
         # half-precision activations, where the polynomial would lose accuracy. The experts stay
         # on the gather path (measured no slower than the dense form at the demo's size).
@@ -208,9 +209,9 @@ class FinetuneRun:
 
     def save(self, *, checkpoint: bool = False) -> Path:
         """Write adapters.safetensors (and with `checkpoint` also `{step:07d}_adapters.safetensors`)."""
-        path = L.save_adapters(self.model, self.adapter_dir / L.ADAPTER_WEIGHTS)
+        path = L.save_adapters(self.model, self.adapter_dir / ADAPTER_WEIGHTS)
         if checkpoint:
-            L.save_adapters(self.model, self.adapter_dir / f"{self.step:07d}_{L.ADAPTER_WEIGHTS}")
+            L.save_adapters(self.model, self.adapter_dir / f"{self.step:07d}_{ADAPTER_WEIGHTS}")
         return path
 
 
@@ -226,7 +227,7 @@ def _padding_id(model, tokenizer) -> int:
 
 def _resume(model, path: Path) -> None:
     """Load adapter weights of an earlier run into the freshly wrapped model (same settings)."""
-    from ..loading import check_safetensors
+    from ..checkpoint.safetensors import check_safetensors
 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such adapter file")

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from ..errors import CheckpointError
-from ..model import ExpertLinear
+from ..model.layers import ExpertLinear
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
 
@@ -70,7 +70,7 @@ def dequantize_model(model) -> None:
 def quantization_block(model) -> dict[str, Any] | None:
     """A config.json `quantization` block for the model's quantized modules (None if none):
     the most common group size/bits at the top, the others as per-module overrides, in the form
-    `loading._quantize_from_config` reads."""
+    `checkpoint.recipes.quantize_from_config` reads."""
     quantized = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
@@ -88,7 +88,7 @@ def quantization_block(model) -> dict[str, Any] | None:
 
 def save_model(model, source: Path, dst: Path, *, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     """Write `model` as a folder at `dst` (must not exist): weights, config, tokenizer files."""
-    from ..convert import _copy_aux  # the converter's list of small files to carry along
+    from ..convert import copy_aux  # the converter's list of small files to carry along
     from ..convert.writer import ShardWriter
     from mlx_lm.utils import get_total_parameters
 
@@ -110,7 +110,7 @@ def save_model(model, source: Path, dst: Path, *, shard_size: int = DEFAULT_SHAR
             out["quantization"] = block
             out["quantization_config"] = block
         (tmp / "config.json").write_text(json.dumps(out, indent=2) + "\n")
-        _copy_aux(source, tmp)
+        copy_aux(source, tmp)
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +120,7 @@ def save_model(model, source: Path, dst: Path, *, shard_size: int = DEFAULT_SHAR
 def fuse(model_path: str | Path, adapter_path: str | Path, save_path: str | Path, *,
          dequantize: bool = False, offline: bool | None = None) -> dict[str, Any]:
     """Load a model and its adapters, merge them, write the merged folder. Returns a summary."""
-    from ..loading import load
+    from ..api import load
 
     model, _ = load(model_path, adapter_path=adapter_path, offline=offline)
     count = fuse_adapters(model, dequantize=dequantize)

@@ -1,4 +1,4 @@
-"""LoRA and full fine-tuning setup, and adapters in mlx-lm's format, through `mlx_lm.tuner`.
+"""LoRA and full fine-tuning setup, and saving adapters in mlx-lm's format, through `mlx_lm.tuner`.
 
 `mlx_lm.tuner.utils.linear_to_lora_layers` walks `model.layers` (our decoder layers, which both
 the encoder and the decoder pass run) and wraps every linear layer of the last `num_layers`:
@@ -7,8 +7,7 @@ attention and dense-MLP projections and the router in `LoRALinear`, the fused ro
 `QuantizedSwitchLinear`), so `LoRASwitchLinear.from_base` takes it as is, quantized or not:
 LoRA on a 4-bit base (QLoRA) is the same call. An adapter folder is what mlx-lm writes and
 reads: `adapter_config.json` (`fine_tune_type`, `num_layers`, `lora_parameters`) and
-`adapters.safetensors` (the trainable parameters), loaded back with
-`mlx_lm.tuner.utils.load_adapters`.
+`adapters.safetensors` (the trainable parameters), loaded back by `checkpoint.adapters`.
 """
 
 from __future__ import annotations
@@ -19,60 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..checkpoint.adapters import (
+    ADAPTER_CONFIG,
+    DEFAULT_LORA,
+    FINE_TUNE_TYPES,
+    check_lora_parameters,
+    check_num_layers,
+    is_quantized,
+)
 from ..errors import CheckpointError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-FINE_TUNE_TYPES = ("lora", "full")
-# mlx-lm's defaults (`mlx_lm.lora.CONFIG_DEFAULTS`).
-DEFAULT_LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
-MAX_RANK = 1024
-MAX_ADAPTER_CONFIG_BYTES = 1 << 20
-
-
-def lora_parameters(rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
-                    keys: list[str] | None = None) -> dict[str, Any]:
-    """The `lora_parameters` block of adapter_config.json (mlx-lm's names)."""
-    params: dict[str, Any] = {"rank": int(rank), "scale": float(scale), "dropout": float(dropout)}
-    if keys is not None:
-        params["keys"] = list(keys)
-    _check_lora_parameters(params, "lora parameters")
-    return params
-
-
-def _check_lora_parameters(params: Any, source: str) -> None:
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{source}: 'lora_parameters' must be an object")
-    rank = params.get("rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
-        raise CheckpointError(f"{source}: LoRA rank must be an integer in 1..{MAX_RANK}, got {rank!r}")
-    if not isinstance(params.get("scale"), (int, float)) or isinstance(params.get("scale"), bool):
-        raise CheckpointError(f"{source}: LoRA 'scale' must be a number")
-    dropout = params.get("dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise CheckpointError(f"{source}: LoRA 'dropout' must be in [0, 1), got {dropout!r}")
-    keys = params.get("keys")
-    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
-        raise CheckpointError(f"{source}: LoRA 'keys' must be a list of module names")
-
-
-def _check_num_layers(model, num_layers: Any, source: str) -> int:
-    total = len(model.layers)
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-        raise CheckpointError(f"{source}: num_layers must be an integer, got {num_layers!r}")
-    if num_layers == -1:
-        return total
-    if not 1 <= num_layers <= total:
-        raise CheckpointError(f"{source}: num_layers {num_layers} is not in 1..{total} "
-                              f"(the model has {total} layers; -1 means all)")
-    return num_layers
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return any(name.endswith(".scales") or name == "scales" for name, _ in tree_flatten(module.parameters()))
 
 
 def setup_finetune(model, fine_tune_type: str, num_layers: int, lora: dict[str, Any] | None = None) -> None:
@@ -84,7 +40,7 @@ def setup_finetune(model, fine_tune_type: str, num_layers: int, lora: dict[str, 
 
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError(f"fine-tune type {fine_tune_type!r} is not one of {', '.join(FINE_TUNE_TYPES)}")
-    n = _check_num_layers(model, num_layers, "--num-layers")
+    n = check_num_layers(model, num_layers, "--num-layers")
     model.freeze()
     if fine_tune_type == "full":
         layers = model.layers[-n:]
@@ -95,7 +51,7 @@ def setup_finetune(model, fine_tune_type: str, num_layers: int, lora: dict[str, 
             layer.unfreeze()
         return
     params = dict(DEFAULT_LORA if lora is None else lora)
-    _check_lora_parameters(params, "lora parameters")
+    check_lora_parameters(params, "lora parameters")
     linear_to_lora_layers(model, n, params)
 
 
@@ -138,51 +94,3 @@ def write_adapter_config(folder: str | Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such adapter folder")
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder?")
-    if path.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: too large for an adapter config")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    kind = config.get("fine_tune_type", "lora")
-    if kind not in FINE_TUNE_TYPES:
-        raise CheckpointError(f"{path}: fine_tune_type {kind!r} is not supported (use {', '.join(FINE_TUNE_TYPES)})")
-    if kind == "lora":
-        _check_lora_parameters(config.get("lora_parameters"), str(path))
-    return config
-
-
-def load_adapters(model, adapter_path: str | Path):
-    """Apply an adapter folder (mlx-lm's format) to a loaded model, in place; returns the model.
-
-    The folder's config is checked first (clear errors for a wrong folder or a model with a
-    different shape), then `mlx_lm.tuner.utils.load_adapters` wraps the layers and loads the
-    weights. The model is left in eval mode (LoRA dropout off)."""
-    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
-
-    from ..loading import check_safetensors
-
-    folder = Path(adapter_path).expanduser()
-    config = read_adapter_config(folder)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    check_safetensors(weights)
-    _check_num_layers(model, config.get("num_layers"), str(folder / ADAPTER_CONFIG))
-    if config.get("fine_tune_type", "lora") == "full" and is_quantized(model):
-        raise CheckpointError(f"{folder}: full fine-tuned weights cannot be loaded into a quantized model")
-    try:
-        mlx_lm_load_adapters(model, str(folder))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder}: adapters do not fit this model: {e}") from None
-    model.eval()
-    return model

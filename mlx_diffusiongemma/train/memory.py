@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import TextArgs
+from ..model.args import TextArgs
 
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
@@ -85,7 +85,7 @@ def finetune_memory(a: TextArgs, *, canvas_length: int, context_length: int, bat
                     act_bytes: int = ACT_BYTES) -> dict[str, Any]:
     """Bytes of one training step's peak, by component (see the module docstring).
     `act_bytes` is 4 for a model trained in float32 (as the demo model is)."""
-    from ..config import ModelArgs
+    from ..model.args import ModelArgs
     from ..convert.plan import projected_size
 
     n = a.num_hidden_layers

@@ -1,7 +1,7 @@
 """The block-diffusion training objective, on the inference passes themselves.
 
 What is trained is what runs: the context (prompt, then the clean earlier canvases of the answer)
-goes through `Model._encode_chunk` into a `PromptCache` exactly as at inference, and the canvas
+goes through `Model.encode_chunk` into a `PromptCache` exactly as at inference, and the canvas
 through `Model.denoise`. The recipe (uniform-state corruption, which the sampler's renoising with
 uniform ids implies):
 
@@ -126,7 +126,7 @@ def make_batch(items: Sequence[CanvasItem], pad_id: int = 0, multiple: int = 8) 
 def encode_context(model, batch: Batch):
     """The encoder pass over the context, one chunk, differentiable (no intermediate eval)."""
     cache = model.make_cache()
-    model._encode_chunk(cache, batch.context, batch.context_valid if batch.padded else None)
+    model.encode_chunk(cache, batch.context, batch.context_valid if batch.padded else None)
     return cache
 
 

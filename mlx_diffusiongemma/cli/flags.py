@@ -1,0 +1,149 @@
+"""The command line's options, each declared once.
+
+The generation knobs' flags are derived from `GenerationOptions` (`diffusion/options.py`): their
+names, help and ranges come from the knobs' declarations, and a flag's value is checked by the
+same `check_knob` the Python API and the server use (a bad value is a usage error, exit 2).
+`generation_flags(...)` adds them to a command, which then receives one checked
+`options: GenerationOptions`. The options every command shares (`--model`, `--offline`, ...)
+are declared below as typed aliases.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from mlx_diffusiongemma.diffusion.options import (
+    GENERATION_KNOBS,
+    FastOptions,
+    GenerationOptions,
+    Knob,
+    KnobError,
+    check_knob,
+)
+
+from .errors import handle_errors
+
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"  # == checkpoint.loading.DEFAULT_MODEL (import-free)
+RECIPES = ("mixed-4bit", "8bit", "bf16")  # == checkpoint.recipes.RECIPES
+
+Model = Annotated[str, typer.Option(
+    "--model", "-m", help="Hub repo id or local folder; 'demo' is a small model trained on toy tasks "
+    "(offline; /help in chat lists prompts), 'demo-random' a tiny random one (noise).")]
+NoLive = Annotated[bool, typer.Option("--no-live", help="No redrawn view of the block being refined.")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
+AdapterPath = Annotated[Optional[str], typer.Option(
+    "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
+Images = Annotated[Optional[list[Path]], typer.Option(
+    "--image", "-i", help="An image file for the prompt (repeatable).")]
+TextOnly = Annotated[bool, typer.Option("--text-only", help="Leave the vision tower out (less memory; no images).")]
+System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def positive(value):
+    """A typer callback: a finite number > 0 (None passes)."""
+    if value is not None and not (value > 0 and value != float("inf")):
+        raise typer.BadParameter(f"{value} is not a finite number > 0")
+    return value
+
+
+def _checked(name: str, spec: Knob) -> Callable[[Any], Any]:
+    def callback(value):
+        try:
+            return check_knob(name, value, spec)
+        except KnobError as e:
+            raise typer.BadParameter(str(e)) from None
+
+    return callback
+
+
+def knob_flag(name: str, default: Any = None) -> inspect.Parameter:
+    """The command-line parameter of the generation knob `name` (see the module docstring)."""
+    spec = GENERATION_KNOBS[name]
+    flag = spec.flag or "--" + name.replace("_", "-")
+    if spec.kind is bool:
+        option = typer.Option(f"{flag}/--no-{flag[2:]}", help=spec.help)
+        annotation = Annotated[bool, option]
+        default = bool(default)
+    else:
+        kind = Optional[int] if spec.kind is int else Optional[float]
+        # A command's own default replaces the knob's "(default: ...)" (typer shows the value).
+        help_text = spec.help if default is None else spec.help.split(" (default")[0].rstrip(".") + "."
+        annotation = Annotated[kind, typer.Option(flag, help=help_text, callback=_checked(name, spec))]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# Fast mode's flags: the path (`--fast/--exact`) and the two techniques whose best setting depends
+# on the model and the machine (the others are switched in Python, `FastOptions`).
+_FAST = FastOptions()
+FAST_FLAGS = [
+    inspect.Parameter("fast", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; see docs/fast-mode.md) "
+                               "or the exact reference sampler.")]),
+    inspect.Parameter("fast_commit_gap", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[float], typer.Option("--fast-commit-gap", min=0, callback=lambda v: v if v is None else _finite(v),
+                                      help="Fast mode: commit a canvas once every live position's top-2 gap of "
+                                           f"logits reaches this (0: off; default {_FAST.commit_gap:g}, tuned on the "
+                                           "demo model: measure it on yours).")]),
+    inspect.Parameter("fast_eos_tail", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[bool], typer.Option("--fast-eos-tail/--no-fast-eos-tail",
+                                     help="Fast mode: freeze a certain end-of-text tail right after the step that "
+                                          "predicts it (default on).")]),
+]
+
+
+def _finite(value: float) -> float:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None) -> FastOptions | None:
+    """The FastOptions the fast-mode flags ask for (None: the exact path); the technique flags
+    need `--fast`."""
+    if not fast:
+        if commit_gap is not None or eos_tail is not None:
+            raise ValueError("--fast-commit-gap and --fast-eos-tail apply to fast mode: add --fast")
+        return None
+    options = FastOptions()
+    if commit_gap is not None:
+        options = replace(options, commit_gap=commit_gap or None)
+    if eos_tail is False:
+        options = replace(options, eos_tail_gap=None)
+    return options
+
+
+def generation_flags(*names: str, fast: bool = False, **defaults: Any):
+    """Give a command the flags of the generation knobs `names` (and, with `fast`, fast mode's);
+    the command is called with `options=GenerationOptions(...)` built from them, checked (a pair
+    that does not go together, such as t_max <= t_min, is an `error:` line and exit 1).
+    `defaults` are the command's own defaults for some knobs (`max_tokens=1024`)."""
+    sampler_keys = set(GenerationOptions.__dataclass_fields__["sampler"].default.__dataclass_fields__)
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "options"]
+        added = [knob_flag(n, defaults.get(n)) for n in names] + (FAST_FLAGS if fast else [])
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            knobs = {n: kwargs.pop(n) for n in names}
+            path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else [False, None, None]
+            with handle_errors(kwargs.get("debug", False)):
+                sampler = {k: knobs.pop(k) for k in list(knobs) if k in sampler_keys and knobs[k] is not None}
+                options = GenerationOptions.from_kwargs(**{k: v for k, v in knobs.items() if v is not None},
+                                                        **sampler, fast=fast_options(*path))
+            return command(options=options, **kwargs)
+
+        parameters = own + added
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate

@@ -1,0 +1,218 @@
+"""The block loop: one canvas denoised until the stop fires or the step cap, whatever the denoiser.
+
+`denoise_block` is the reference's denoising loop (`DiffusionGemmaGenerationMixin.generate`, one
+block) written once: the initial canvas, the temperature schedule, the noise, the stop test, the
+hooks and pins, the NaN check, the host synchronisations and the events. A *denoiser* says how a
+step's decoder pass and sampler math are computed:
+
+- `exact.ExactDenoiser`: the reference's, over the whole canvas; its passes can be batched with
+  other requests' (the server does).
+- `fast.FastDenoiser`: only the canvas rows that are still changing (docs/fast-mode.md); its
+  settle rule is a step hook, run before the request's own.
+
+A denoiser's `begin(block, state)` returns the block's run, which gives `call(canvas, state)` (the
+decoder pass the next step needs, or None when every position is settled) and `sample(...)` (the
+step, as canvas-wide arrays). Every step's math goes through `sampler.step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generator, NamedTuple, Protocol, Sequence
+
+import mlx.core as mx
+
+from ..errors import NumericalError
+from ..model.cache import CanvasKV, PromptCache
+from . import sampler
+from .canvas import CanvasState, StepHook, StepView, initial_canvas, live_state, state_for
+from .events import StepEvent
+from .options import SamplerOptions
+
+
+@dataclass(eq=False)
+class DenoiseCall:
+    """A decoder pass over a whole canvas: `model.denoise(canvas, cache, self_conditioning, ...)`.
+    Such passes of several requests can run as one batched pass (`run_calls`)."""
+
+    canvas: mx.array  # [1, C]
+    cache: PromptCache
+    self_conditioning: mx.array | None
+    top_k: int | None
+    batchable = True
+
+    def run(self, model) -> mx.array:
+        return model.denoise(self.canvas, self.cache, self.self_conditioning, self_conditioning_top_k=self.top_k)
+
+    def finite(self, logits: mx.array) -> mx.array:
+        return mx.isfinite(logits).all()
+
+
+@dataclass(eq=False)
+class RowsCall:
+    """A decoder pass over some canvas rows (fast mode): `model.denoise_rows(...)`. The rows after
+    the first `live` are padding (shape buckets). Runs on its own."""
+
+    canvas: mx.array  # [1, C]
+    rows: mx.array  # [L] int32; C marks a padding row
+    cache: PromptCache
+    canvas_kv: CanvasKV
+    soft: mx.array | None
+    live: int
+    batchable = False
+
+    def run(self, model) -> mx.array:
+        return model.denoise_rows(self.canvas, self.rows, self.cache, self.canvas_kv, self.soft)
+
+    def finite(self, logits: mx.array) -> mx.array:
+        return mx.isfinite(logits[:, : self.live]).all()
+
+
+DecoderCall = DenoiseCall | RowsCall
+
+
+def run_calls(model, calls: Sequence[DecoderCall]) -> list[mx.array]:
+    """Logits `[1, C or L, V]` for each call: the batchable ones together in one decoder pass
+    (`Model.denoise_batch`), the others one by one."""
+    out: list[mx.array | None] = [None] * len(calls)
+    batch = [i for i, c in enumerate(calls) if c.batchable]
+    if batch:
+        logits = model.denoise_batch([calls[i].canvas for i in batch], [calls[i].cache for i in batch],
+                                     [calls[i].self_conditioning for i in batch], [calls[i].top_k for i in batch])
+        for r, i in enumerate(batch):
+            out[i] = logits[r : r + 1]
+    for i, call in enumerate(calls):
+        if out[i] is None:
+            out[i] = call.run(model)
+    return out
+
+
+class StepOutput(NamedTuple):
+    """One step of a block, canvas-wide (`[1, C]` arrays), as a denoiser computed it."""
+
+    canvas: mx.array  # the next decoder input
+    argmax: mx.array  # the draft
+    accepted: mx.array  # bool
+    token_entropy: mx.array  # 0 at pinned positions and at rows not computed
+    counted: mx.array | None  # positions the stop test's mean counts (None: all, the reference's)
+    processed_logits: mx.array | None = None  # [C, V], for hooks (the exact path)
+    gap: mx.array | None = None  # [C] top-2 gap (fast mode; inf where not computed)
+    early_stop: mx.array | None = None  # [] bool: commit now (fast mode's early commit)
+
+
+class BlockRun(Protocol):
+    """A denoiser's state for one block (see the module docstring)."""
+
+    hooks: tuple[StepHook, ...]  # run after every step, before the request's hooks
+    defers_sync: bool  # may read the stop decision every k steps (`stop_check_interval`)
+    live_rows: list[int] | None  # rows computed per step (None: always the whole canvas)
+    padded_rows: list[int] | None
+
+    def call(self, canvas: mx.array, state: CanvasState | None) -> DecoderCall | None: ...
+
+    def sample(self, logits: mx.array, call: DecoderCall, canvas: mx.array, argmax: mx.array, t: mx.array,
+               u: mx.array, noise_ids: mx.array, state: CanvasState | None, entropy_bound: float) -> StepOutput: ...
+
+    def advance(self, stopped: mx.array, deferred: bool) -> None: ...
+
+    def arrays(self) -> list[mx.array]: ...
+
+
+class Denoiser(Protocol):
+    needs_state: bool  # runs with a CanvasState even for a request without one
+
+    def begin(self, block: int, state: CanvasState | None) -> BlockRun: ...
+
+
+class BlockOutcome(NamedTuple):
+    argmax: mx.array  # [1, C] the canvas to commit
+    steps: int
+    converged: bool
+    syncs: int
+    live_rows: list[int] | None = None
+    padded_rows: list[int] | None = None
+
+
+def denoise_block(model, block: int, opts: SamplerOptions, request, noise, denoiser: Denoiser,
+                  external_decoder: bool = False) -> Generator[StepEvent | DecoderCall, Any, BlockOutcome]:
+    """Denoise one canvas until the stop fires or the step cap; yields a StepEvent per step (and,
+    with `external_decoder`, each decoder pass as a call whose logits the caller sends back).
+
+    Without a canvas state and hooks this is the reference loop; with them, pinned positions
+    follow canvas.py's rules. The stop decision is read from the device every
+    `request.stop_check_interval` steps when the denoiser allows it; steps computed past a stop
+    are computed with the block frozen on the device and discarded."""
+    c, vocab, n = model.canvas_length, model.vocab_size, opts.max_denoising_steps
+    state = state_for(request.canvases, block)
+    if state is None and (request.hooks or denoiser.needs_state):
+        state = live_state(c)
+    canvas = initial_canvas(state, noise.canvas(block, 1, c, vocab))
+    run = denoiser.begin(block, state)
+    hooks = tuple(run.hooks) + tuple(request.hooks)
+    interval = request.stop_check_interval if run.defers_sync else 1
+    history = sampler.init_history(opts.stability_threshold, 1, c)
+    argmax = canvas
+    stopped = mx.zeros((1,), dtype=mx.bool_)
+    steps = syncs = 0
+    finite: mx.array | None = None
+    pending: list[tuple] = []
+    for index, cur_step in enumerate(range(n, 0, -1), start=1):
+        call = run.call(canvas, state)
+        if call is None:  # every position has settled: the canvas is final
+            return BlockOutcome(argmax, index - 1, True, syncs, run.live_rows, run.padded_rows)
+        logits = (yield call) if external_decoder else call.run(model)
+        if index == 1:
+            # NaN/inf weights (or an overflow) make every distribution NaN and the reply all <pad>:
+            # check the first step's logits. The flag rides along with the step's outputs to the
+            # block's first sync, so no synchronisation is added and no value changes.
+            finite = call.finite(logits)
+        t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
+        u, r = noise.step(block, index, 1, c, vocab)
+        out = run.sample(logits, call, canvas, argmax, t, u, r, state, opts.entropy_bound)
+        stop, new_history = sampler.stop_check(history, out.argmax, out.token_entropy, opts.confidence_threshold,
+                                               out.counted)
+        mean_entropy = sampler.mean_entropy(out.token_entropy, out.counted)[0]
+        next_canvas, next_argmax = out.canvas, out.argmax
+        ran_with = None if state is None else state.pinned  # the pins this step ran with, for its event
+        if hooks:
+            for hook in hooks:
+                view = StepView(block, index, n, state, out.argmax[0], out.canvas[0], out.accepted[0],
+                                out.token_entropy[0], (stopped | stop)[0], out.processed_logits, out.gap, canvas[0])
+                replaced = hook(view)
+                if replaced is not None:
+                    state = replaced
+            # Pins take effect at once: in the next decoder input and in the draft.
+            next_canvas = mx.where(state.pinned[None], state.ids[None], next_canvas)
+            next_argmax = mx.where(state.pinned[None], state.ids[None], next_argmax)
+        deferred = interval > 1
+        run.advance(stopped, deferred)
+        if deferred:  # freeze on the device once the block has stopped (no host round trip)
+            argmax = mx.where(stopped[:, None], argmax, next_argmax)
+            canvas = mx.where(stopped[:, None], canvas, next_canvas)
+            history = mx.where(stopped[None, :, None], history, new_history)
+        else:
+            argmax, canvas, history = next_argmax, next_canvas, new_history
+        stopped = stopped | stop
+        pending.append((next_canvas, next_argmax, out.accepted, mean_entropy, stop, out.early_stop, ran_with))
+        if len(pending) < interval and cur_step > 1:
+            continue
+        state_arrays = [] if state is None else [state.pinned, state.ids, state.frozen]
+        mx.eval([x for p in pending for x in p if x is not None], argmax, canvas, history, run.arrays(),
+                state_arrays, *([finite] if finite is not None else []))  # the one sync
+        syncs += 1
+        if finite is not None:
+            if not finite.item():
+                raise NumericalError(
+                    f"the model produced non-finite logits (NaN or inf) at the first denoising step of "
+                    f"block {block + 1}: the checkpoint's weights hold NaN/inf values or overflow in "
+                    f"{str(model.embed_dtype).rsplit('.', 1)[-1]}; check or re-download the weights"
+                )
+            finite = None
+        for next_c, step_argmax, accepted, mean_e, step_stop, early, pinned in pending:
+            steps += 1
+            yield StepEvent(block, steps, n, next_c[0], step_argmax[0], accepted[0], mean_e.item(), pinned=pinned,
+                            live_rows=run.live_rows[steps - 1] if run.live_rows is not None else None)
+            if step_stop.item() or (early is not None and early.item()):
+                return BlockOutcome(argmax, steps, True, syncs, run.live_rows, run.padded_rows)
+        pending = []
+    return BlockOutcome(argmax, steps, False, syncs, run.live_rows, run.padded_rows)

@@ -1,0 +1,232 @@
+"""Fast mode: fewer decoder FLOPs per committed token, each technique switchable.
+
+The exact denoiser (`exact.py`) runs the reference sampler over the whole canvas at every step.
+The fast denoiser runs the same block loop (`block.py`), the same entropy-bound step
+(`sampler.step`) and the same noise stream, with the techniques `FastOptions` switches on:
+
+- `freeze`: a position whose token has settled (its input token equals the argmax, and the
+  argmax did not change since the previous step) is frozen: its token is final, it counts as
+  accepted with entropy 0 (the canvas state FROZEN, see canvas.py) and the decoder no
+  longer recomputes it. Only the live rows run through the decoder (`Model.denoise_rows`),
+  attending to the frozen rows' per-layer K/V kept from their last computation (dKV-Cache /
+  Fast-dLLM's approximation) and to the prompt cache, read in place.
+- `eos_stop`: once an end-of-sequence token has settled at position e, positions after e are
+  dropped (what the commit would cut anyway): no longer computed and out of the stop test. A
+  canvas whose positions up to e are all frozen is finished.
+- `top_k`: the sampler's math on the top-k processed logits of each row (`topk.py`: exact
+  two-stage top-k, then the argmax, gap, draw, entropy and self-conditioning from k values).
+  None: full-vocabulary math.
+- `bucket`: the live-row count is padded up to a bucket (multiples of 8 to 64, then of 32),
+  so the decoder and the compiled sampler see a handful of shapes instead of one per count
+  (MLX compiles and plans kernels per shape). Padding rows compute on a dummy slot.
+- `eos_tail_gap`: an end-of-sequence tail frozen at first sight: when every position from some
+  position p to the end of the canvas has an end token as its argmax with a top-2 gap of at least
+  this (or is already frozen or pinned there), those positions are frozen at once, at whatever
+  step that happens, usually the first. `eos_stop` waits for the EOS to settle, which takes a
+  second full-canvas step; on a trained model most of a short answer's canvas is such a tail at
+  the first step. Their K/V stay those of the pass that predicted them (computed from their
+  noisy input tokens): the same staleness as a frozen row, one step earlier. None: off.
+- `commit_gap`: Prophet-style early commit: when every live row's top-2 gap of processed
+  logits is at least this, the canvas is committed now; with `freeze`, a single row whose
+  gap reaches it (and whose input already holds its argmax) is frozen without waiting for
+  the argmax to repeat. Default 1.5, chosen on a tuning draw of held-out prompts (not the
+  evaluation set): the smallest gap tried (1, 1.5, 2, 3) whose per-family counts stay within
+  one prompt of the larger gaps' (gap 1 lost 3 sudoku prompts of 40; docs/performance.md).
+  None: off.
+- `stop_mean_over_canvas`: the stop test's mean entropy divides by every position the request did
+  not pin, frozen ones counting as certain (entropy 0), as a settled row adds ~0 to the
+  reference's whole-canvas mean. Off: it divides by the rows computed at the step, so once a tail
+  is frozen the few answer rows alone must get below the threshold.
+
+The freezing rules (`freeze`, `eos_stop`, `eos_tail_gap`, and `commit_gap`'s single rows) are a
+step hook, `SettleRule`, run before the request's own hooks. The stop test is the reference's
+(argmax canvas stable over `stability_threshold` steps and mean entropy below
+`confidence_threshold`), the mean as `stop_mean_over_canvas` says. With every technique off the
+fast denoiser computes every row at every step and gives the exact path's tokens (a test checks it).
+"""
+
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..model.cache import PromptCache
+from . import canvas as canvas_state
+from . import sampler
+from .block import RowsCall, StepOutput
+from .canvas import CanvasState, StepView
+from .options import FastOptions
+
+
+def bucket_rows(n: int, canvas_length: int) -> int:
+    """The padded row count for `n` live rows: a multiple of 8 up to 64, then of 32, capped at
+    the canvas length (so a canvas of 256 has 14 shapes at most)."""
+    step = 8 if n <= 64 else 32
+    return min(canvas_length, -(-n // step) * step) if n else 0
+
+
+class SettleRule:
+    """Fast mode's freezing rule, a step hook of one block (canvas.py): after a step, the
+    positions whose decoder input already held the argmax token and whose argmax did not change
+    since the previous step are settled (with `commit_gap`, also those whose input held the argmax
+    and whose top-2 gap reaches it). `freeze` freezes them; `eos_stop` freezes a settled EOS and
+    every position after it (the commit cuts there, so they need no more work); `eos_tail_gap`
+    freezes a tail of certain end tokens that reaches the canvas's end, without waiting for it
+    to settle."""
+
+    def __init__(self, fast: FastOptions, eos_ids: tuple[int, ...], stop_at_eos: bool):
+        self.fast = fast
+        self.eos = mx.array(list(eos_ids) or [-1], dtype=mx.int32)
+        self.eos_stop = fast.eos_stop and stop_at_eos
+        self.tail_gap = fast.eos_tail_gap if stop_at_eos else None
+        self._previous: mx.array | None = None  # the last step's draft
+
+    def _is_eos(self, argmax: mx.array) -> mx.array:
+        return mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
+
+    def __call__(self, view: StepView) -> CanvasState:
+        # The previous step's draft as the block loop left it: forced to the pins of the state
+        # this step ran with (pins take effect at once).
+        state = view.state
+        if self._previous is None:
+            previous = mx.full(view.argmax.shape, -1, dtype=mx.int32)
+        else:
+            previous = mx.where(state.pinned, state.ids, self._previous)
+        self._previous = view.argmax
+        return self.settle(state, view.step_input, view.argmax, previous, view.gap)
+
+    def settle(self, state: CanvasState, step_input: mx.array, argmax: mx.array, previous: mx.array,
+               gap: mx.array) -> CanvasState:
+        """All arrays `[C]`; `gap` is +inf at rows not computed this step (they cannot settle by gap)."""
+        same = (step_input == argmax) & ~state.pinned
+        settled = same & (argmax == previous)
+        if self.fast.commit_gap is not None:
+            settled = settled | (same & (gap >= self.fast.commit_gap) & mx.isfinite(gap))
+        freeze_now = settled if self.fast.freeze else mx.zeros_like(settled)
+        if self.eos_stop:
+            final = settled | state.pinned  # final tokens: frozen or given
+            is_eos = self._is_eos(argmax) & final
+            after = mx.cumsum(is_eos.astype(mx.int32)) > 0  # the first final EOS and everything after it
+            freeze_now = freeze_now | (after & ~state.pinned)
+        if self.tail_gap is not None:
+            is_eos = self._is_eos(argmax)
+            certain = (gap >= self.tail_gap) & mx.isfinite(gap)
+            sure = is_eos & (certain | state.frozen | state.pinned)
+            # Every position from here to the canvas's end is a sure end token: a suffix test, so
+            # a confident EOS followed by anything else (a template's pinned text, an uncertain
+            # row) freezes nothing.
+            tail = mx.cumprod(sure.astype(mx.int32), reverse=True) > 0
+            freeze_now = freeze_now | (tail & ~state.pinned)
+        return canvas_state.freeze(state, freeze_now, argmax)
+
+    def commit_gap_min(self, state: CanvasState, argmax: mx.array, gap: mx.array) -> mx.array:
+        """The smallest top-2 gap the early commit looks at: over the positions that are not
+        pinned, and (with `eos_stop`) only up to the first EOS that is itself certain (a gap of
+        at least `commit_gap`, or pinned): what comes after it is cut by the commit anyway."""
+        considered = ~state.pinned
+        if self.eos_stop and self.fast.commit_gap is not None:
+            is_eos = self._is_eos(argmax)
+            certain = is_eos & ((gap >= self.fast.commit_gap) | state.pinned)
+            after = (mx.cumsum(certain.astype(mx.int32)) - certain.astype(mx.int32)) > 0  # strictly after it
+            considered = considered & ~after
+        return mx.where(considered, gap, mx.inf).min()
+
+
+class FastDenoiser:
+    """Fast mode's denoiser (see the module docstring): every block runs with a `CanvasState`;
+    the rows that are not FROZEN run through the decoder (`Model.denoise_rows`), pinned-but-not-
+    frozen rows are computed and forced to their token, as on the exact path."""
+
+    needs_state = True
+
+    def __init__(self, model, cache: PromptCache, options: FastOptions, eos_ids: tuple[int, ...], stop_at_eos: bool):
+        self.model = model
+        self.cache = cache
+        self.options = options
+        self.eos_ids = eos_ids
+        self.stop_at_eos = stop_at_eos
+
+    def begin(self, block: int, state: CanvasState | None) -> "_FastBlock":
+        return _FastBlock(self, SettleRule(self.options, self.eos_ids, self.stop_at_eos))
+
+
+class _FastBlock:
+    defers_sync = False  # the live rows are read from the host at every step
+
+    def __init__(self, denoiser: FastDenoiser, rule: SettleRule):
+        self.d = denoiser
+        self.rule = rule
+        self.hooks = (rule,)
+        self.c = denoiser.model.canvas_length
+        self.kv = denoiser.model.make_canvas_kv()
+        self.soft: mx.array | None = None  # [1, C + 1, D] self-conditioning embedding of every row's last step
+        self.live_rows: list[int] = []
+        self.padded_rows: list[int] = []
+        self._rows: list[int] = []
+
+    def _pad(self, a: mx.array) -> mx.array:
+        """`a` with slot C appended (a copy of position 0): where padding rows read."""
+        return mx.concatenate([a, a[..., :1]], axis=-1)
+
+    def call(self, canvas: mx.array, state: CanvasState) -> RowsCall | None:
+        c = self.c
+        frozen = state.frozen.tolist()
+        live = [i for i in range(c) if not frozen[i]]
+        if not live:
+            return None
+        width = bucket_rows(len(live), c) if self.d.options.bucket else len(live)
+        self._rows = live + [c] * (width - len(live))
+        rows = mx.array(self._rows, dtype=mx.int32)
+        soft = None if self.soft is None else self.soft[:, rows]
+        return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(live))
+
+    def sample(self, logits, call: RowsCall, canvas, argmax, t, u, noise_ids, state: CanvasState,
+               entropy_bound) -> StepOutput:
+        c, rows, fast, model = self.c, call.rows, self.d.options, self.d.model
+        pad = self._pad
+        valid = mx.array([[r < c for r in self._rows]])
+        allowed = None
+        if state.allowed is not None:
+            allowed = mx.concatenate([state.allowed, state.allowed[:1]], axis=0)[rows][None]
+        res = sampler.compiled_step(logits, pad(canvas)[:, rows], t, pad(u)[:, rows], pad(noise_ids)[:, rows],
+                                    entropy_bound, pinned=pad(state.pinned)[rows][None],
+                                    ids=pad(state.ids)[rows][None], valid=valid, allowed=allowed, top_k=fast.top_k,
+                                    with_gap=True)
+
+        def scatter(full, part, fill=None):
+            base = pad(full if fill is None else mx.full(full.shape, fill, dtype=part.dtype))
+            return mx.put_along_axis(base, rows[None], part.astype(base.dtype), axis=-1)[..., :c]
+
+        frozen = state.frozen[None]
+        next_canvas = mx.where(frozen, canvas, scatter(canvas, res.next_canvas))
+        next_argmax = mx.where(frozen, argmax, scatter(argmax, res.argmax))
+        accepted = state.pinned[None] | scatter(argmax, res.accepted, False)
+        entropy = scatter(argmax, res.token_entropy, 0.0).astype(mx.float32) * (~state.pinned[None])
+        gap = scatter(argmax, res.gap, float("inf")).astype(mx.float32)
+        # Self-conditioning for the next step, per row (a row's embedding depends on its row only).
+        if fast.top_k is None:  # cast first, as the exact path (and the reference) do
+            soft_rows = model.soft_embeddings(res.processed_logits.astype(model.embed_dtype))
+        else:
+            soft_rows = model.soft_embeddings_top_k(res.top_k_ids, res.processed_logits)
+        if self.soft is None:
+            self.soft = mx.zeros((1, c + 1, soft_rows.shape[-1]), dtype=soft_rows.dtype)
+        index = mx.broadcast_to(rows[None, :, None], soft_rows.shape)
+        self.soft = mx.put_along_axis(self.soft, index, soft_rows, axis=1)
+        # The stop test's mean: over every position the request did not pin (frozen ones count
+        # as certain, entropy 0: canvas.py's convention), or over the rows computed at this step.
+        if fast.stop_mean_over_canvas:
+            counted = ~(state.pinned & ~state.frozen)[None]
+        else:
+            counted = scatter(argmax, valid & ~pad(state.pinned)[rows][None], False)
+        early = None
+        if fast.commit_gap is not None:
+            early = self.rule.commit_gap_min(state, next_argmax[0], gap[0]) >= fast.commit_gap
+        self.live_rows.append(call.live)
+        self.padded_rows.append(len(self._rows))
+        return StepOutput(next_canvas, next_argmax, accepted, entropy, counted, gap=gap[0], early_stop=early)
+
+    def advance(self, stopped: mx.array, deferred: bool) -> None:
+        pass  # the self-conditioning buffer was updated by `sample`
+
+    def arrays(self) -> list[mx.array]:
+        return ([] if self.soft is None else [self.soft]) + self.kv.state()
