@@ -145,25 +145,22 @@ def _check_temperatures(t_min: float, t_max: float) -> None:
 
 @dataclass(frozen=True)
 class FastOptions:
-    """Which fast-mode techniques are on (`diffusion/fast.py`); `FastOptions()` is the full fast
-    mode, `FastOptions.none()` the fast loop computing the exact path."""
+    """Which fast-mode techniques are on (`diffusion/fast.py`, docs/fast-mode.md); `FastOptions()`
+    is the full fast mode, `FastOptions.none()` the fast loop computing the exact path."""
 
-    freeze: bool = True
-    eos_stop: bool = True
-    top_k: int | None = 64
-    bucket: bool = True
-    commit_gap: float | None = 1.5
-    eos_tail_gap: float | None = 8.0
-    stop_mean_over_canvas: bool = True
+    freeze: bool = knob(True, bool, "Freeze settled positions: the decoder computes live rows only.")
+    eos_stop: bool = knob(True, bool, "Drop the positions after a settled end token.")
+    top_k: int | None = knob(64, int, "Sampler math on the top-k processed logits (None: the whole vocabulary).",
+                             low=1, high=MAX_TOP_K)
+    bucket: bool = knob(True, bool, "Pad the live rows to a few shapes (fewer compilations).")
+    commit_gap: float | None = knob(1.5, float, "Commit a canvas once every live row's top-2 gap reaches this "
+                                    "(None: off).", above=0)
+    eos_tail_gap: float | None = knob(8.0, float, "Freeze a certain end-of-text tail at first sight (None: off).",
+                                      above=0)
+    stop_mean_over_canvas: bool = knob(True, bool, "The stop test's mean counts frozen positions as certain.")
 
     def __post_init__(self):
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not 1 <= self.top_k <= MAX_TOP_K):
-            raise KnobError("top_k", f"fast top_k must be between 1 and {MAX_TOP_K} (or None for the whole vocabulary)")
-        for name in ("commit_gap", "eos_tail_gap"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not (value > 0 and math.isfinite(value))):
-                raise KnobError(name, f"{name} must be a positive number (or None)")
+        _check_fields(self)
 
     @classmethod
     def none(cls) -> "FastOptions":
