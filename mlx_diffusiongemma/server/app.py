@@ -231,12 +231,17 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         yield "data: [DONE]\n\n"
 
     # -- routes --------------------------------------------------------------------------------------
-    async def chat_completions(request: Request) -> Response:
+    async def accept(request: Request, kind: str) -> tuple[dict[str, Any], P.Params]:
+        """An authorised request's body and its common parameters, for the served model."""
         check_auth(request)
         body = await read_body(request)
-        params = P.parse_common(body, "chat", default_max_tokens=config.default_max_tokens,
+        params = P.parse_common(body, kind, default_max_tokens=config.default_max_tokens,
                                 max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
         check_model(params)
+        return body, params
+
+    async def chat_completions(request: Request) -> Response:
+        body, params = await accept(request, "chat")
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
         params.has_tools = tools is not None
@@ -245,11 +250,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         return await generate(request, params)
 
     async def completions(request: Request) -> Response:
-        check_auth(request)
-        body = await read_body(request)
-        params = P.parse_common(body, "completion", default_max_tokens=config.default_max_tokens,
-                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
-        check_model(params)
+        body, params = await accept(request, "completion")
         params.prompt_ids = P.completion_prompt(body, tokenizer)
         return await generate(request, params)
 
