@@ -27,17 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from docs_block import write_block  # noqa: E402  (scripts/, the running script's folder)
-from mlx_diffusiongemma import fill_json, generate, infill, load, score, sudoku  # noqa: E402
+from mlx_diffusiongemma import fill_json, generate, infill, load, score  # noqa: E402
+from mlx_diffusiongemma.demo import tasks as demo_tasks  # noqa: E402
+from mlx_diffusiongemma.editing import sudoku  # noqa: E402
 
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Madrid", "Quito", "Dublin",
           "Seoul", "Delhi", "Lagos", "Vienna", "Prague", "Austin")
 
 
 def held_out(family: str, n: int) -> list[tuple[str, str]]:
-    try:
-        from mlx_diffusiongemma import demo_tasks
-    except ImportError:
-        sys.exit("mlx_diffusiongemma.demo_tasks is missing: this needs the trained demo model's task suite")
     return demo_tasks.held_out_set(family, n)
 
 
