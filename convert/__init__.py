@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from mlx_diffusiongemma.checkpoint import recipes as W
+from mlx_diffusiongemma.checkpoint import recipes
 from mlx_diffusiongemma.checkpoint.files import read_json
 from mlx_diffusiongemma.checkpoint.loading import resolve
 from mlx_diffusiongemma.checkpoint.safetensors import (
@@ -73,7 +73,7 @@ __all__ = [
     "projected_size",
 ]
 
-RECIPES = W.RECIPES
+RECIPES = recipes.RECIPES
 DEFAULT_SHARD_SIZE = 5 * 2**30
 
 ProgressCallback = Callable[[int, int, int, int], Any]
@@ -133,7 +133,7 @@ def convert(
     src: str | Path,
     dst: str | Path,
     *,
-    recipe: str = W.DEFAULT_RECIPE,
+    recipe: str = recipes.DEFAULT_RECIPE,
     force: bool = False,
     shard_size_bytes: int = DEFAULT_SHARD_SIZE,
     progress: ProgressCallback | None = None,
@@ -147,8 +147,8 @@ def convert(
     the destination; nothing is left at `dst` (or next to it) by a failed or interrupted run.
     `text_only` leaves the vision tower out (a smaller folder that cannot read images).
     """
-    if recipe not in W.RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(W.RECIPES)}")
+    if recipe not in recipes.RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
     if int(shard_size_bytes) <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
-from mlx_diffusiongemma.checkpoint import recipes as W
+from mlx_diffusiongemma.checkpoint import recipes
 from mlx_diffusiongemma.model.args import ModelArgs, parse_model_args
 from mlx_diffusiongemma.model.model import Model
 
@@ -67,14 +67,14 @@ def _as_args(config: ModelArgs | dict[str, Any]) -> ModelArgs:
 class Plan:
     """Per-parameter storage decisions for one config and recipe."""
 
-    def __init__(self, args: ModelArgs | dict[str, Any], recipe: str = W.DEFAULT_RECIPE):
-        if recipe not in W.RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(W.RECIPES)}")
+    def __init__(self, args: ModelArgs | dict[str, Any], recipe: str = recipes.DEFAULT_RECIPE):
+        if recipe not in recipes.RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
         self.args = _as_args(args)
         self.recipe = recipe
         model = Model(self.args)  # lazy: nothing is allocated until evaluated
         modules = dict(model.named_modules())
-        predicate = W.quant_predicate(recipe, W.GROUP_SIZE)
+        predicate = recipes.quant_predicate(recipe, recipes.GROUP_SIZE)
         self.tensors: dict[str, TensorPlan] = {}
         for name, value in tree_flatten(model.parameters()):
             module = modules.get(name[: -len(".weight")]) if name.endswith(".weight") else None
@@ -96,13 +96,13 @@ class Plan:
         if self.recipe not in _DEFAULT_BITS:
             return None
         default_bits = _DEFAULT_BITS[self.recipe]
-        config: dict[str, Any] = {"group_size": W.GROUP_SIZE, "bits": default_bits, "mode": MODE}
+        config: dict[str, Any] = {"group_size": recipes.GROUP_SIZE, "bits": default_bits, "mode": MODE}
         for t in self.tensors.values():
             if not t.matrix:
                 continue
             if t.quant is None:
                 config[t.module] = False
-            elif t.quant != {"group_size": W.GROUP_SIZE, "bits": default_bits}:
+            elif t.quant != {"group_size": recipes.GROUP_SIZE, "bits": default_bits}:
                 config[t.module] = dict(t.quant)
         return config
 
@@ -134,7 +134,7 @@ class SizeEstimate:
     bits_per_weight: float = 0.0
 
 
-def projected_size(args: ModelArgs | dict[str, Any], recipe: str = W.DEFAULT_RECIPE) -> SizeEstimate:
+def projected_size(args: ModelArgs | dict[str, Any], recipe: str = recipes.DEFAULT_RECIPE) -> SizeEstimate:
     """Bytes and bits per weight a conversion of this config would write, without any weights.
 
     `args` is a parsed `ModelArgs` or a config.json dict. Counts the text model's parameters

@@ -1,6 +1,6 @@
 """Building blocks of the trained demo model: its tokenizer, config and generation settings.
 
-The demo model ships with the package (`mlx_diffusiongemma/demo_model/`); `scripts/train_demo.py`
+The demo model ships with the package (`mlx_diffusiongemma/demo/model/`); `scripts/train_demo.py`
 builds it from scratch with these pieces and the package's own trainer. The tokenizer is a small
 BPE in the style of Gemma's (spaces as "▁", decoded by mlx-lm's SentencePiece streaming
 detokenizer), trained on the task suite so that numbers and task words are single tokens, with the
