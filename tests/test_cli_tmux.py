@@ -19,7 +19,7 @@ import pytest
 TMUX = shutil.which("tmux")
 DGEMMA = Path(sys.executable).parent / "dgemma"
 STATUS = re.compile(r"block (\d+) · step (\d+)/(\d+) · accepted \d+/\d+")
-STATS = re.compile(r"\d+ tokens · [\d.]+ tok/s · [\d.]+ steps/block · [\d.]+ tokens/forward")
+STATS = re.compile(r"\d+ tokens? · [\d.]+ tok/s · [\d.]+ steps/block · [\d.]+ tokens/forward")
 PROMPT = ">>>"
 
 
