@@ -19,28 +19,12 @@ from ..errors import CheckpointError
 from .safetensors import check_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-
 ADAPTER_WEIGHTS = "adapters.safetensors"
-
-
-
 FINE_TUNE_TYPES = ("lora", "full")
-
-
-
 # mlx-lm's defaults (`mlx_lm.lora.CONFIG_DEFAULTS`).
 DEFAULT_LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
-
-
-
 MAX_RANK = 1024
-
-
-
 MAX_ADAPTER_CONFIG_BYTES = 1 << 20
-
 
 
 def lora_parameters(rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
@@ -51,7 +35,6 @@ def lora_parameters(rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
         params["keys"] = list(keys)
     check_lora_parameters(params, "lora parameters")
     return params
-
 
 
 def check_lora_parameters(params: Any, source: str) -> None:
@@ -70,7 +53,6 @@ def check_lora_parameters(params: Any, source: str) -> None:
         raise CheckpointError(f"{source}: LoRA 'keys' must be a list of module names")
 
 
-
 def check_num_layers(model, num_layers: Any, source: str) -> int:
     total = len(model.layers)
     if not isinstance(num_layers, int) or isinstance(num_layers, bool):
@@ -83,10 +65,8 @@ def check_num_layers(model, num_layers: Any, source: str) -> int:
     return num_layers
 
 
-
 def is_quantized(module: nn.Module) -> bool:
     return any(name.endswith(".scales") or name == "scales" for name, _ in tree_flatten(module.parameters()))
-
 
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
@@ -110,7 +90,6 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if kind == "lora":
         check_lora_parameters(config.get("lora_parameters"), str(path))
     return config
-
 
 
 def load_adapters(model, adapter_path: str | Path):

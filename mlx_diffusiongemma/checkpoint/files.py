@@ -14,7 +14,6 @@ from ..errors import CheckpointError
 MAX_JSON_BYTES = 64 << 20
 
 
-
 def check_regular_file(path: Path) -> os.stat_result:
     """stat() a file the loader will open, refusing anything that is not a regular file (a FIFO
     or a device would block or never end): a CheckpointError naming it."""
@@ -28,7 +27,6 @@ def check_regular_file(path: Path) -> os.stat_result:
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
         raise CheckpointError(f"{path} is {kind}; a checkpoint holds regular files only")
     return info
-
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ..errors import CheckpointError
 from ..model.args import ModelArgs
 from .files import check_regular_file, read_json
 
+
 def shard_path(folder: Path, name: Any, source: Path) -> Path:
     """`folder / name` for a shard named in an index, refusing any name that could leave the
     folder: absolute paths, drive letters, `..` parts, or anything that is not a plain string.
@@ -33,7 +34,6 @@ def shard_path(folder: Path, name: Any, source: Path) -> Path:
             "refusing to read it (an index may only name files next to it)"
         )
     return folder / name
-
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -60,9 +60,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-
 _HEADER_LIMIT = 100_000_000
-
 
 
 def _check_header(path: Path, header: Any) -> dict[str, Any]:
@@ -91,7 +89,6 @@ def _check_header(path: Path, header: Any) -> dict[str, Any]:
     return header
 
 
-
 def check_safetensors(path: Path) -> dict[str, Any]:
     """Read a safetensors header and check the file is complete (not truncated)."""
     size = check_regular_file(path).st_size
@@ -118,9 +115,7 @@ def check_safetensors(path: Path) -> dict[str, Any]:
     return header
 
 
-
 _LAYER = re.compile(r"^model\.decoder\.layers\.(\d+)\.")
-
 
 
 def check_config_against_headers(args: ModelArgs, headers: dict[str, tuple[int, ...]], source: str) -> None:
@@ -153,7 +148,6 @@ def check_config_against_headers(args: ModelArgs, headers: dict[str, tuple[int, 
         )
 
 
-
 def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
     """Yield (file, tensors) shard by shard."""
     for f in safetensors_files(folder):
@@ -162,7 +156,6 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
             yield f, mx.load(str(f))
         except Exception as e:  # mlx reports I/O problems as RuntimeError/ValueError
             raise CheckpointError(f"could not read {f.name}: {e}") from None
-
 
 
 def check_tensors(
@@ -199,7 +192,6 @@ _NUMPY_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
-
 
 
 class SafetensorsSlicer:

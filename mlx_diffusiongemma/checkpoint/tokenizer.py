@@ -15,7 +15,6 @@ TOKENIZER_FILES = (
 )
 
 
-
 def check_tokenizer_files(folder: Path) -> None:
     """A tokenizer must be there (transformers otherwise builds an empty one silently and every
     prompt becomes <unk>), and nothing it reads may be a pipe or a device."""
@@ -30,7 +29,6 @@ def check_tokenizer_files(folder: Path) -> None:
             f"{folder}: no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files "
             "of the original checkpoint into this folder"
         )
-
 
 
 def load_tokenizer(folder: Path, generation: GenerationDefaults):

@@ -21,7 +21,6 @@ from .errors import handle_errors
 from .flags import DEFAULT_MODEL, Debug, Model, Offline, positive
 
 
-
 def finetune(
     data: Annotated[str, typer.Option("--data", help="Folder with train.jsonl and valid.jsonl (chat 'messages' or 'prompt'/'completion').")],
     model: Model = DEFAULT_MODEL,

@@ -19,7 +19,6 @@ SPECIAL_TOKENS = [
 TURN_END = "<turn|>"
 
 
-
 # Jinja chat template in the Gemma 4 format: <bos><|turn>user\n...<turn|>\n<|turn>model\n.
 # Thinking is switched on by `enable_thinking`, which puts <|think|> in a system turn.
 CHAT_TEMPLATE = (

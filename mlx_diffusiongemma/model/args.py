@@ -401,5 +401,3 @@ def first_given(*values: Any) -> Any:
         if v is not None:
             return v
     return None
-
-

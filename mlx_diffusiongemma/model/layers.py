@@ -17,10 +17,8 @@ from .args import TextArgs
 _NEG_INF = -1e30
 
 
-
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
-
 
 
 class Attention(nn.Module):
@@ -95,7 +93,6 @@ class Attention(nn.Module):
         return self._project("o_proj", o.transpose(0, 2, 1, 3).reshape(b, n, -1), biases)
 
 
-
 def _linear_without_bias(proj: nn.Module, x: mx.array) -> mx.array:
     """x @ W^T of a Linear or QuantizedLinear, leaving out its own bias."""
     if isinstance(proj, nn.QuantizedLinear):
@@ -107,12 +104,10 @@ def _linear_without_bias(proj: nn.Module, x: mx.array) -> mx.array:
     return proj(x) - inner.bias.astype(x.dtype)
 
 
-
 class _Bias(nn.Module):
     def __init__(self, dims: int):
         super().__init__()
         self.bias = mx.zeros((dims,))
-
 
 
 class AttentionBiases(nn.Module):
@@ -127,7 +122,6 @@ class AttentionBiases(nn.Module):
         if args.is_sliding(layer):
             self.v_proj = _Bias(kv * d)
         self.o_proj = _Bias(args.hidden_size)
-
 
 
 def split_attention(
@@ -171,11 +165,9 @@ def split_attention(
     return o.reshape(b, hq, n, d)
 
 
-
 def gelu(x: mx.array, fast: bool) -> mx.array:
     """GELU-tanh: MLX's own, or the cheap training version (`activations`, same to float32 rounding)."""
     return activations.gelu_tanh(x) if fast else nn.gelu_approx(x)
-
 
 
 class MLP(nn.Module):
@@ -191,7 +183,6 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(gelu(self.gate_proj(x), self.fast_act) * self.up_proj(x))
-
 
 
 class Router(nn.Module):
@@ -217,14 +208,12 @@ class Router(nn.Module):
         return idx, w
 
 
-
 def _sort_by_expert(x: mx.array, idx: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """Order (token, slot) pairs by expert so the gather matmuls read each expert contiguously."""
     k = idx.shape[-1]
     flat = idx.flatten()
     order = mx.argsort(flat)
     return x.flatten(0, -3)[order // k], flat[order], mx.argsort(order)
-
 
 
 class ExpertLinear(SwitchLinear):
@@ -247,7 +236,6 @@ class ExpertLinear(SwitchLinear):
         return super().__call__(x, indices, sorted_indices=sorted_indices)
 
 
-
 def _dense_weight(layer: nn.Module) -> mx.array:
     """`[E, out, in]` weight of an expert layer for the dense path: a quantized base is
     dequantized, and a LoRA-wrapped layer (`mlx_lm.tuner.lora.LoRASwitchLinear`, fine-tuning)
@@ -261,7 +249,6 @@ def _dense_weight(layer: nn.Module) -> mx.array:
     if "lora_a" in layer:
         w = w + (layer.scale * (layer["lora_b"] @ layer["lora_a"])).astype(w.dtype)
     return w
-
 
 
 class Experts(nn.Module):
@@ -303,7 +290,6 @@ class Experts(nn.Module):
         y = y.squeeze(-2)  # [..., K, D]
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
-
     def _dense(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """Every expert on every row as two 2D matmuls: `[N, D] @ [D, E*2I]`, then the
         activations scaled by each row's expert weight (zero outside its top-k) and
@@ -319,7 +305,6 @@ class Experts(nn.Module):
         act = gelu(gate, self.fast_act) * up * w[..., None].astype(up.dtype)  # [N, E, I]
         out = act.reshape(rows.shape[0], -1) @ wd.swapaxes(1, 2).reshape(-1, d)
         return out.reshape(*lead, d)
-
 
 
 class Layer(nn.Module):
@@ -356,7 +341,6 @@ class Layer(nn.Module):
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), offset, biases)
         h = x + self.post_attention_layernorm(self.self_attn.out(attend(q, k, v), biases))
         return self.feed_forward(h) * layer_scalar.astype(h.dtype)
-
 
 
 class SelfConditioning(nn.Module):

@@ -27,6 +27,7 @@ from .cache import CanvasKV, LayerKV, PromptCache
 from .layers import AttentionBiases, Layer, SelfConditioning, split_attention
 from .vision import MultimodalEmbedder, VisionTower
 
+
 class Decoder(nn.Module):
     """Holds every text weight (`model.decoder.*` on disk); both passes use these layers."""
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .plan import DistributedError
 
+
 def init_group(backend: str = "any", timeout: float = 60.0) -> mx.distributed.Group:
     """The group `mlx.launch` set up (size 1 when not launched), formed within `timeout` seconds.
 

@@ -93,5 +93,3 @@ def shard_structure(model: Model, plan: ShardPlan, group: mx.distributed.Group) 
 
 
 # -- communication accounting ------------------------------------------------------------------
-
-

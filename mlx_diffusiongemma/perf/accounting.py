@@ -290,6 +290,7 @@ def rescale_trace(rows_per_step: list[list[int]], from_canvas: int, to_canvas: i
     canvas kept (rounded up), as an estimate of the same schedule on a wider canvas."""
     return [[min(to_canvas, -(-r * to_canvas // from_canvas)) for r in trace] for trace in rows_per_step]
 
+
 def vision_memory(v: VisionArgs, text_hidden: int, soft_tokens: int = 280, *,
                   dtype_bytes: int = 2, score_bytes: int = 4) -> dict[str, int]:
     """Memory of the vision tower for one image at `soft_tokens` (the processor's budget: the

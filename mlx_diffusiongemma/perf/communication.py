@@ -7,6 +7,7 @@ from typing import Sequence
 
 from ..parallel.plan import TENSOR_PARTS
 
+
 def collectives_per_layer(tensor_parallel: Sequence[str] = ()) -> int:
     """all_sums of a `[rows, hidden]` activation per layer: the experts' one, plus one for each
     tensor-parallel part (attention's o_proj, the dense MLP's down_proj)."""

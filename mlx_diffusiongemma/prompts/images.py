@@ -11,6 +11,7 @@ import mlx.core as mx
 from .processor import ImageError, ImageProcessor, ProcessedImage, expand_image_tokens
 from .render import Messages, prompt_ids, render_messages
 
+
 def image_processor(model) -> ImageProcessor:
     """The image processor of a model's vision tower (its patch and pooling sizes, the checkpoint's
     soft-token budget), or ImageError for a model without one."""

@@ -39,6 +39,7 @@ from .protocol import Params
 
 log = logging.getLogger("mlx_diffusiongemma.server")
 
+
 class QueueFull(Exception):
     pass
 

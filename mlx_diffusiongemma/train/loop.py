@@ -123,4 +123,3 @@ def train(
             window_loss, window_steps, window_tokens = 0.0, 0, 0
             t0 = time.perf_counter()
     model.eval()
-

@@ -92,5 +92,3 @@ def write_adapter_config(folder: str | Path, config: dict[str, Any]) -> Path:
     path = folder / ADAPTER_CONFIG
     path.write_text(json.dumps(dict(sorted(config.items())), indent=4) + "\n")
     return path
-
-
