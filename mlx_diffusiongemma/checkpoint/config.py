@@ -20,10 +20,11 @@ from ..prompts.processor import DEFAULT_SOFT_TOKENS, SUPPORTED_SOFT_TOKENS
 from .files import read_json
 
 
-def load_model_args(folder: Path) -> ModelArgs:
-    """The model's arguments from `folder/config.json` (its image budget from the processor config)."""
+def load_model_args(folder: Path, config: dict[str, Any] | None = None) -> ModelArgs:
+    """The model's arguments from `folder/config.json` (`config`: its contents, already read) and
+    the image budget from the processor config."""
     path = Path(folder) / "config.json"
-    args = parse_model_args(read_json(path), source=str(path))
+    args = parse_model_args(read_json(path) if config is None else config, source=str(path))
     args.image_soft_tokens = image_soft_tokens(folder)
     return args
 

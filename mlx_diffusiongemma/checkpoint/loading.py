@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..model.args import parse_model_args
 from ..model.model import Model, map_key
 from .adapters import load_adapters
-from .config import image_soft_tokens, load_generation_defaults
+from .config import load_generation_defaults, load_model_args
 from .files import read_json
 from .recipes import quant_predicate, quantize_from_config
 from .safetensors import check_config_against_headers, check_safetensors, check_tensors, iter_checkpoint, safetensors_files
@@ -83,8 +83,7 @@ def load_model(
         raise CheckpointError(f"{folder}: no such folder")
     dtype = as_dtype(dtype)
     config = read_json(folder / "config.json")
-    args = parse_model_args(config, source=str(folder / "config.json"))
-    args.image_soft_tokens = image_soft_tokens(folder)
+    args = load_model_args(folder, config)
     if text_only:
         args.vision = None
     shapes: dict[str, tuple[int, ...]] = {}
