@@ -271,14 +271,12 @@ class Model(nn.Module):
         The error is at most (1 - captured mass) * max_v ||E_v|| * sqrt(hidden).
         """
         dtype = self.embed_dtype
-        scale = mx.array(self.embed_scale, dtype=dtype)
         x = self_conditioning.astype(mx.float32)
         e = self.model.decoder.embed_tokens
         if top_k is not None and top_k < x.shape[-1]:
             idx = mx.argpartition(-x, kth=top_k - 1, axis=-1)[..., :top_k]
-            p = mx.exp(mx.take_along_axis(x, idx, axis=-1) - mx.logsumexp(x, axis=-1, keepdims=True))
-            rows = e(idx)  # [B, C, k, D], dequantized rows when the embedding is quantized
-            return (p.astype(dtype)[..., None] * rows).sum(axis=-2) * scale
+            return self.soft_embeddings_top_k(idx, mx.take_along_axis(x, idx, axis=-1)
+                                              - mx.logsumexp(x, axis=-1, keepdims=True))
         probs = mx.softmax(x, axis=-1).astype(dtype)
         if hasattr(e, "scales"):  # quantized embedding: probs @ dequant(W) without dequantizing
             soft = mx.quantized_matmul(
@@ -287,7 +285,7 @@ class Model(nn.Module):
             )
         else:
             soft = probs @ e.weight
-        return soft * scale
+        return soft * mx.array(self.embed_scale, dtype=dtype)
 
     def denoise(
         self,
@@ -343,9 +341,9 @@ class Model(nn.Module):
     def soft_embeddings_top_k(self, indices: mx.array, log_probs: mx.array) -> mx.array:
         """Self-conditioning embedding from the k most probable tokens only: their exact
         probabilities (`exp(log_probs)`, not renormalised) times their embedding rows, a gather
-        instead of the `[V, D]` matmul. Same as `soft_embeddings(x, top_k=k)` given the top-k of x."""
+        instead of the `[V, D]` matmul (`soft_embeddings(x, top_k=k)` calls it with the top-k of x)."""
         dtype = self.embed_dtype
-        rows = self.model.decoder.embed_tokens(indices)  # [..., k, D]
+        rows = self.model.decoder.embed_tokens(indices)  # [..., k, D], dequantized rows when quantized
         p = mx.exp(log_probs.astype(mx.float32)).astype(dtype)
         return (p[..., None] * rows).sum(axis=-2) * mx.array(self.embed_scale, dtype=dtype)
 
