@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import mlx.core as mx
 import numpy as np
 
+from ..diffusion.canvas import initial_canvas
 from ..diffusion.noise import NoiseSource
 from . import template as tpl
 from .infill import log_softmax, option_scores, prepare_layout
@@ -70,7 +70,7 @@ def score(model, tokenizer, prompt, options: Sequence[str] | dict[str, Sequence[
         raise TemplateError(f"a scoring template must fit one canvas ({c} tokens); this one has {lay.length}")
     state = tpl.states(lay, c, model.vocab_size)[0]
     noise = NoiseSource(seed)
-    canvas = mx.where(state.pinned, state.ids, noise.canvas(0, 1, c, model.vocab_size)[0])[None]
+    canvas = initial_canvas(state, noise.canvas(0, 1, c, model.vocab_size))  # as a block's first step sees it
     cache = model.make_cache()
     model.extend(cache, ids)
     logits = model.denoise(canvas, cache, None)

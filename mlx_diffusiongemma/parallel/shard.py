@@ -82,14 +82,3 @@ def shard_structure(model: Model, plan: ShardPlan, group: mx.distributed.Group) 
             mlp.up_proj = _sharded_linear(mlp.up_proj, "in", group)
             mlp.down_proj = _sharded_linear(mlp.down_proj, "out", group)
 
-
-# -- reading slices from safetensors ------------------------------------------------------------
-
-
-# -- loading -----------------------------------------------------------------------------------
-
-
-# -- the process group, sharing a request, and a bound on waiting ------------------------------
-
-
-# -- communication accounting ------------------------------------------------------------------
