@@ -83,13 +83,20 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _json_number(body: dict, name: str) -> int | float | None:
+    """The body's field `name` if it is a JSON number (None when absent or null)."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise bad(f"'{name}' must be a number, got {json.dumps(value)[:40]}", param=name)
+    return value
+
+
 def _number(body: dict, name: str, kind: type, *, lo: float | None = None, hi: float | None = None,
             lo_open: bool = False) -> Any:
-    value = body.get(name)
+    """A request field that is not a generation knob (`n`, the in-canvas streaming settings)."""
+    value = _json_number(body, name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(f"'{name}' must be a number, got {json.dumps(value)[:40]}", param=name)
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise bad(f"'{name}' must be an integer, got {value}", param=name)
@@ -108,11 +115,9 @@ def _knob(body: dict, name: str, knob: str | None = None) -> Any:
     the right kind, in the knob's range (`diffusion.options`, the one definition the CLI and the
     Python API check against too)."""
     knob = knob or name
-    value = body.get(name)
+    value = _json_number(body, name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(f"'{name}' must be a number, got {json.dumps(value)[:40]}", param=name)
     spec = GENERATION_KNOBS[knob]
     if spec.kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON has one number type: 512.0 is 512
