@@ -38,7 +38,8 @@ class KnobError(ValueError):
 class Knob:
     """What a knob takes: `kind` int, float or bool; `low` / `high` inclusive bounds, `above` an
     exclusive lower bound; floats are always finite. `flag` names the command-line flag
-    (`--steps` for `max_denoising_steps`), `help` its help text."""
+    (`--steps` for `max_denoising_steps`), `help` its help text. `takes`, when given, words what
+    the knob takes for every refusal (the seed's bounds read badly as numbers)."""
 
     kind: type
     help: str
@@ -46,6 +47,7 @@ class Knob:
     high: float | None = None
     above: float | None = None
     flag: str | None = None
+    takes: str | None = None
 
 
 def knob(default: Any, kind: type, help: str, **bounds: Any) -> Any:
@@ -61,19 +63,21 @@ def check_knob(name: str, value: Any, spec: Knob) -> Any:
         if not isinstance(value, bool):
             raise KnobError(name, f"{name} must be true or false, got {value!r}")
         return value
+
+    def refused(what: str) -> KnobError:
+        return KnobError(name, f"{name} must be {spec.takes or what}, got {value!r}")
+
     if spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            if name == "seed":
-                raise KnobError(name, f"seed must be a whole number from 0 to 2**64 - 1, got {value!r}")
-            raise KnobError(name, f"{name} must be a whole number, got {value!r}")
+            raise refused("a whole number")
         value = int(value)
-        if name == "seed" and not 0 <= value <= SEED_MAX:
-            raise KnobError(name, f"seed must be a whole number from 0 to 2**64 - 1, got {value!r}")
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise KnobError(name, f"{name} must be a finite number, got {value!r}")
+            raise refused("a finite number")
         value = float(value)
     low, high = spec.low, spec.high
+    if spec.takes is not None and not ((low is None or value >= low) and (high is None or value <= high)):
+        raise refused(spec.takes)
     if low is not None and high is not None and not low <= value <= high:
         raise KnobError(name, f"{name} must be between {low:g} and {high:g}")
     if low is not None and high is None and value < low:
@@ -96,9 +100,10 @@ def _check_fields(obj) -> None:
 
 def check_seed(seed: Any) -> int:
     """A seed is a whole number in [0, 2**64 - 1] (what `mx.random.key` takes)."""
+    spec = GENERATION_KNOBS["seed"]
     if seed is None:
-        raise KnobError("seed", "seed must be a whole number from 0 to 2**64 - 1, got None")
-    return check_knob("seed", seed, GENERATION_KNOBS["seed"])
+        raise KnobError("seed", f"seed must be {spec.takes}, got None")
+    return check_knob("seed", seed, spec)
 
 
 def fresh_seed() -> int:
@@ -179,7 +184,8 @@ class GenerationOptions:
 
     max_tokens: int | None = knob(None, int, "Most tokens per reply (default: the checkpoint's max_new_tokens).",
                                   low=1)
-    seed: int | None = knob(None, int, "Random seed, 0 to 2^64-1 (default: fresh each run).", low=0, high=SEED_MAX)
+    seed: int | None = knob(None, int, "Random seed, 0 to 2^64-1 (default: fresh each run).", low=0, high=SEED_MAX,
+                            takes="a whole number from 0 to 2**64 - 1")
     thinking: bool = knob(False, bool, "Thinking mode (the chat template's enable_thinking).", flag="--think")
     sampler: SamplerOptions = SamplerOptions()
     fast: FastOptions | None = None  # None: the exact reference sampler
@@ -244,4 +250,5 @@ class GenerationOptions:
 
 
 GENERATION_KNOBS = {**knobs(GenerationOptions), **knobs(SamplerOptions)}
-"""Every knob by name (the sampler's and fast mode's included), for the faces that check one value."""
+"""Every knob of `GenerationOptions` and `SamplerOptions` by name, for the faces that check one value
+(fast mode's techniques are set as a whole `FastOptions`, which checks its own)."""
