@@ -179,15 +179,6 @@ def test_debug_shows_the_traceback(runner, tmp_path):
     assert "error: " in result.stderr
 
 
-def test_defaults_match_the_library():
-    from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
-    from mlx_diffusiongemma.checkpoint.recipes import RECIPES
-    from mlx_diffusiongemma.cli import flags
-
-    assert flags.DEFAULT_MODEL == DEFAULT_MODEL
-    assert tuple(flags.RECIPES) == tuple(RECIPES)
-
-
 # -- convert ---------------------------------------------------------------------------------------
 
 

@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GENERATION_KNOBS, MAX_STEPS, GenerationOptions, KnobError
 from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
 from mlx_diffusiongemma.prompts.channels import split_thinking
 
 from .errors import check_text, handle_errors, is_terminal
 from .fill import labels_for, styled_fill
-from .flags import DEFAULT_MODEL, AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
+from .flags import AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
 from .generate import TEXT_DEFAULTS, TEXT_KNOBS
 from .loader import load_model
 from .views import CanvasView, ConsoleView, LiveView, PlainView, render, run_events, stats_line, stats_rows

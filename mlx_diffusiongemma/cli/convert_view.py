@@ -13,8 +13,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mlx_diffusiongemma.checkpoint.recipes import DEFAULT_RECIPE, RECIPES
+
 from .errors import handle_errors
-from .flags import RECIPES, Debug, positive
+from .flags import Debug, positive
 
 _PRECISION = {4: "4-bit", 8: "8-bit", 16: "bfloat16", 32: "float32"}
 
@@ -29,7 +31,7 @@ def convert(
     src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],
     recipe: Annotated[str, typer.Option(
-        "--recipe", callback=_recipe, help=f"Weights precision: {', '.join(RECIPES)}.")] = "mixed-4bit",
+        "--recipe", callback=_recipe, help=f"Weights precision: {', '.join(RECIPES)}.")] = DEFAULT_RECIPE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
     shard_size: Annotated[float, typer.Option(
         "--shard-size", callback=positive, help="Largest shard, in GB (2^30 bytes).")] = 5.0,

@@ -16,10 +16,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
 from .errors import fail, handle_errors, is_terminal
-from .flags import DEFAULT_MODEL, Debug, Model, NoLive, Offline, generation_flags
+from .flags import Debug, Model, NoLive, Offline, generation_flags
 from .loader import load_model
 
 VALUE_STYLE = "bold green"  # generated hole values in the final text

@@ -17,8 +17,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+
 from .errors import handle_errors
-from .flags import DEFAULT_MODEL, Debug, Model, Offline, positive
+from .flags import Debug, Model, Offline, positive
 
 
 def finetune(

@@ -29,9 +29,6 @@ from mlx_diffusiongemma.diffusion.options import (
 
 from .errors import handle_errors
 
-DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"  # == checkpoint.loading.DEFAULT_MODEL (import-free)
-RECIPES = ("mixed-4bit", "8bit", "bf16")  # == checkpoint.recipes.RECIPES
-
 Model = Annotated[str, typer.Option(
     "--model", "-m", help="Hub repo id or local folder; 'demo' is a small model trained on toy tasks "
     "(offline; /help in chat lists prompts), 'demo-random' a tiny random one (noise).")]

@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import FastOptions, GenerationOptions
 
 from .errors import check_text, fail, handle_errors, is_terminal, read_stdin_text
 from .flags import (
-    DEFAULT_MODEL,
     AdapterPath,
     Debug,
     Images,

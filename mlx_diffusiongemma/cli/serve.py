@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+
 from .errors import fail, handle_errors
-from .flags import DEFAULT_MODEL, AdapterPath, Debug, Model, Offline
+from .flags import AdapterPath, Debug, Model, Offline
 from .loader import load_model
 
 
