@@ -22,11 +22,12 @@ from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
 from mlx_diffusiongemma.prompts.channels import split_thinking
 
 from .errors import check_text, handle_errors, is_terminal
-from .fill import labels_for, styled_fill
+from .fill import styled_fill
 from .flags import AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
 from .generate import TEXT_DEFAULTS, TEXT_KNOBS
 from .loader import load_model
-from .views import CanvasView, ConsoleView, LiveView, PlainView, render, run_events, stats_line, stats_rows
+from .views import (CanvasView, ConsoleView, LiveView, PlainView, labels_for, render, run_events, stats_line,
+                    stats_rows)
 
 PROMPT = ">>> "
 

@@ -139,16 +139,9 @@ def check_template(template: str | None, schema: dict | None) -> None:
         tpl.parse(template)
 
 
-def labels_for(model, tokenizer):
-    from mlx_diffusiongemma.prompts.labels import TokenLabels
-
-    gen = model.generation
-    return TokenLabels(tokenizer, gen.eos_token_ids, gen.pad_token_id)
-
-
 def _run(events, model, tokenizer, *, live: bool, length: int | None = None):
     """A canvas verb's events drawn live on a terminal (or drained); its InfillResult."""
-    from .views import CanvasView, run_events
+    from .views import CanvasView, labels_for, run_events
 
     view = CanvasView(Console(highlight=False), labels_for(model, tokenizer), length) if live and is_terminal() else None
     return run_events(events, view=view)

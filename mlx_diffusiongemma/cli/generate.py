@@ -51,7 +51,7 @@ def generate(
     options: GenerationOptions,
 ):
     """Generate one reply to a prompt (--image: files for the model to read; under `mlx.launch`: the model split over the ranks)."""
-    from .views import ConsoleView, LiveView, PlainView, render, stats_line
+    from .views import ConsoleView, LiveView, PlainView, labels_for, render, stats_line
 
     terminal = is_terminal() and not as_json
     err = Console(stderr=True, highlight=False)
@@ -94,8 +94,6 @@ def generate(
         elif no_live:
             view = ConsoleView(Console(highlight=False))
         else:
-            from .fill import labels_for
-
             view = LiveView(Console(highlight=False), labels_for(llm, tokenizer))
         try:
             result = render(events, view)

@@ -47,8 +47,7 @@ def solve(llm, tokenizer, cells, *, plain: bool, free: bool, options: Generation
     from mlx_diffusiongemma.api import generate
     from mlx_diffusiongemma.editing import sudoku as puzzles, template as tpl
 
-    from .fill import labels_for
-    from .views import GridView, run_events
+    from .views import GridView, labels_for, run_events
 
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
     terminal = is_terminal()

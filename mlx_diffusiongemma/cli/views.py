@@ -49,6 +49,12 @@ def visible(text: str) -> str:
     return "".join(out)
 
 
+def labels_for(model, tokenizer) -> TokenLabels:
+    """How a model's draft tokens are labelled: its end-of-sequence and padding ids told apart."""
+    gen = model.generation
+    return TokenLabels(tokenizer, gen.eos_token_ids, gen.pad_token_id)
+
+
 def shown(labels: TokenLabels, token: int) -> str:
     """How the terminal draws a token of a draft: end tokens as symbols, the rest made visible."""
     if labels.is_eos(token):
@@ -99,6 +105,13 @@ def draft_text(ids: list[int], accepted: list[bool], labels: TokenLabels, pinned
     if run:
         text.append("".join(run), run_style)
     return text
+
+
+def live_region(console: Console, transient: bool = True) -> Live:
+    """A region redrawn only when a view asks (at each event, never by a timer), leaving the
+    program's own stdout and stderr alone."""
+    return Live(console=console, transient=transient, auto_refresh=False, vertical_overflow="ellipsis",
+                redirect_stdout=False, redirect_stderr=False)
 
 
 class View:
@@ -225,8 +238,7 @@ class LiveView(ConsoleView):
         self.status = Text("encoding the prompt…", style=STATUS_STYLE)
         self.tokens = 0
         self._start: float | None = None
-        self.live = Live(console=console, transient=True, auto_refresh=False,
-                         vertical_overflow="ellipsis", redirect_stdout=False, redirect_stderr=False)
+        self.live = live_region(console)
 
     def __enter__(self):
         self.live.start()
@@ -296,8 +308,7 @@ class CanvasView(View):
         self.done: list[Text] = []
         self.draft = Text()
         self.status = Text("encoding the prompt…", style=STATUS_STYLE)
-        self.live = Live(console=console, transient=True, auto_refresh=False, vertical_overflow="ellipsis",
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = live_region(console)
 
     def __enter__(self):
         self.live.start()
@@ -339,8 +350,7 @@ class GridView(View):
     def __init__(self, console: Console, labels: TokenLabels, length: int, delay: float):
         super().__init__()
         self.console, self.labels, self.length, self.delay = console, labels, length, delay
-        self.live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False,
-                         redirect_stderr=False)
+        self.live = live_region(console, transient=False)  # the solved grid stays on screen
 
     def __enter__(self):
         self.live.start()
