@@ -24,6 +24,8 @@ from .prompts.render import Messages
 Event = StepEvent | BlockEvent | GenerationResult
 
 
+# `wraps` gives `load` the loader's signature (help() and editors list its options); the
+# docstring is replaced below, as this face also takes the demo models' names.
 @functools.wraps(loading.load)
 def load(path_or_repo: str | Path, **options: Any):
     source = demo.folder_for(path_or_repo) or path_or_repo

@@ -14,8 +14,6 @@ SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
     "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|think|>",
 ]
-
-
 TURN_END = "<turn|>"
 
 

@@ -150,4 +150,3 @@ def infill(model, tokenizer, prompt, template: str, **options: Any) -> InfillRes
     for item in stream_infill(model, tokenizer, prompt, template, **options):
         out = item
     return out
-

@@ -88,14 +88,8 @@ def plan_shards(args, rank: int, size: int, tensor_parallel: Sequence[str] = (),
 
 
 _LAYER = r"^model\.decoder\.layers\.\d+\."
-
-
 _EXPERT_KEY = re.compile(_LAYER + r"experts\.(gate_up_proj|down_proj)\.")
-
-
 _ROWS_KEY = re.compile(_LAYER + r"(self_attn\.(q_proj|k_proj|v_proj)|mlp\.(gate_proj|up_proj))\.")
-
-
 _COLS_KEY = re.compile(_LAYER + r"(self_attn\.o_proj|mlp\.down_proj)\.")
 
 

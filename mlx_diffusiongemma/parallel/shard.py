@@ -81,4 +81,3 @@ def shard_structure(model: Model, plan: ShardPlan, group: mx.distributed.Group) 
             mlp.gate_proj = _sharded_linear(mlp.gate_proj, "in", group)
             mlp.up_proj = _sharded_linear(mlp.up_proj, "in", group)
             mlp.down_proj = _sharded_linear(mlp.down_proj, "out", group)
-

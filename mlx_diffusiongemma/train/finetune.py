@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from ..errors import CheckpointError
 from ..checkpoint.adapters import ADAPTER_WEIGHTS, FINE_TUNE_TYPES, lora_parameters
+from ..errors import CheckpointError
 from . import lora as L
 from .data import DEFAULT_MAX_SEQ_LENGTH, DataError, dataset_items, iterate_batches, load_dataset
 from .loop import TrainReport, evaluate, train
