@@ -10,6 +10,7 @@ Every view is a `View`: a context manager with `handle(event)` and `.result`, ru
   - `LiveView`: a terminal; draft canvas and status line redrawn at every `StepEvent`.
 - `CanvasView` (fill, edit) draws every canvas of a template as it is denoised, the given (pinned)
   tokens in their own style; `GridView` (sudoku) draws the reply canvas as a 4x4 grid.
+`LiveView` and `CanvasView` share their redrawn region (`Redrawn`).
 """
 
 from __future__ import annotations
@@ -224,21 +225,17 @@ class ConsoleView(TextView):
         self.console.print(soft_wrap=True)
 
 
-class LiveView(ConsoleView):
-    """The block being refined, redrawn in place after the committed text, plus a status line.
+class Redrawn:
+    """What the live views share (a mixin before their `View` class): a transient region redrawn
+    in place, holding what `_above()` gives, then the draft canvas, then a status line."""
 
-    Committed text is printed above the live region one whole line at a time; the unfinished
-    last line (`tail`) is drawn inside the region, with the draft canvas continuing it."""
-
-    def __init__(self, console: Console, labels: TokenLabels):
-        super().__init__(console)
-        self.labels = labels
-        self.tail = Text()
+    def _open_region(self, console: Console) -> None:
+        self.live = live_region(console)
         self.draft = Text()
         self.status = Text("encoding the prompt…", style=STATUS_STYLE)
-        self.tokens = 0
-        self._start: float | None = None
-        self.live = live_region(console)
+
+    def _above(self) -> list[Text]:
+        raise NotImplementedError
 
     def __enter__(self):
         self.live.start()
@@ -251,7 +248,25 @@ class LiveView(ConsoleView):
         return super().__exit__(*exc)
 
     def _refresh(self) -> None:
-        self.live.update(Group(Text.assemble(self.tail, self.draft), self.status), refresh=True)
+        self.live.update(Group(Text.assemble(*self._above(), self.draft), self.status), refresh=True)
+
+
+class LiveView(Redrawn, ConsoleView):
+    """The block being refined, redrawn in place after the committed text, plus a status line.
+
+    Committed text is printed above the live region one whole line at a time; the unfinished
+    last line (`tail`) is drawn inside the region, with the draft canvas continuing it."""
+
+    def __init__(self, console: Console, labels: TokenLabels):
+        super().__init__(console)
+        self.labels = labels
+        self.tail = Text()
+        self.tokens = 0
+        self._start: float | None = None
+        self._open_region(console)
+
+    def _above(self) -> list[Text]:
+        return [self.tail]
 
     def _step(self, event: StepEvent) -> None:
         if self._start is None:
@@ -296,7 +311,7 @@ class LiveView(ConsoleView):
         self.tail = Text()
 
 
-class CanvasView(View):
+class CanvasView(Redrawn, View):
     """Every canvas of a template or an edit drawn live (cropped to `length` tokens, if given):
     committed canvases stay above the draft, given (pinned) tokens in their own style."""
 
@@ -306,21 +321,10 @@ class CanvasView(View):
         self.labels = labels
         self.length = length
         self.done: list[Text] = []
-        self.draft = Text()
-        self.status = Text("encoding the prompt…", style=STATUS_STYLE)
-        self.live = live_region(console)
+        self._open_region(console)
 
-    def __enter__(self):
-        self.live.start()
-        self._refresh()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.live.stop()
-        return False
-
-    def _refresh(self) -> None:
-        self.live.update(Group(Text.assemble(*self.done, self.draft), self.status), refresh=True)
+    def _above(self) -> list[Text]:
+        return self.done
 
     def _crop(self, event: StepEvent) -> int:
         c = event.argmax.shape[0]
