@@ -12,15 +12,24 @@ import mlx.core as mx
 
 @contextmanager
 def running(app, host: str = "127.0.0.1"):
-    """Serve `app` with uvicorn on a port the OS picks (bound before the thread starts, so no
-    race); yields the base URL; shuts the server (and the engine thread) down afterwards."""
-    import uvicorn
+    """Serve `app` on a port the OS picks; yields the base URL (see `serving`)."""
+    with serving(app, host) as (url, _):
+        yield url
+
+
+@contextmanager
+def serving(app, host: str = "127.0.0.1"):
+    """Serve `app` as `dgemma serve` runs it (serving.make_server: uvicorn, the head deadline, the
+    shutdown hook) on a port the OS picks (bound before the thread starts, so no race); yields the
+    base URL and the server; shuts the server (and the engine thread) down afterwards."""
+    from mlx_diffusiongemma.server.serving import make_server
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = make_server(app, log_level="warning")
+    server.config.timeout_graceful_shutdown = 2
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -29,7 +38,7 @@ def running(app, host: str = "127.0.0.1"):
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{port}"
+        yield f"http://{host}:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -497,7 +498,7 @@ def _open_stream(url: str, payload: str) -> socket.socket:
     u = urllib.parse.urlparse(url)
     s = socket.create_connection((u.hostname, u.port), timeout=30)
     data = payload.encode()
-    s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
               f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     got = b""
     while b"data:" not in got:
@@ -532,7 +533,7 @@ def test_full_queue_answers_503_and_disconnects_cancel(demo):
         u = urllib.parse.urlparse(url)
         s = socket.create_connection((u.hostname, u.port))
         data = body(max_tokens=CANVAS * 40, max_denoising_steps=16).encode()
-        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
         deadline = time.monotonic() + 10
         while health(url)["active"] != 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -573,6 +574,16 @@ def test_cli_serve(demo_home):
         # --fast: a request that names no mode runs fast mode.
         r = client(url).completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body=FAST)
         assert r.model_extra["timings"]["mode"] == "fast"
+        # SIGTERM with a stream open: the stream ends with [DONE] (an error event before it when
+        # the reply was still running), and the process exits.
+        stream = _open_stream(url, body(max_tokens=2048, stream=True, max_denoising_steps=16))
+        proc.terminate()
+        got = b""
+        while chunk := stream.recv(65536):
+            got += chunk
+        stream.close()
+        assert re.findall(rb"^data: (.*?)\r?$", got, re.M)[-1] == b"[DONE]", got[-300:]
+        assert proc.wait(timeout=20) == -15  # uvicorn ends with the signal it stopped for
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -28,6 +29,9 @@ def serve(
         "--chat-template-args", help='JSON arguments for the chat template, e.g. \'{"enable_thinking":true}\'.')] = "{}",
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="DGEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    allowed_origins: Annotated[str, typer.Option(
+        "--allowed-origins", help="Web pages (origins, comma-separated, or '*') allowed to call the server "
+        "besides loopback ones, when it runs without --api-key.")] = "",
     max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1, help="Requests denoised in turn.")] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting before 503.")] = 16,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body.")] = 4096,
@@ -45,6 +49,7 @@ def serve(
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             fail(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         run_server(model=model, host=host, port=port, api_key=api_key, log_level=log_level,
+                   allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()),
                    chat_template_args=chat_template_args, load=lambda: load_model(model, offline, ui, adapter_path),
                    ui=ui, default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
                    max_active=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_kb * 1024,
@@ -61,21 +66,32 @@ def parse_template_args(text: str) -> dict:
     return value
 
 
-def run_server(*, model: str, host: str, port: int, api_key: str | None, log_level: str,
-               chat_template_args: str, load, ui: Console, **limits) -> None:
-    try:
-        import uvicorn
+def public_model_id(model: str) -> str:
+    """The name /v1/models shows: a local folder's name (its absolute path would tell every client
+    where the user keeps their files), a hub id or demo name as given."""
+    folder = Path(model).expanduser()
+    return folder.resolve().name if folder.is_dir() else model
 
+
+def run_server(*, model: str, host: str, port: int, api_key: str | None, log_level: str,
+               chat_template_args: str, load, ui: Console, allowed_origins: tuple[str, ...] = (), **limits) -> None:
+    try:
         from mlx_diffusiongemma.server import ServerConfig, create_app
+        from mlx_diffusiongemma.server.guard import is_loopback
+        from mlx_diffusiongemma.server.serving import make_server
     except ImportError as e:
         raise ValueError(f"the server needs its extra: pip install 'mlx-diffusiongemma[server]' ({e})") from None
 
-    config = ServerConfig(model_id=model, api_key=api_key, chat_template_args=parse_template_args(chat_template_args),
-                          **limits)
-    llm, tokenizer = load()
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key (or DGEMMA_API_KEY) is empty: give a key, or leave it out to serve without one")
+    name = public_model_id(model)
+    config = ServerConfig(model_id=name, model_aliases=(model,) if model != name else (), api_key=api_key,
+                          host=host, allowed_origins=allowed_origins,
+                          chat_template_args=parse_template_args(chat_template_args), **limits)
+    if not is_loopback(host) and api_key is None:
         ui.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]")
+    llm, tokenizer = load()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ui.print(f"serving [bold]{model}[/] on http://{host}:{port} (OpenAI API under /v1, web chat at /)")
+    ui.print(f"serving [bold]{name}[/] on http://{host}:{port} (OpenAI API under /v1, web chat at /)")
     app = create_app(llm, tokenizer, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    make_server(app, host=host, port=port, log_level=log_level.lower()).run()

@@ -20,8 +20,42 @@ Messages = Sequence[dict[str, Any]]
 TEMPLATE_TIME_LIMIT = 10.0
 
 
+# Names a caller may not set through `template_kwargs`: what the renderer and transformers'
+# apply_chat_template set themselves (the conversation, the special tokens, transformers' template
+# globals) and apply_chat_template's own parameters, which would change how it renders or what it
+# returns (another template, text instead of ids, tensors).
+RENDERER_KEYS = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception", "strftime_now",
+    "chat_template", "tokenize", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs",
+})
+
+
 class ChatTemplateError(DiffusionGemmaError, ValueError):
     """The chat template refused the conversation (it raised while rendering it)."""
+
+
+def template_variables(tokenizer) -> frozenset[str]:
+    """The `template_kwargs` names a caller may set: the variables the checkpoint's chat template
+    reads (found by Jinja's own parser, as vLLM filters its `chat_template_kwargs`), less
+    RENDERER_KEYS; `enable_thinking` always (render_messages sets it itself)."""
+    from jinja2 import TemplateError, meta
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = getattr(tokenizer, "chat_template", None)
+    sources = template.values() if isinstance(template, dict) else [template]
+    env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])  # transformers' {% break %}
+    names: set[str] = set()
+    for source in sources:
+        if not isinstance(source, str):
+            continue
+        try:
+            names |= meta.find_undeclared_variables(env.parse(source))
+        except TemplateError:  # a tag of transformers' own ({% generation %}): no extra variables
+            pass
+    return frozenset((names - RENDERER_KEYS) | {"enable_thinking"})
 
 
 def render_messages(tokenizer, messages: Messages, thinking: bool | None = False, *,

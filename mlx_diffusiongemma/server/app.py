@@ -11,10 +11,12 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -25,8 +27,9 @@ from starlette.routing import Route
 from ..diffusion.engine import check_fits
 from ..errors import ContextLengthError, DiffusionGemmaError
 from ..prompts.channels import Delta, TextStream
-from ..prompts.render import render_messages
+from ..prompts.render import render_messages, template_variables
 from . import protocol as P
+from .guard import middleware
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("mlx_diffusiongemma.server")
@@ -34,8 +37,11 @@ log = logging.getLogger("mlx_diffusiongemma.server")
 
 @dataclass
 class ServerConfig:
-    model_id: str = "default_model"
+    model_id: str = "default_model"  # the name /v1/models shows (a folder's name, never its path)
+    model_aliases: tuple[str, ...] = ()  # other names requests may use (the path the server was started with)
     api_key: str | None = None
+    host: str = "127.0.0.1"  # the address the server is bound to: loopback turns the Host check on (guard.py)
+    allowed_origins: tuple[str, ...] = ()  # web pages allowed beside loopback ones ("*": all)
     default_max_tokens: int = 512
     max_tokens_limit: int = 16384
     max_body_bytes: int = 4 * 2**20
@@ -45,6 +51,9 @@ class ServerConfig:
     chat_template_args: dict[str, Any] = field(default_factory=dict)
     disconnect_poll_s: float = 0.25
     default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
+    header_timeout_s: float = 10.0  # a request's head must arrive within this (serving.py)
+    body_timeout_s: float = 30.0  # and its body within this after the head (408)
+    render_threads: int = 2  # chat templates rendered at once (each under the renderer's time limit)
 
 
 class Disconnected(Exception):
@@ -56,6 +65,16 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     config = config or ServerConfig()
     if config.default_mode not in P.MODES:
         raise ValueError(f"default_mode must be one of {P.MODES}, not {config.default_mode!r}")
+    if config.api_key is not None and not config.api_key.strip():
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
+    template_names = template_variables(tokenizer)  # what chat_template_kwargs may set
+    try:
+        P.check_template_kwargs(config.chat_template_args, template_names, "chat_template_args")
+    except P.APIError as e:
+        raise ValueError(e.message) from None
+    closing = asyncio.Event()  # set by begin_shutdown: every request ends, new ones get 503
+    loop: list[asyncio.AbstractEventLoop] = []  # the app's event loop, once it runs
+    render_slots = asyncio.Semaphore(max(1, config.render_threads))
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
                     prompt_cache_size=config.prompt_cache_size)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
@@ -71,20 +90,37 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
                              type="authentication_error", code="invalid_api_key")
 
     async def read_body(request: Request) -> dict[str, Any]:
+        check_json_type(request)
         limit = config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            with anyio.fail_after(config.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise P.APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s",
+                             code="request_timeout") from None
         return P.parse_json(b"".join(chunks))
 
+    def check_json_type(request: Request) -> None:
+        """A JSON body, or no Content-Type (as FastAPI decides): a web page's cross-site "simple"
+        request (text/plain, a form) is refused before it is read."""
+        kind = request.headers.get("content-type")
+        if kind is None:
+            return
+        kind = kind.split(";")[0].strip().lower()
+        if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+            raise P.APIError(415, f"the body must be JSON (Content-Type: application/json), not {kind[:60]!r}",
+                             code="unsupported_media_type")
+
     def check_model(params: P.Params) -> None:
-        if params.model not in (config.model_id, "default_model"):
+        if params.model not in (config.model_id, "default_model", *config.model_aliases):
             raise P.APIError(404, f"the model '{params.model}' does not exist; this server serves "
                                   f"'{config.model_id}'", param="model", code="model_not_found")
 
@@ -103,6 +139,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
                         code="context_length_exceeded") from None
 
     def submit(params: P.Params) -> Job:
+        if closing.is_set():
+            raise shutting_down()
         job = Job(params, asyncio.get_running_loop())
         try:
             worker.submit(job)
@@ -245,8 +283,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
         params.has_tools = tools is not None
+        P.check_template_kwargs(body.get("chat_template_kwargs"), template_names)
         kwargs = P.template_kwargs(body, config.chat_template_args)
-        params.prompt_ids = await run_in_threadpool(_render, tokenizer, messages, tools, kwargs)
+        params.prompt_ids = await render(messages, tools, kwargs)
         return await generate(request, params)
 
     async def completions(request: Request) -> Response:
@@ -293,18 +332,69 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
             Route(f"{prefix}/models", models, methods=["GET"]),
         ]
 
+    async def render(messages, tools, kwargs) -> list[int]:
+        """The prompt ids, rendered on a thread of their own, a few at a time: a slow template
+        (each render stops at the renderer's time limit) cannot take every thread nor starve the
+        event loop of the interpreter's lock. The thread is a daemon and a shutdown does not wait
+        for it (anyio's worker threads, which run_in_threadpool uses, would hold the process until
+        the render's time limit)."""
+        async with render_slots:
+            done = asyncio.get_running_loop().create_future()
+
+            def settle(result: tuple[bool, Any]) -> None:
+                if not done.done():
+                    done.set_result(result)
+
+            def work() -> None:
+                try:
+                    result = (True, _render(tokenizer, messages, tools, kwargs))
+                except Exception as e:
+                    result = (False, e)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    done.get_loop().call_soon_threadsafe(settle, result)
+
+            threading.Thread(target=work, name="dgemma-render", daemon=True).start()
+            stop = asyncio.ensure_future(closing.wait())
+            try:
+                await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+            if not done.done():
+                raise shutting_down()
+            ok, value = done.result()
+            if not ok:
+                raise value
+            return value
+
+    def shutting_down() -> P.APIError:
+        return P.APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down")
+
+    def drain() -> None:
+        closing.set()
+        worker.abort_all(shutting_down())
+
+    def begin_shutdown() -> None:
+        """Called by serving.Server when a signal asks it to stop (from any thread, or a signal
+        handler): every request ends now (streams with an error event and [DONE]), new ones get 503."""
+        if loop:
+            loop[0].call_soon_threadsafe(drain)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        loop.append(asyncio.get_running_loop())
         worker.start()
         try:
             yield
         finally:
             await run_in_threadpool(worker.stop)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    guard = middleware(bind_host=config.host, allowed_origins=config.allowed_origins,
+                       api_key_set=config.api_key is not None)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard, exception_handlers={
         P.APIError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.worker = worker
     app.state.config = config
+    app.state.begin_shutdown = begin_shutdown
     return app
 
 

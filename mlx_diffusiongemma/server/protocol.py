@@ -29,6 +29,8 @@ from ..diffusion.options import (
 SAMPLER_FIELDS = tuple(SamplerOptions.__dataclass_fields__)
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256
+MAX_JSON_DEPTH = 64  # a request's JSON nesting (tool schemas use a handful of levels)
+MAX_TEMPLATE_ARG_CHARS = 1024  # a chat_template_kwargs string value (the template's switches are short)
 
 
 class APIError(Exception):
@@ -74,13 +76,47 @@ class Params:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, nested at most MAX_JSON_DEPTH levels, its strings valid Unicode."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # the parser recurses once per level: thousands of levels end here
+        raise bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") from None
+    except ValueError:  # an integer over Python's 4300-digit conversion limit
+        raise bad("the request body holds a number with too many digits", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH (later code, the chat template included, recurses
+    over the values) and strings with a lone surrogate (`"\\ud800"` is valid JSON but not text: the
+    tokenizer cannot encode it). Walked with a stack, not recursion."""
+    stack: list[tuple[Any, int, str | None]] = [(body, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", param=field,
+                      code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, field or key)
+                stack.append((item, depth + 1, field or key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, field) for item in value)
+        elif isinstance(value, str):
+            _check_text(value, field)
+
+
+def _check_text(text: str, field: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("a string in the request holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                  "it is not text", param=field, code="invalid_json") from None
 
 
 def _json_number(body: dict, name: str) -> int | float | None:
@@ -143,6 +179,7 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required (a string; GET /v1/models lists it)", param="model")
+    _refuse_unsupported(body)
     n = _number(body, "n", int, lo=1)
     if n not in (None, 1):
         raise bad("'n' must be 1: one completion per request", param="n")
@@ -184,6 +221,21 @@ def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_l
         in_canvas_stability=_number(body, "in_canvas_stability", int, lo=1, hi=64) or 2,
         in_canvas_max_entropy=_or(_number(body, "in_canvas_max_entropy", float, lo=0), 0.5),
     )
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """OpenAI fields that would change the reply's shape and that this server cannot honour: a 400
+    that says so, rather than a 200 without what was asked for (`false`, `null` and a
+    `top_logprobs` of 0 ask for nothing and pass)."""
+    why = {"logprobs": "the sampler commits tokens over several denoising steps and keeps no per-token "
+                       "log-probability",
+           "top_logprobs": "the sampler keeps no per-token log-probability",
+           "echo": "send the prompt back yourself"}
+    for name, reason in why.items():
+        value = body.get(name)
+        if value is None or value is False or (name == "top_logprobs" and value == 0 and value is not True):
+            continue
+        raise bad(f"'{name}' is not supported by this server ({reason})", param=name)
 
 
 def _max_tokens(body: dict, name: str, limit: int) -> int | None:
@@ -258,6 +310,12 @@ def _history_call(call: Any, where: str) -> dict[str, Any]:
 
 
 def chat_tools(body: dict) -> list[dict[str, Any]] | None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):  # OpenAI's {"type": "function", "function": {"name": ...}}: force that call
+        raise bad("'tool_choice' as an object (forcing a given function) is not supported: the model decides "
+                  "whether to call; send 'auto' or 'none'", param="tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad("'tool_choice' must be 'auto' or 'none'", param="tool_choice")
     tools = body.get("tools")
     if tools is None:
         return None
@@ -266,10 +324,25 @@ def chat_tools(body: dict) -> list[dict[str, Any]] | None:
         for t in tools
     ):
         raise bad("'tools' must be a list of {type: function, function: {name, ...}}", param="tools")
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none") and not isinstance(choice, dict):
-        raise bad("'tool_choice' must be 'auto', 'none' or an object", param="tool_choice")
     return tools if tools and choice != "none" else None
+
+
+def check_template_kwargs(extra: Any, allowed: frozenset[str], field: str = "chat_template_kwargs") -> None:
+    """`chat_template_kwargs` may set only the chat template's own variables (`allowed`, from
+    `prompts.render.template_variables`), each to a JSON scalar or a short string: never another
+    template, `tokenize` or `return_tensors` (they would change what the renderer does)."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise bad(f"'{field}' must be an object", param=field)
+    for key, value in extra.items():
+        if key not in allowed:
+            raise bad(f"'{field}.{key}' is not accepted: this model's chat template takes "
+                      f"{', '.join(sorted(allowed))}", param=field)
+        if isinstance(value, str) and len(value) > MAX_TEMPLATE_ARG_CHARS:
+            raise bad(f"'{field}.{key}' is longer than {MAX_TEMPLATE_ARG_CHARS} characters", param=field)
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise bad(f"'{field}.{key}' must be true/false, a number or a string", param=field)
 
 
 def template_kwargs(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,16 @@ class Worker:
             self._pending.append(job)
             self._cond.notify()
 
+    def abort_all(self, error: Exception) -> None:
+        """End every request now (the server is stopping): each gets `error` as its last item; the
+        running ones are cancelled (the engine thread closes them at their next turn)."""
+        with self._cond:
+            jobs = [e.job for e in self._active] + list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            job.cancel()
+            job.put(("error", error))
+
     def stats(self) -> dict[str, Any]:
         with self._cond:
             waiting, active = len(self._pending), len(self._active)
