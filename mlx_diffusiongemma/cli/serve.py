@@ -92,6 +92,6 @@ def run_server(*, model: str, host: str, port: int, api_key: str | None, log_lev
         ui.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]")
     llm, tokenizer = load()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ui.print(f"serving [bold]{name}[/] on http://{host}:{port} (OpenAI API under /v1, web chat at /)")
     app = create_app(llm, tokenizer, config)
+    ui.print(f"serving [bold]{name}[/] on http://{host}:{port} (OpenAI API under /v1, web chat at /)")
     make_server(app, host=host, port=port, log_level=log_level.lower()).run()
