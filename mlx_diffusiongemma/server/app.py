@@ -339,6 +339,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         for it (anyio's worker threads, which run_in_threadpool uses, would hold the process until
         the render's time limit)."""
         async with render_slots:
+            if closing.is_set():
+                raise shutting_down()
             done = asyncio.get_running_loop().create_future()
 
             def settle(result: tuple[bool, Any]) -> None:
