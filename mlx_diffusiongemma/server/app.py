@@ -26,7 +26,7 @@ from ..diffusion.engine import check_fits
 from ..errors import ContextLengthError, DiffusionGemmaError
 from ..prompts.channels import Delta, TextStream
 from ..prompts.render import render_messages
-from . import protocol as P
+from . import canvas_routes, protocol as P
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("mlx_diffusiongemma.server")
@@ -140,7 +140,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         return await complete(job, request, params)
 
     async def complete(job: Job, request: Request, params: P.Params) -> Response:
-        text = TextStream(params.stop, split_channels=params.kind == "chat")
+        text = TextStream(params.stop, split_channels=params.kind == "chat" and params.plan is None)
         total = Delta()
         info: dict[str, Any] = {"completion_tokens": 0}
         finish = "length"
@@ -158,6 +158,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
             return Response(status_code=499)
         finally:
             job.cancel()
+        if params.json_object and (error := canvas_routes.json_object_error(total.content)):
+            raise error
         body = P.envelope(params.kind, P.new_id(params.kind), params.model, P.now(), stream=False)
         finish = _finish_reason(finish, text, total)
         if params.kind == "chat":
@@ -176,7 +178,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     async def sse(job: Job, request: Request, params: P.Params) -> AsyncIterator[str]:
         rid, created = P.new_id(params.kind), P.now()
         chat = params.kind == "chat"
-        text = TextStream(params.stop, split_channels=chat)
+        text = TextStream(params.stop, split_channels=chat and params.plan is None)
         info: dict[str, Any] = {"completion_tokens": 0}
         finish = "length"
         made_calls = Delta()
@@ -216,11 +218,16 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
                 continue
             d, finish = _consume(kind, data, text, info, finish)
             made_calls.tool_calls += d.tool_calls
+            made_calls.content += d.content
             if d:
                 yield chunk(d)
             if text.stopped:
                 job.cancel()
                 break
+        if params.json_object and (error := canvas_routes.json_object_error(made_calls.content)):
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         yield chunk(None, _finish_reason(finish, text, made_calls), timings=_timings(info))
         if params.include_usage:
             body = P.envelope(params.kind, rid, params.model, created, stream=True)
@@ -231,14 +238,20 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         yield "data: [DONE]\n\n"
 
     # -- routes --------------------------------------------------------------------------------------
-    async def accept(request: Request, kind: str) -> tuple[dict[str, Any], P.Params]:
-        """An authorised request's body and its common parameters, for the served model."""
+    async def read(request: Request) -> dict[str, Any]:
         check_auth(request)
-        body = await read_body(request)
+        return await read_body(request)
+
+    def parse(body: dict[str, Any], kind: str) -> P.Params:
         params = P.parse_common(body, kind, default_max_tokens=config.default_max_tokens,
                                 max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
         check_model(params)
-        return body, params
+        return params
+
+    async def accept(request: Request, kind: str) -> tuple[dict[str, Any], P.Params]:
+        """An authorised request's body and its common parameters, for the served model."""
+        body = await read(request)
+        return body, parse(body, kind)
 
     async def chat_completions(request: Request) -> Response:
         body, params = await accept(request, "chat")
@@ -247,11 +260,13 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         params.has_tools = tools is not None
         kwargs = P.template_kwargs(body, config.chat_template_args)
         params.prompt_ids = await run_in_threadpool(_render, tokenizer, messages, tools, kwargs)
+        await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 
     async def completions(request: Request) -> Response:
         body, params = await accept(request, "completion")
         params.prompt_ids = P.completion_prompt(body, tokenizer)
+        await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 
     async def models(request: Request) -> Response:
@@ -282,7 +297,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
                             status_code=500)
 
     created_at = P.now()
-    routes = [
+    canvas = canvas_routes.Server(model, tokenizer, config, read, parse, check_request, submit, items)
+    routes = canvas_routes.routes(canvas) + [
         Route("/", index, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]

@@ -1,0 +1,273 @@
+"""The canvas over HTTP: `/v1/completions` with `suffix`, llama.cpp's `/infill` (raw HTTP in the
+shape llama.vim sends), `response_format` (json_schema pinned on the canvas, json_object checked), `/v1/edits` (a
+selection rewritten from itself, the rest pinned),
+each driven by the official `openai` client where it has the field, equal to the Python API
+(`complete`, `fill_json`, `edit`) and `dgemma complete` for equal seeds; and the hostile inputs of each,
+answered with a 4xx before any work while the server keeps serving.
+
+One server on the trained demo model (package data: nothing to build) serves every test here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+
+import pytest
+
+pytest.importorskip("starlette", reason="the [server] extra is not installed")
+openai = pytest.importorskip("openai", reason="the [server-test] extra is not installed")
+
+import mlx_diffusiongemma as dg
+from mlx_diffusiongemma.diffusion.options import GenerationOptions
+from mlx_diffusiongemma.editing.complete import complete_plan
+from mlx_diffusiongemma.prompts.render import render_messages
+from mlx_diffusiongemma.server import ServerConfig, create_app
+
+from conftest import invoke
+from helpers_server import running
+
+STEPS = 4  # max_denoising_steps: every request short on a CPU
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+CARD = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"},
+    "city": {"enum": ["Paris", "Rome", "Oslo"]}, "member": {"type": "boolean"}}}
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return dg.load("demo")
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    model, tok = demo
+    with running(create_app(model, tok, ServerConfig(model_id="demo"))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prefix(demo):
+    """A chat prompt as raw text (what a completions client sends)."""
+    _, tok = demo
+    return tok.decode(render_messages(tok, [{"role": "user", "content": "Make a card for Ada, 36, from Paris."}], False))
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw(url, path, body, method="POST"):
+    """(status, parsed JSON or the text) of one plain HTTP request."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    res = conn.getresponse()
+    text = res.read().decode()
+    conn.close()
+    try:
+        return res.status, json.loads(text)
+    except json.JSONDecodeError:
+        return res.status, text
+
+
+def served(url, timeout: float = 30) -> int:
+    """Requests the engine has finished, failed or cancelled, once it is idle (a 4xx before any
+    work adds none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = raw(url, "/health", None, method="GET")[1]
+        if h["active"] == h["waiting"] == 0 or time.monotonic() > deadline:
+            return h["completed"] + h["failed"] + h["cancelled"]
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------- suffix and /infill
+
+
+def test_suffix_same_middle_over_http_python_and_cli(demo, server, prefix, runner, tmp_path):
+    model, tok = demo
+    suffix = "\nAge: 36\nCity: Paris"
+    py = dg.complete(model, tok, prefix, suffix, max_tokens=8, seed=5, max_denoising_steps=STEPS)
+    c = client(server)
+    r = c.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=8, seed=5,
+                             extra_body={"max_denoising_steps": STEPS})
+    assert r.choices[0].text == py.text
+    assert r.choices[0].finish_reason == ("stop" if py.details["middle"]["ended"] else "length")
+    assert r.usage.completion_tokens == len(py.details["middle"]["tokens"])
+    streamed = c.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=8, seed=5, stream=True,
+                                    extra_body={"max_denoising_steps": STEPS})
+    assert "".join(ch.choices[0].text for ch in streamed) == py.text
+    (tmp_path / "p").write_text(prefix)
+    (tmp_path / "s").write_text(suffix)
+    cli = invoke(runner, ["complete", "--model", "demo", "--prefix-file", str(tmp_path / "p"), "--suffix-file",
+                          str(tmp_path / "s"), "--max-tokens", "8", "--seed", "5", "--steps", str(STEPS), "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["text"] == py.text
+
+
+def test_the_suffix_is_pinned_after_the_middle(demo):
+    """The canvas holds the middle's room, then the suffix's tokens pinned (up to the canvas end)."""
+    model, tok = demo
+    c = model.canvas_length
+    suffix = " and then".join(str(i) for i in range(40))
+    plan = complete_plan(model, tok, [2, 5], suffix, 10, GenerationOptions())
+    state = plan.request.canvases[0]
+    ids = tok.encode(suffix, add_special_tokens=False)[: c - 10]
+    assert state.pinned.tolist() == [False] * 10 + [True] * len(ids) + [False] * (c - 10 - len(ids))
+    assert state.ids.tolist()[10:10 + len(ids)] == ids
+    assert plan.request.max_tokens == c and not plan.request.stop_at_eos
+    # Room for the middle that fills its canvas: the suffix gets the next canvas.
+    plan = complete_plan(model, tok, [2, 5], suffix, c, GenerationOptions())
+    assert len(plan.request.canvases) == 2 and plan.request.canvases[1].pinned.tolist()[0]
+
+
+def test_infill_in_llama_vim_shape(demo, server, prefix):
+    model, tok = demo
+    extra = [{"filename": "notes.txt", "text": "Ada is 36."}]
+    body = {"input_prefix": prefix[:-6], "prompt": prefix[-6:], "input_suffix": "\nAge: 36", "input_extra": extra,
+            "n_predict": 6, "seed": 9, "max_denoising_steps": STEPS, "stop": [], "n_indent": 0, "top_k": 40,
+            "top_p": 0.99, "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 1000, "response_fields": ["content", "timings"]}
+    status, out = raw(server, "/infill", body)
+    assert status == 200, out
+    py = dg.complete(model, tok, "notes.txt\nAda is 36.\n\n" + prefix, "\nAge: 36", max_tokens=6, seed=9,
+                     max_denoising_steps=STEPS)
+    assert out["content"] == py.text and out["stop"] is True
+    assert out["tokens_predicted"] == len(py.details["middle"]["tokens"])
+    assert out["timings"]["predicted_n"] == out["tokens_predicted"]
+    status, text = raw(server, "/infill", {**body, "stream": True})
+    assert status == 200
+    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == py.text
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+
+
+# ---------------------------------------------------------------------------------- response_format
+
+
+def test_json_schema_is_pinned_and_parses(demo, server):
+    model, tok = demo
+    messages = [{"role": "user", "content": "Make a card for Ada, 36, from Paris."}]
+    c = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": CARD, "strict": True}}
+    r = c.chat.completions.create(model="demo", messages=messages, seed=3, response_format=fmt,
+                                  extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+    value = json.loads(r.choices[0].message.content)
+    assert list(value) == list(CARD["properties"])
+    assert isinstance(value["name"], str) and len(value["name"]) <= 6 * 8
+    assert type(value["age"]) is int and value["city"] in ("Paris", "Rome", "Oslo") and type(value["member"]) is bool
+    py = dg.fill_json(model, tok, messages, CARD, seed=3, max_denoising_steps=STEPS)
+    assert r.choices[0].message.content == py.text
+    streamed = c.chat.completions.create(model="demo", messages=messages, seed=3, response_format=fmt, stream=True,
+                                         extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == py.text
+    # Plain completions take it too (the prompt is raw text there).
+    r = c.completions.create(model="demo", prompt="A card:", seed=3,
+                             extra_body={"max_denoising_steps": STEPS, "response_format": fmt})
+    assert list(json.loads(r.choices[0].text)) == list(CARD["properties"])
+
+
+def test_json_object_reply_is_checked(server):
+    """json_object has no schema to pin: the reply is checked, and one that is not an object is a
+    clear error (the demo model never writes JSON unasked), never silent wrong output."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Is 4 even?"}], "max_tokens": 8, "seed": 1,
+            "max_denoising_steps": STEPS, "response_format": {"type": "json_object"}}
+    status, out = raw(server, "/v1/chat/completions", body)
+    if status == 200:
+        assert isinstance(json.loads(out["choices"][0]["message"]["content"]), dict)
+    else:
+        assert status == 500 and out["error"]["code"] == "invalid_json_output"
+    status, text = raw(server, "/v1/chat/completions", {**body, "stream": True})
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert "error" in last or last["choices"][0]["finish_reason"] is not None
+
+
+# ---------------------------------------------------------------------------------- edits
+
+
+def test_edit_rewrites_the_selection_with_the_rest_pinned(demo, server):
+    model, tok = demo
+    text, instruction = "Name: Ada\nAge: 36\nCity: Paris", "Make Ada 40 years old."
+    body = {"input": text, "instruction": instruction, "selection": [10, 17], "strength": 0.5, "seed": 2,
+            "max_denoising_steps": STEPS}
+    status, out = raw(server, "/v1/edits", body)
+    assert status == 200, out
+    choice = out["choices"][0]
+    start, end = choice["selection"]
+    assert choice["text"] == text[:10] + choice["replacement"] + text[17:]  # the rest is pinned
+    assert (start, end) == (10, 10 + len(choice["replacement"]))
+    py = dg.edit(model, tok, text, instruction, spans=[(10, 17)], warm_spans=True, strength=0.5, seed=2,
+                 max_denoising_steps=STEPS)
+    assert choice["text"] == py.text
+    assert out["usage"]["completion_tokens"] == len(py.details["span0"]["tokens"])
+    # strength 0: the selection starts from itself entirely (warm), so a model that keeps what
+    # it is given rewrites little; still the rest is pinned and the same seed gives the same text.
+    again = raw(server, "/v1/edits", {**body, "strength": 0.0})[1]["choices"][0]["text"]
+    assert again == dg.edit(model, tok, text, instruction, spans=[(10, 17)], warm_spans=True, strength=0.0,
+                            seed=2, max_denoising_steps=STEPS).text
+
+
+# ---------------------------------------------------------------------------------- hostile inputs
+
+
+HOSTILE = [
+    ("/v1/completions", {"prompt": "x", "suffix": "9 " * 5000}, 400, "suffix"),  # longer than the context
+    ("/v1/completions", {"prompt": "x", "suffix": 5}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y", "response_format": {"type": "json_object"}}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y", "stream": True, "stream_options": {"in_canvas": True}}, 400,
+     "stream_options"),
+    ("/v1/chat/completions", {"response_format": "json"}, 400, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "node", "schema": {
+        "type": "object", "properties": {"next": {"$ref": "#"}}}}}}, 400, "response_format"),  # recursive
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "object", "properties": {}}}}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": 10 ** 12}}}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(300)}}}}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 200} for i in range(30)}}}}}, 400,
+     "response_format"),  # more than the context
+    ("/infill", {"input_prefix": 7}, 400, "input_prefix"),
+    ("/infill", {"input_prefix": "a", "input_extra": "b"}, 400, "input_extra"),
+    ("/infill", {"input_prefix": "a", "input_extra": [{"filename": "f", "text": "t"}] * 300}, 400, "input_extra"),
+    ("/infill", {"input_prefix": "a", "input_extra": [{"filename": "f", "text": "9 " * 5000}]}, 400, "prompt"),
+    ("/infill", {"input_suffix": "a"}, 400, "input_prefix"),
+    ("/infill", {"input_prefix": "a", "n_predict": "many"}, 400, "max_tokens"),
+    ("/v1/edits", {"instruction": "x"}, 400, "input"),
+    ("/v1/edits", {"input": "abc", "instruction": 3}, 400, "instruction"),
+    ("/v1/edits", {"input": "abc", "instruction": "x", "selection": [2, 9]}, 400, "selection"),
+    ("/v1/edits", {"input": "abc", "instruction": "x", "selection": "all"}, 400, "selection"),
+    ("/v1/edits", {"input": "abc", "instruction": "x", "strength": 2}, 400, "strength"),
+    ("/v1/edits", {"input": "abc", "instruction": "x", "stream": True}, 400, "stream"),
+    ("/v1/edits", {"input": "9 " * 5000, "instruction": "x", "selection": [0, 2]}, 400, "input"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", HOSTILE, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(HOSTILE)])
+def test_hostile_inputs_are_4xx_before_any_work(server, path, body, status, param):
+    before = served(server)
+    if path.startswith("/v1/c"):
+        body = {"model": "demo", "max_tokens": 8, **body}
+        if "chat" in path:
+            body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    code, out = raw(server, path, body)
+    assert code == status, out
+    assert out["error"]["param"] == param and out["error"]["message"]
+    assert served(server) == before  # rejected before the engine saw it
+
+
+def test_still_serving_after_the_hostile_inputs(server):
+    r = client(server).completions.create(model="demo", prompt="Is 4 even?", suffix="?", max_tokens=4, seed=1,
+                                          extra_body={"max_denoising_steps": STEPS})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert raw(server, "/health", None, method="GET")[1]["status"] == "ok"
