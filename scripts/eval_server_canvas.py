@@ -10,6 +10,9 @@
   reply is a situation it was never trained on, so the tasks keep the reply on the canvas.)
 - `response_format` json_schema on the card prompts (name string, age integer, city enum):
   parse rate, schema match rate, accuracy per field.
+- `/v1/edits` on card answers whose prompt now names another age: the selection is the age's
+  value (warm-started from itself, `--strength` of it renoised), the rest pinned; right when the
+  new age is written.
 - Every HTTP reply (the official `openai` client against `dgemma serve`'s app, in-process
   behind uvicorn) is compared with the Python call for the same seed, and a few with
   `dgemma complete` (a subprocess): they must be equal.
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from docs_block import write_block  # noqa: E402  (scripts/, the running script's folder)
-from mlx_diffusiongemma import complete, fill_json, load  # noqa: E402
+from mlx_diffusiongemma import complete, edit, fill_json, load  # noqa: E402
 from mlx_diffusiongemma.demo import tasks  # noqa: E402
 from mlx_diffusiongemma.prompts.render import render_messages  # noqa: E402
 
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30, help="held-out prompts per family")
     ap.add_argument("--slack", type=int, default=2, help="room for the middle: its reference tokens + this")
     ap.add_argument("--cli", type=int, default=3, help="cases also run through `dgemma complete`")
+    ap.add_argument("--strength", type=float, default=1.0, help="edits: fraction of the selection renoised")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
@@ -141,6 +145,24 @@ def main() -> None:
         js["name"] += value.get("name") == name
         js["age"] += value.get("age") == int(age)
         js["city"] += value.get("city") == city
+    # Edits: a card whose age changed; the selection is the age's value, the rest pinned.
+    ed = {"n": 0, "right": 0, "kept": 0}
+    for i, (prompt, answer) in enumerate(tasks.held_out_set("card", args.n)):
+        name, age, city = (line.split(": ", 1)[1] for line in answer.split("\n"))
+        new_age = str((int(age) + 7) % 80 + 18)
+        instruction = prompt.replace(age, new_age)
+        start = answer.index("Age: ") + 4  # the space before the value is the tokenizer's word start
+        end = start + 1 + len(age)
+        py = edit(model, tok, answer, instruction, spans=[(start, end)], warm_spans=True, strength=args.strength,
+                  include_text=False, seed=i).text
+        body = {"model": "demo", "input": answer, "instruction": instruction, "selection": [start, end],
+                "strength": args.strength, "seed": i}
+        http = client.post("/edits", body=body, cast_to=object)["choices"][0]["text"]
+        if http != py:
+            mismatches.append(("edit", prompt, py, http))
+        ed["n"] += 1
+        ed["right"] += http == answer.replace(f"Age: {age}", f"Age: {new_age}")
+        ed["kept"] += http.startswith(answer[:start]) and http.endswith(answer[end:])
     server.should_exit = True
     elapsed = time.perf_counter() - t_start
 
@@ -165,8 +187,13 @@ def main() -> None:
         f"| chat completions | {js['n']} | {pct(js['parses'], js['n'])} | {pct(js['matches'], js['n'])} | "
         f"{pct(js['name'], js['n'])} | {pct(js['age'], js['n'])} | {pct(js['city'], js['n'])} |",
         "",
+        f"| `/v1/edits` (a card's age changed in the instruction; the selection is the age) | cases | new age written "
+        f"| text outside the selection unchanged |",
+        "|---|---|---|---|",
+        f"| warm start, strength {args.strength} | {ed['n']} | {pct(ed['right'], ed['n'])} | {pct(ed['kept'], ed['n'])} |",
+        "",
         f"HTTP against Python for the same seed: {len(mismatches)} differences in "
-        f"{sum(s['n'] for s in stats.values()) + js['n']} requests; `dgemma complete` against Python: "
+        f"{sum(s['n'] for s in stats.values()) + js['n'] + ed['n']} requests; `dgemma complete` against Python: "
         f"{sum(m[0] == 'cli' for m in mismatches)} differences in {args.cli}.",
     ]
     table = "\n".join(lines)

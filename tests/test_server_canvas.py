@@ -1,7 +1,9 @@
 """The canvas over HTTP: `/v1/completions` with `suffix`, llama.cpp's `/infill` (raw HTTP in the
 shape llama.vim sends), `response_format` (json_schema pinned on the canvas, json_object checked), `/v1/edits` (a
 selection rewritten from itself, the rest pinned),
-each driven by the official `openai` client where it has the field, equal to the Python API
+Ollama's `/api/chat`, `/api/generate`, `/api/tags`, `/api/show` through the official `ollama`
+client (thinking and tool calls on a scripted model), each driven by the official `openai`
+client where it has the field, equal to the Python API
 (`complete`, `fill_json`, `edit`) and `dgemma complete` for equal seeds; and the hostile inputs of each,
 answered with a 4xx before any work while the server keeps serving.
 
@@ -203,14 +205,86 @@ def test_edit_rewrites_the_selection_with_the_rest_pinned(demo, server):
     assert choice["text"] == text[:10] + choice["replacement"] + text[17:]  # the rest is pinned
     assert (start, end) == (10, 10 + len(choice["replacement"]))
     py = dg.edit(model, tok, text, instruction, spans=[(10, 17)], warm_spans=True, strength=0.5, seed=2,
-                 max_denoising_steps=STEPS)
+                 include_text=False, max_denoising_steps=STEPS)
     assert choice["text"] == py.text
     assert out["usage"]["completion_tokens"] == len(py.details["span0"]["tokens"])
-    # strength 0: the selection starts from itself entirely (warm), so a model that keeps what
-    # it is given rewrites little; still the rest is pinned and the same seed gives the same text.
-    again = raw(server, "/v1/edits", {**body, "strength": 0.0})[1]["choices"][0]["text"]
+    # strength 0 (the selection starts from itself) with the text in the prompt too: the same
+    # seed gives Python's text.
+    again = raw(server, "/v1/edits", {**body, "strength": 0.0, "include_text": True})[1]["choices"][0]["text"]
     assert again == dg.edit(model, tok, text, instruction, spans=[(10, 17)], warm_spans=True, strength=0.0,
                             seed=2, max_denoising_steps=STEPS).text
+
+
+# ---------------------------------------------------------------------------------- Ollama's API
+
+CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+def test_ollama_chat_generate_tags_show(demo, server):
+    ollama = pytest.importorskip("ollama", reason="the [server-test] extra is not installed")
+    model, tok = demo
+    c = ollama.Client(host=server)
+    assert [m.model for m in c.list().models] == ["demo"]
+    shown = c.show("demo")
+    assert "insert" in shown.capabilities and shown.modelinfo["diffusion_gemma.canvas_length"] == model.canvas_length
+    messages = [{"role": "user", "content": "Sort these numbers: 42 7 19 88 3"}]
+    options = {"seed": 4, "num_predict": 16, "max_denoising_steps": STEPS}
+    reply = c.chat(model="demo", messages=messages, options=options, think=False)
+    oai = client(server).chat.completions.create(model="demo", messages=messages, seed=4, max_tokens=16,
+                                                 extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+    assert reply.message.content == oai.choices[0].message.content and reply.done
+    assert reply.eval_count == oai.usage.completion_tokens
+    assert reply.done_reason == ("length" if oai.choices[0].finish_reason == "length" else "stop")
+    parts = list(c.chat(model="demo", messages=messages, options=options, think=False, stream=True))
+    assert "".join(p.message.content for p in parts) == reply.message.content
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    # generate: the prompt as one user message; with a suffix, the canvas completion.
+    assert c.generate(model="demo", prompt=messages[0]["content"], options=options, think=False).response == \
+        reply.message.content
+    middle = c.generate(model="demo", prompt="Name: Ada", suffix="\nCity: Paris", options=options).response
+    assert middle == dg.complete(model, tok, "Name: Ada", "\nCity: Paris", max_tokens=16, seed=4,
+                                 max_denoising_steps=STEPS).text
+    card = c.chat(model="demo", messages=[{"role": "user", "content": "Make a card for Ada, 36, from Paris."}],
+                  format=CARD, options={"seed": 4, "max_denoising_steps": STEPS}, think=False).message.content
+    assert list(json.loads(card)) == list(CARD["properties"])
+
+
+@pytest.fixture(scope="module")
+def scripted(demo):
+    """A server over a model that writes a thought, an answer and a tool call."""
+    from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS, TURN_END
+
+    from helpers_server import ScriptedModel
+
+    model, tok = demo
+    script = "<|channel>thought\nHm.<channel|>Ok." + CALL
+    app = create_app(ScriptedModel(model, tok, script, SPECIAL_TOKENS.index(TURN_END)), tok,
+                     ServerConfig(model_id="demo", prompt_cache_size=0))
+    with running(app) as url:
+        yield url
+
+
+def test_ollama_thinking_and_tool_calls(scripted):
+    ollama = pytest.importorskip("ollama", reason="the [server-test] extra is not installed")
+    c = ollama.Client(host=scripted)
+    ask = {"model": "demo", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+           "think": True, "options": {"num_predict": 128}}
+    msg = c.chat(**ask).message
+    assert msg.thinking == "Hm." and msg.content == "Ok."
+    [call] = msg.tool_calls
+    assert call.function.name == "get_weather" and dict(call.function.arguments) == {"city": "Paris", "days": 3}
+    parts = list(c.chat(**ask, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == "Hm."
+    assert "".join(p.message.content for p in parts) == "Ok."
+    calls = [tc for p in parts for tc in (p.message.tool_calls or [])]
+    assert len(calls) == 1 and dict(calls[0].function.arguments) == {"city": "Paris", "days": 3}
+    # The call sent back as history, with its result: the next turn renders and runs.
+    history = ask["messages"] + [{"role": "assistant", "content": "Ok.", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    assert c.chat(**{**ask, "messages": history}).done
 
 
 # ---------------------------------------------------------------------------------- hostile inputs
@@ -249,7 +323,19 @@ HOSTILE = [
     ("/v1/edits", {"input": "abc", "instruction": "x", "selection": "all"}, 400, "selection"),
     ("/v1/edits", {"input": "abc", "instruction": "x", "strength": 2}, 400, "strength"),
     ("/v1/edits", {"input": "abc", "instruction": "x", "stream": True}, 400, "stream"),
+    ("/v1/edits", {"input": "abc", "instruction": "x", "include_text": "yes"}, 400, "include_text"),
     ("/v1/edits", {"input": "9 " * 5000, "instruction": "x", "selection": [0, 2]}, 400, "input"),
+    ("/api/chat", {"model": "demo", "messages": "x"}, 400, None),
+    ("/api/chat", {"model": "demo", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400, None),
+    ("/api/chat", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "format": "json"}, 400, None),
+    ("/api/chat", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "format": {"type": "array"}},
+     400, None),
+    ("/api/chat", {"model": "demo", "messages": [{"role": "user", "content": "x"}], "options": "fast"}, 400, None),
+    ("/api/chat", {"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, None),
+    ("/api/generate", {"model": "demo", "prompt": 5}, 400, None),
+    ("/api/generate", {"model": "demo", "prompt": "x", "options": {"num_predict": 10 ** 9}}, 400, None),
+    ("/api/generate", {"model": "demo", "prompt": "x", "suffix": "9 " * 5000}, 400, None),
+    ("/api/show", {"model": "other"}, 404, None),
 ]
 
 
@@ -262,11 +348,16 @@ def test_hostile_inputs_are_4xx_before_any_work(server, path, body, status, para
             body.setdefault("messages", [{"role": "user", "content": "hi"}])
     code, out = raw(server, path, body)
     assert code == status, out
-    assert out["error"]["param"] == param and out["error"]["message"]
+    if path.startswith("/api/"):  # Ollama's error shape
+        assert isinstance(out["error"], str) and out["error"]
+    else:
+        assert out["error"]["param"] == param and out["error"]["message"]
     assert served(server) == before  # rejected before the engine saw it
 
 
 def test_still_serving_after_the_hostile_inputs(server):
+    assert raw(server, "/api/generate", {"model": "demo", "prompt": "Is 4 even?", "stream": False,
+                                         "options": {"num_predict": 4, "max_denoising_steps": STEPS}})[1]["done"]
     r = client(server).completions.create(model="demo", prompt="Is 4 even?", suffix="?", max_tokens=4, seed=1,
                                           extra_body={"max_denoising_steps": STEPS})
     assert r.choices[0].finish_reason in ("stop", "length")

@@ -26,7 +26,7 @@ from ..editing.edit import edit_prompt, span_edit_plan
 from ..editing.schema import json_plan
 from ..editing.template import TemplateError
 from ..errors import DiffusionGemmaError
-from ..prompts.channels import TextStream
+from ..prompts.channels import Delta, TextStream
 from ..prompts.render import prompt_ids
 from . import protocol as P
 
@@ -46,6 +46,8 @@ class Server:
     check_request: Callable
     submit: Callable
     items: Callable  # (job, request, poll) -> the job's items
+    render: Callable  # (tokenizer, messages, tools, template kwargs) -> prompt ids (400 when refused)
+    auth: Callable  # (request) -> None, or the 401
 
 
 def response_format(body: dict) -> tuple[str, dict | None] | None:
@@ -160,8 +162,10 @@ def infill_body(body: dict, model_id: str) -> tuple[dict, str, str]:
 # -- edits ---------------------------------------------------------------------------------------------
 
 
-def edit_request(body: dict) -> tuple[str, str, tuple[int, int], float, int]:
-    """(text, instruction, selection, strength, slack) of a `/v1/edits` body, checked."""
+def edit_request(body: dict) -> tuple[str, str, tuple[int, int], float, int, bool]:
+    """(text, instruction, selection, strength, slack, include_text) of a `/v1/edits` body, checked.
+    By default the prompt is the instruction alone: the canvas carries the text (pinned around the
+    selection); `include_text: true` also puts the text in the prompt (`edit`'s default)."""
     text, instruction = body.get("input"), body.get("instruction")
     if not isinstance(text, str) or not text:
         raise P.bad("'input' must be a non-empty string: the text to edit", param="input")
@@ -179,10 +183,13 @@ def edit_request(body: dict) -> tuple[str, str, tuple[int, int], float, int]:
     slack = body.get("slack", 4)
     if isinstance(slack, bool) or not isinstance(slack, int) or not 0 <= slack <= MAX_EDIT_SLACK:
         raise P.bad(f"'slack' must be an integer from 0 to {MAX_EDIT_SLACK}", param="slack")
+    include_text = body.get("include_text", False)
+    if not isinstance(include_text, bool):
+        raise P.bad("'include_text' must be true or false", param="include_text")
     start = sel[0]
     while start > 0 and text[start - 1] in " \t":  # tokenizers attach a space to the next word
         start -= 1
-    return text, instruction, (start, sel[1]), float(strength), slack
+    return text, instruction, (start, sel[1]), float(strength), slack, include_text
 
 
 def routes(server: Server) -> list[Route]:
@@ -199,8 +206,8 @@ def routes(server: Server) -> list[Route]:
             return StreamingResponse(_infill_sse(server, job, request, params), media_type="text/event-stream",
                                      headers=headers)
         content, info = "", {}
-        async for piece, data in _infill_pieces(server, job, request, params, poll=True):
-            content += piece
+        async for d, data in reply_deltas(server, job, request, params, poll=True):
+            content += d.content
             info = data or info
         return JSONResponse(_infill_object(params, content, info, stop=True))
 
@@ -208,11 +215,11 @@ def routes(server: Server) -> list[Route]:
         body = await server.read(request)
         body.setdefault("model", server.config.model_id)
         params = server.parse(body, "completion")
-        text, instruction, (start, end), strength, slack = edit_request(body)
+        text, instruction, (start, end), strength, slack, include_text = edit_request(body)
         if params.stream:
             raise P.bad("'stream' is not supported on /v1/edits (the edit is one canvas verb)", param="stream")
         params.stop = []
-        prompt = edit_prompt(instruction, text)
+        prompt = edit_prompt(instruction, text, include_text)
         try:
             params.prompt_ids = await run_in_threadpool(prompt_ids, server.tokenizer, prompt, params.options.thinking)
             plan = await run_in_threadpool(_built, span_edit_plan, server.model, server.tokenizer, params.prompt_ids,
@@ -226,8 +233,8 @@ def routes(server: Server) -> list[Route]:
         server.check_request(params)
         job = server.submit(params)
         content, info = "", {}
-        async for piece, data in _infill_pieces(server, job, request, params, poll=True):
-            content += piece
+        async for d, data in reply_deltas(server, job, request, params, poll=True):
+            content += d.content
             info = data or info
         tail = len(text) - end
         return JSONResponse({
@@ -243,37 +250,42 @@ def routes(server: Server) -> list[Route]:
             Route("/edits", edits, methods=["POST"])]
 
 
-async def _infill_pieces(server: Server, job, request: Request, params: P.Params, poll: bool) -> AsyncIterator:
-    """(text, None) per piece of the reply, then ("", info) at the end."""
-    text = TextStream(params.stop, split_channels=False)
+async def reply_deltas(server: Server, job, request: Request, params: P.Params, poll: bool) -> AsyncIterator:
+    """(Delta, None) per piece of a job's reply (thought, answer and tool calls apart for a chat
+    reply that is not a canvas verb's), then (Delta(), info) at the end; an error is raised as an
+    APIError. For the routes that answer in other APIs' shapes (/infill, /v1/edits, ollama.py)."""
+    text = TextStream(params.stop, split_channels=params.kind == "chat" and params.plan is None)
     info: dict[str, Any] = {"completion_tokens": 0, "finish_reason": "length"}
+    calls = 0
     async for kind, data in server.items(job, request, poll):
         if kind == "error":
             raise data if isinstance(data, P.APIError) else P.APIError(
                 500, f"generation failed: {type(data).__name__}: {data}", type="server_error")
+        d = Delta()
         if kind == "prefill":
             info.update(data)
         elif kind == "text":
             info["completion_tokens"] += data["tokens"]
-            piece = text.feed(data["text"]).content
-            if piece:
-                yield piece, None
+            d = text.feed(data["text"])
         elif kind == "done":
             info.update(data)
-            piece = text.finish().content
-            if piece:
-                yield piece, None
+            d = text.finish()
+        calls += len(d.tool_calls)
+        if d:
+            yield d, None
         if text.stopped:
             info["finish_reason"] = "stop"
             job.cancel()
             break
-    yield "", info
+    if calls and info["finish_reason"] == "stop":
+        info["finish_reason"] = "tool_calls"
+    yield Delta(), info
 
 
 async def _infill_sse(server: Server, job, request: Request, params: P.Params) -> AsyncIterator[str]:
     try:
-        async for piece, info in _infill_pieces(server, job, request, params, poll=False):
-            body = _infill_object(params, piece, info, stop=True) if info else {"content": piece, "stop": False}
+        async for d, info in reply_deltas(server, job, request, params, poll=False):
+            body = _infill_object(params, d.content, info, stop=True) if info else {"content": d.content, "stop": False}
             yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
     except P.APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
