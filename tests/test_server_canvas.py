@@ -2,7 +2,8 @@
 shape llama.vim sends), `response_format` (json_schema pinned on the canvas, json_object checked), `/v1/edits` (a
 selection rewritten from itself, the rest pinned),
 Ollama's `/api/chat`, `/api/generate`, `/api/tags`, `/api/show` through the official `ollama`
-client (thinking and tool calls on a scripted model), each driven by the official `openai`
+client and Anthropic's `/v1/messages` through `anthropic` (thinking and tool calls on a scripted
+model, the call cut between two canvases), each driven by the official `openai`
 client where it has the field, equal to the Python API
 (`complete`, `fill_json`, `edit`) and `dgemma complete` for equal seeds; and the hostile inputs of each,
 answered with a 4xx before any work while the server keeps serving.
@@ -252,32 +253,41 @@ def test_ollama_chat_generate_tags_show(demo, server):
 
 
 @pytest.fixture(scope="module")
-def scripted(demo):
-    """A server over a model that writes a thought, an answer and a tool call."""
+def pad(demo):
+    """Answer padding that puts the tool call's string delimiter across a canvas boundary."""
+    model, tok = demo
+    head = "<|channel>thought\nHm.<channel|>Ok."
+    call_at = len(tok.encode(CALL[: CALL.index('<|"|>') + 2], add_special_tokens=False))
+    return -(len(tok.encode(head, add_special_tokens=False)) + call_at) % model.canvas_length or model.canvas_length
+
+
+@pytest.fixture(scope="module")
+def scripted(demo, pad):
+    """A server over a model that writes a thought, an answer and a tool call cut between canvases."""
     from mlx_diffusiongemma.demo.files import SPECIAL_TOKENS, TURN_END
 
     from helpers_server import ScriptedModel
 
     model, tok = demo
-    script = "<|channel>thought\nHm.<channel|>Ok." + CALL
+    script = "<|channel>thought\nHm.<channel|>Ok." + "x" * pad + CALL
     app = create_app(ScriptedModel(model, tok, script, SPECIAL_TOKENS.index(TURN_END)), tok,
                      ServerConfig(model_id="demo", prompt_cache_size=0))
     with running(app) as url:
         yield url
 
 
-def test_ollama_thinking_and_tool_calls(scripted):
+def test_ollama_thinking_and_tool_calls(scripted, pad):
     ollama = pytest.importorskip("ollama", reason="the [server-test] extra is not installed")
     c = ollama.Client(host=scripted)
     ask = {"model": "demo", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
            "think": True, "options": {"num_predict": 128}}
     msg = c.chat(**ask).message
-    assert msg.thinking == "Hm." and msg.content == "Ok."
+    assert msg.thinking == "Hm." and msg.content == "Ok." + "x" * pad
     [call] = msg.tool_calls
     assert call.function.name == "get_weather" and dict(call.function.arguments) == {"city": "Paris", "days": 3}
     parts = list(c.chat(**ask, stream=True))
     assert "".join(p.message.thinking or "" for p in parts) == "Hm."
-    assert "".join(p.message.content for p in parts) == "Ok."
+    assert "".join(p.message.content for p in parts) == "Ok." + "x" * pad
     calls = [tc for p in parts for tc in (p.message.tool_calls or [])]
     assert len(calls) == 1 and dict(calls[0].function.arguments) == {"city": "Paris", "days": 3}
     # The call sent back as history, with its result: the next turn renders and runs.
@@ -285,6 +295,57 @@ def test_ollama_thinking_and_tool_calls(scripted):
         {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
         {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
     assert c.chat(**{**ask, "messages": history}).done
+
+
+# ---------------------------------------------------------------------------------- Anthropic's API
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather forecast", "input_schema":
+                    TOOLS[0]["function"]["parameters"]}]
+
+
+def test_anthropic_messages_equal_the_openai_reply(server):
+    anthropic = pytest.importorskip("anthropic", reason="the [server-test] extra is not installed")
+    c = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    ask = {"model": "demo", "max_tokens": 16, "system": "Be brief.", "thinking": {"type": "disabled"},
+           "messages": [{"role": "user", "content": [{"type": "text", "text": "Sort these numbers: 42 7 19 88 3"}]}],
+           "extra_body": {"seed": 6, "max_denoising_steps": STEPS}}
+    r = c.messages.create(**ask)
+    oai = client(server).chat.completions.create(
+        model="demo", max_tokens=16, seed=6, messages=[{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "Sort these numbers: 42 7 19 88 3"}],
+        extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+    assert [b.type for b in r.content] == ["text"] and r.content[0].text == oai.choices[0].message.content
+    assert r.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[oai.choices[0].finish_reason]
+    assert r.usage.output_tokens == oai.usage.completion_tokens
+    with c.messages.stream(**ask) as stream:
+        assert "".join(stream.text_stream) == r.content[0].text
+        assert stream.get_final_message().stop_reason == r.stop_reason
+
+
+def test_anthropic_thinking_and_tool_use_blocks(scripted, pad):
+    anthropic = pytest.importorskip("anthropic", reason="the [server-test] extra is not installed")
+    c = anthropic.Anthropic(base_url=scripted, api_key="unused", max_retries=0)
+    ask = {"model": "demo", "max_tokens": 192, "tools": ANTHROPIC_TOOLS,
+           "thinking": {"type": "enabled", "budget_tokens": 1024},
+           "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    r = c.messages.create(**ask)
+    assert [b.type for b in r.content] == ["thinking", "text", "tool_use"] and r.stop_reason == "tool_use"
+    assert r.content[0].thinking == "Hm." and r.content[1].text == "Ok." + "x" * pad
+    assert r.content[2].name == "get_weather" and r.content[2].input == {"city": "Paris", "days": 3}
+    with c.messages.stream(**ask) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].thinking == "Hm." and final.content[2].input == {"city": "Paris", "days": 3}
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert events.count("content_block_start") == events.count("content_block_stop") == 3
+    # The tool_use and its tool_result sent back: the next turn renders and runs.
+    history = ask["messages"] + [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Hm.", "signature": ""},
+                                          {"type": "text", "text": "Ok."}, r.content[2].model_dump(
+                                              include={"type", "id", "name", "input"})]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": r.content[2].id, "content": "sunny"}]}]
+    assert c.messages.create(**{**ask, "messages": history}).content
 
 
 # ---------------------------------------------------------------------------------- hostile inputs
@@ -336,6 +397,15 @@ HOSTILE = [
     ("/api/generate", {"model": "demo", "prompt": "x", "options": {"num_predict": 10 ** 9}}, 400, None),
     ("/api/generate", {"model": "demo", "prompt": "x", "suffix": "9 " * 5000}, 400, None),
     ("/api/show", {"model": "other"}, 404, None),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400, None),  # no max_tokens
+    ("/v1/messages", {"max_tokens": 8, "messages": []}, 400, None),
+    ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "aGk="}}]}]}, 400, None),
+    ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "robot", "content": "x"}]}, 400, None),
+    ("/v1/messages", {"max_tokens": 8, "thinking": "on", "messages": [{"role": "user", "content": "x"}]}, 400, None),
+    ("/v1/messages", {"max_tokens": 8, "tools": [{"input_schema": {}}], "messages": [{"role": "user", "content": "x"}]},
+     400, None),
+    ("/v1/messages", {"max_tokens": 10 ** 9, "messages": [{"role": "user", "content": "x"}]}, 400, None),
 ]
 
 
@@ -350,6 +420,8 @@ def test_hostile_inputs_are_4xx_before_any_work(server, path, body, status, para
     assert code == status, out
     if path.startswith("/api/"):  # Ollama's error shape
         assert isinstance(out["error"], str) and out["error"]
+    elif path == "/v1/messages":  # Anthropic's
+        assert out["type"] == "error" and out["error"]["type"] == "invalid_request_error" and out["error"]["message"]
     else:
         assert out["error"]["param"] == param and out["error"]["message"]
     assert served(server) == before  # rejected before the engine saw it

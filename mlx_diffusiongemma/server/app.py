@@ -26,7 +26,7 @@ from ..diffusion.engine import check_fits
 from ..errors import ContextLengthError, DiffusionGemmaError
 from ..prompts.channels import Delta, TextStream
 from ..prompts.render import render_messages
-from . import canvas_routes, ollama, protocol as P
+from . import anthropic, canvas_routes, ollama, protocol as P
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("mlx_diffusiongemma.server")
@@ -298,8 +298,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
 
     created_at = P.now()
     canvas = canvas_routes.Server(model, tokenizer, config, read, parse, check_request, submit, items, _render,
-                                  check_auth)
-    routes = canvas_routes.routes(canvas) + ollama.routes(canvas) + [
+                                  check_auth, read_body)
+    routes = canvas_routes.routes(canvas) + ollama.routes(canvas) + anthropic.routes(canvas) + [
         Route("/", index, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]

@@ -48,6 +48,7 @@ class Server:
     items: Callable  # (job, request, poll) -> the job's items
     render: Callable  # (tokenizer, messages, tools, template kwargs) -> prompt ids (400 when refused)
     auth: Callable  # (request) -> None, or the 401
+    read_body: Callable  # (request) -> the body, without the bearer check (routes with their own)
 
 
 def response_format(body: dict) -> tuple[str, dict | None] | None:
@@ -275,6 +276,7 @@ async def reply_deltas(server: Server, job, request: Request, params: P.Params, 
             yield d, None
         if text.stopped:
             info["finish_reason"] = "stop"
+            info["stop_string"] = True
             job.cancel()
             break
     if calls and info["finish_reason"] == "stop":
