@@ -348,6 +348,96 @@ def test_anthropic_thinking_and_tool_use_blocks(scripted, pad):
     assert c.messages.create(**{**ask, "messages": history}).content
 
 
+# ---------------------------------------------------------------------------------- images
+
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+
+
+def _png(size=(30, 44), color=100, mode="RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+    """A server over a tiny random model with a vision tower (test_vision_api.py's), reading
+    files from a folder."""
+    pytest.importorskip("PIL", reason="the [vision] extra is not installed")
+    from conftest import build_reference, save_checkpoint, tiny_text_config
+    from mlx_diffusiongemma.demo.files import tokenizer_vocab_size
+
+    config = tiny_text_config(use_bidirectional_attention="vision", vocab_size=tokenizer_vocab_size(True))
+    built = build_reference(config, canvas_length=8, seed=5, vision=VISION)
+    path = save_checkpoint(built, tmp_path_factory.mktemp("vision") / "ckpt", image_tokens=True)
+    (path / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": 70}}))
+    model, tok = dg.load(path)
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "a.png").write_bytes(_png(color=30))
+    (folder.parent / "outside.png").write_bytes(_png())
+    with running(create_app(model, tok, ServerConfig(model_id="demo", image_dir=str(folder)))) as url:
+        yield model, tok, url, folder
+
+
+def test_image_url_parts_equal_python(vision):
+    model, tok, url, _ = vision
+    c = client(url)
+    for color in (100, 200):  # two images, same text: no reuse of the other's prompt cache
+        data = _png(color=color)
+        parts = [{"type": "image_url", "image_url": {"url": _data_url(data)}}, {"type": "text", "text": "What is it?"}]
+        r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}], max_tokens=8,
+                                      seed=0, extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+        py = dg.generate(model, tok, [{"role": "user", "content": [{"type": "image", "image": data},
+                                                                   {"type": "text", "text": "What is it?"}]}],
+                         max_tokens=8, seed=0, max_denoising_steps=STEPS)
+        assert r.choices[0].message.content == py.text and r.usage.prompt_tokens == py.prompt_tokens
+    # A file inside --image-dir is read; the text-only reply differs in its prompt.
+    r = c.chat.completions.create(model="demo", max_tokens=8, seed=0, extra_body={"max_denoising_steps": STEPS},
+                                  messages=[{"role": "user", "content": [
+                                      {"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "?"}]}])
+    assert r.usage.prompt_tokens > 20  # the template around <boi> + the image's soft tokens + <eoi>
+
+
+@pytest.mark.parametrize("case", ["bomb", "not an image", "bad base64", "remote", "outside", "traversal", "too many"])
+def test_hostile_images_are_400(vision, case):
+    model, tok, url, folder = vision
+    before = served(url)
+    good = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
+    urls = {"bomb": _data_url(_png((9000, 8000), 0, "1")),  # 72 Mpx in a few kB
+            "not an image": _data_url(b"hello"), "bad base64": "data:image/png;base64,%%%",
+            "remote": "https://example.com/a.png", "outside": str(folder.parent / "outside.png"),
+            "traversal": "../outside.png"}
+    parts = [good] * 17 if case == "too many" else [{"type": "image_url", "image_url": {"url": urls[case]}}]
+    code, out = raw(url, "/v1/chat/completions", {"model": "demo", "max_tokens": 8, "messages": [
+        {"role": "user", "content": parts + [{"type": "text", "text": "?"}]}]})
+    assert code == 400, out
+    assert out["error"]["param"] == "messages" and out["error"]["message"]
+    assert served(url) == before
+
+
+def test_local_image_files_need_the_flag_and_text_models_refuse_images(demo, server):
+    from mlx_diffusiongemma.server.image_parts import take_images
+
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}
+    code, out = raw(server, "/v1/chat/completions", {"model": "demo", "max_tokens": 8, **body})
+    assert code == 400 and "no vision tower" in out["error"]["message"]
+    vision_model = type("Vision", (), {"has_vision": True, "args": None})()
+    with pytest.raises(Exception, match="--image-dir"):
+        take_images(json.loads(json.dumps(body)), vision_model, None, None)
+
+
 # ---------------------------------------------------------------------------------- hostile inputs
 
 

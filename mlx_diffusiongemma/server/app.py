@@ -26,7 +26,7 @@ from ..diffusion.engine import check_fits
 from ..errors import ContextLengthError, DiffusionGemmaError
 from ..prompts.channels import Delta, TextStream
 from ..prompts.render import render_messages
-from . import anthropic, canvas_routes, ollama, protocol as P
+from . import anthropic, canvas_routes, image_parts, ollama, protocol as P
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("mlx_diffusiongemma.server")
@@ -45,6 +45,7 @@ class ServerConfig:
     chat_template_args: dict[str, Any] = field(default_factory=dict)
     disconnect_poll_s: float = 0.25
     default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
+    image_dir: str | None = None  # local image files are read only from here (None: data URLs only)
 
 
 class Disconnected(Exception):
@@ -255,11 +256,15 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
 
     async def chat_completions(request: Request) -> Response:
         body, params = await accept(request, "chat")
+        sources = image_parts.take_images(body, model, tokenizer, config.image_dir)
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
         params.has_tools = tools is not None
         kwargs = P.template_kwargs(body, config.chat_template_args)
         params.prompt_ids = await run_in_threadpool(_render, tokenizer, messages, tools, kwargs)
+        if sources:
+            params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, model, params.prompt_ids,
+                                                                       sources)
         await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 

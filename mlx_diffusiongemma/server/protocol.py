@@ -71,6 +71,7 @@ class Params:
     # reply; the worker runs its request after the prompt and sends its reply (canvas_routes.py).
     plan: Any = None
     json_object: bool = False  # response_format json_object: the reply must parse as an object
+    images: list = field(default_factory=list)  # processed images of the prompt (image_parts.py)
 
     @property
     def max_tokens(self) -> int:

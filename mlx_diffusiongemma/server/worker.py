@@ -198,16 +198,24 @@ class Worker:
         model = self.model
         ids = p.prompt_ids
         t0 = time.perf_counter()
-        cache, cached = self.store.lookup(ids)
+        # A prompt with images is encoded whole, with their features, and never shared through
+        # the prompt cache (its image tokens' ids are the same whatever the image).
+        cache, cached = (None, 0) if p.images else self.store.lookup(ids)
         if cache is None or cached == 0:
             cache, cached = model.make_cache(), 0
         new = ids[cached:]
         chunk = p.options.prefill_chunk
-        for start in range(0, len(new), chunk):
-            model.extend(cache, new[start : start + chunk])
+        if p.images:
+            features = [model.encode_image(im.pixel_values, im.position_ids, im.grid) for im in p.images]
+            model.extend(cache, new, chunk_size=chunk, image_features=features)
             yield None
+        else:
+            for start in range(0, len(new), chunk):
+                model.extend(cache, new[start : start + chunk])
+                yield None
         mx.eval(cache.state())
-        self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
+        if not p.images:
+            self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
         yield ("prefill", {"prompt_tokens": len(ids), "cached_tokens": cached,
                            "prefill_time": time.perf_counter() - t0,
                            "queued_time": t0 - job.submitted})
@@ -280,7 +288,8 @@ class Worker:
                     if tail:
                         yield ("text", {"text": tail, "tokens": 0})
                     encoded = [t for canvas in event.encoded_canvases for t in canvas]
-                    self.store.insert(list(ids) + encoded, cache)
+                    if not p.images:
+                        self.store.insert(list(ids) + encoded, cache)
                     yield ("done", {
                         "finish_reason": finish,
                         "completion_tokens": ntokens,
