@@ -187,8 +187,8 @@ def main() -> None:
         f"| chat completions | {js['n']} | {pct(js['parses'], js['n'])} | {pct(js['matches'], js['n'])} | "
         f"{pct(js['name'], js['n'])} | {pct(js['age'], js['n'])} | {pct(js['city'], js['n'])} |",
         "",
-        f"| `/v1/edits` (a card's age changed in the instruction; the selection is the age) | cases | new age written "
-        f"| text outside the selection unchanged |",
+        "| `/v1/edits` (a card's age changed in the instruction; the selection is the age) | cases | new age written "
+        "| text outside the selection unchanged |",
         "|---|---|---|---|",
         f"| warm start, strength {args.strength} | {ed['n']} | {pct(ed['right'], ed['n'])} | {pct(ed['kept'], ed['n'])} |",
         "",
