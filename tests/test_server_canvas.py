@@ -410,6 +410,31 @@ def test_image_url_parts_equal_python(vision):
     assert r.usage.prompt_tokens > 20  # the template around <boi> + the image's soft tokens + <eoi>
 
 
+def test_images_through_ollama_and_anthropic(vision):
+    import base64
+
+    ollama = pytest.importorskip("ollama", reason="the [server-test] extra is not installed")
+    anthropic = pytest.importorskip("anthropic", reason="the [server-test] extra is not installed")
+    model, tok, url, _ = vision
+    data = _png(color=60)
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(data)}}, {"type": "text", "text": "What is it?"}]
+    want = client(url).chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}],
+                                               max_tokens=8, seed=0,
+                                               extra_body={"max_denoising_steps": STEPS, **NO_THINKING})
+    got = ollama.Client(host=url).chat(model="demo", think=False, options={
+        "seed": 0, "num_predict": 8, "max_denoising_steps": STEPS},
+        messages=[{"role": "user", "content": "What is it?", "images": [data]}])
+    assert got.message.content == want.choices[0].message.content
+    assert got.prompt_eval_count == want.usage.prompt_tokens
+    msg = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0).messages.create(
+        model="demo", max_tokens=8, thinking={"type": "disabled"}, extra_body={"seed": 0, "max_denoising_steps": STEPS},
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(data).decode()}},
+            {"type": "text", "text": "What is it?"}]}])
+    assert "".join(b.text for b in msg.content if b.type == "text") == want.choices[0].message.content
+
+
 @pytest.mark.parametrize("case", ["bomb", "not an image", "bad base64", "remote", "outside", "traversal", "too many"])
 def test_hostile_images_are_400(vision, case):
     model, tok, url, folder = vision

@@ -8,7 +8,8 @@ on the same queue and batching. The reply is Anthropic's: content blocks in orde
 `stop_sequence`, `tool_use`) and `usage`; streamed, the named events (`message_start`,
 `content_block_start` / `_delta` / `_stop` per block, `message_delta`, `message_stop`). Errors
 are Anthropic's `{"type": "error", "error": {"type", "message"}}` with the same statuses.
-Images are refused (400): these routes take text. `x-api-key` is accepted besides the bearer
+Image blocks with a base64 source go through the chat route's checks (`image_parts.py`); URL
+sources are not fetched (400). `x-api-key` is accepted besides the bearer
 token when the server has an API key.
 """
 
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import canvas_routes as C, protocol as P
+from . import canvas_routes as C, image_parts, protocol as P
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -73,6 +74,11 @@ def openai_messages(body: dict) -> list[dict[str, Any]]:
             if kind == "text":
                 _check(isinstance(block.get("text"), str), f"{where}: a text block needs a string 'text'")
                 text.append(block["text"])
+            elif kind == "image" and m["role"] == "user":
+                source = block.get("source")
+                _check(isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str),
+                       f"{where}: an image block needs a base64 source (URLs are not fetched)")
+                text.append({"type": "image_url", "image_url": {"url": "data:image;base64," + source["data"]}})
             elif kind == "tool_use" and m["role"] == "assistant":
                 _check(isinstance(block.get("name"), str) and isinstance(block.get("input", {}), dict),
                        f"{where}: a tool_use block needs a name and an input object")
@@ -88,7 +94,11 @@ def openai_messages(body: dict) -> list[dict[str, Any]]:
                 raise P.bad(f"{where}: {json.dumps(kind)} blocks are not supported in a {m['role']} message",
                             param="messages")
         if text or calls or not any(b.get("type") == "tool_result" for b in content):
-            msg: dict[str, Any] = {"role": m["role"], "content": "".join(text)}
+            if any(isinstance(t, dict) for t in text):  # images: content parts, in order
+                body_parts: Any = [t if isinstance(t, dict) else {"type": "text", "text": t} for t in text]
+            else:
+                body_parts = "".join(text)
+            msg: dict[str, Any] = {"role": m["role"], "content": body_parts}
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
@@ -177,10 +187,14 @@ def routes(server: C.Server) -> list[Route]:
             oai = openai_body(body, config.model_id)
             oai["messages"] = openai_messages(body)
             params = server.parse(oai, "chat")
+            sources = image_parts.take_images(oai, server.model, server.tokenizer, config.image_dir)
             chat, tools = P.chat_messages(oai), P.chat_tools(oai)
             params.has_tools = tools is not None
             kwargs = P.template_kwargs(oai, config.chat_template_args)
             params.prompt_ids = await run_in_threadpool(server.render, server.tokenizer, chat, tools, kwargs)
+            if sources:
+                params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, server.model,
+                                                                           params.prompt_ids, sources)
             server.check_request(params)
             job = server.submit(params)
         except P.APIError as e:

@@ -7,8 +7,8 @@ num_predict` is `max_tokens`, `think` is `enable_thinking`, `format` is `respons
 verbs. Replies are Ollama's: one JSON object, or newline-delimited JSON objects when streamed
 (Ollama's default), with `thinking` and `tool_calls` (arguments as objects) apart from
 `content`. Errors are Ollama's `{"error": "message"}` with the same statuses. Fields with no
-meaning here (`keep_alive`, `context`, `temperature`, ...) are accepted and ignored; images are
-refused (400): this server's routes take text.
+meaning here (`keep_alive`, `context`, `temperature`, ...) are accepted and ignored. `images`
+(base64) go through the chat route's checks (`image_parts.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import canvas_routes as C, protocol as P
+from . import canvas_routes as C, image_parts, protocol as P
 
 SAMPLER_FIELDS = P.SAMPLER_FIELDS
 
@@ -60,8 +60,14 @@ def openai_body(body: dict, model_id: str) -> dict[str, Any]:
     return out
 
 
-def _no_images(images: Any, where: str) -> None:
-    _check(not images, f"{where}: images are not supported on this route", "images")
+def _with_images(text: Any, images: Any, where: str) -> Any:
+    """A message's content with its `images` (base64 strings) as image parts before the text."""
+    if not images:
+        return text
+    _check(isinstance(images, list) and all(isinstance(i, str) for i in images),
+           f"{where}: 'images' must be a list of base64 strings", "images")
+    parts = [{"type": "image_url", "image_url": {"url": "data:image;base64," + i}} for i in images]
+    return parts + [{"type": "text", "text": text if isinstance(text, str) else ""}]
 
 
 def chat_messages(body: dict) -> list[dict[str, Any]]:
@@ -71,8 +77,9 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         _check(isinstance(m, dict), f"messages[{i}] must be an object", "messages")
-        _no_images(m.get("images"), f"messages[{i}]")
         msg = {k: m[k] for k in ("role", "content") if k in m}
+        if m.get("images"):
+            msg["content"] = _with_images(m.get("content", ""), m["images"], f"messages[{i}]")
         calls = m.get("tool_calls")
         if calls:
             _check(isinstance(calls, list), f"messages[{i}]: 'tool_calls' must be a list", "messages")
@@ -161,6 +168,18 @@ def routes(server: C.Server) -> list[Route]:
                 return JSONResponse({**piece(total), **_final(info, started)})
         raise P.APIError(500, "the reply ended without its last item", type="server_error")
 
+    async def chat_prompt(oai: dict, params: P.Params) -> None:
+        """The conversation's prompt ids (its images checked, processed and expanded), as the
+        OpenAI chat route makes them."""
+        sources = image_parts.take_images(oai, server.model, server.tokenizer, config.image_dir)
+        messages, tools = P.chat_messages(oai), P.chat_tools(oai)
+        params.has_tools = tools is not None
+        kwargs = P.template_kwargs(oai, config.chat_template_args)
+        params.prompt_ids = await run_in_threadpool(server.render, server.tokenizer, messages, tools, kwargs)
+        if sources:
+            params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, server.model,
+                                                                       params.prompt_ids, sources)
+
     async def chat(request: Request) -> Response:
         try:
             body = await server.read(request)
@@ -169,10 +188,7 @@ def routes(server: C.Server) -> list[Route]:
             if body.get("tools") is not None:
                 oai["tools"] = body["tools"]
             params = server.parse(oai, "chat")
-            messages, tools = P.chat_messages(oai), P.chat_tools(oai)
-            params.has_tools = tools is not None
-            kwargs = P.template_kwargs(oai, config.chat_template_args)
-            params.prompt_ids = await run_in_threadpool(server.render, server.tokenizer, messages, tools, kwargs)
+            await chat_prompt(oai, params)
             await C.attach_plan(server, oai, params)
             return await run(request, params, chat=True)
         except P.APIError as e:
@@ -182,7 +198,6 @@ def routes(server: C.Server) -> list[Route]:
         try:
             body = await server.read(request)
             oai = openai_body(body, config.model_id)
-            _no_images(body.get("images"), "the request")
             prompt, system, suffix = body.get("prompt", ""), body.get("system"), body.get("suffix")
             _check(isinstance(prompt, str), "'prompt' must be a string", "prompt")
             _check(system is None or isinstance(system, str), "'system' must be a string", "system")
@@ -192,16 +207,17 @@ def routes(server: C.Server) -> list[Route]:
             if not prompt:  # Ollama loads the model and answers done (a warm-up call)
                 return JSONResponse({"model": oai["model"], "created_at": _now(), "response": "", "done": True,
                                      "done_reason": "load"})
+            _check(not (body.get("images") and (raw or suffix)), "images need the chat template (not raw or suffix)",
+                   "images")
             if raw or suffix:  # the prompt as written (a suffix: the text before the cursor)
                 params = server.parse(oai, "completion")
                 params.prompt_ids = list(server.tokenizer.encode(prompt))
                 await C.attach_plan(server, {**oai, "suffix": suffix}, params)
             else:
-                messages = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": prompt}]
+                oai["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": _with_images(prompt, body.get("images"), "the request")}]
                 params = server.parse(oai, "chat")
-                kwargs = P.template_kwargs(oai, config.chat_template_args)
-                params.prompt_ids = await run_in_threadpool(server.render, server.tokenizer, messages, None, kwargs)
+                await chat_prompt(oai, params)
                 await C.attach_plan(server, oai, params)
             return await run(request, params, chat=False)
         except P.APIError as e:
