@@ -12,6 +12,7 @@ from .api import ChatSession, generate, load, stream_generate
 from .diffusion.events import BlockEvent, GenerationResult, StepEvent
 from .diffusion.noise import NoiseSource
 from .diffusion.options import FastOptions, GenerationOptions, SamplerOptions
+from .editing.complete import complete, stream_complete
 from .editing.edit import edit, stream_edit
 from .editing.infill import InfillResult, infill, stream_infill
 from .editing.schema import fill_json, stream_fill_json
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "generate", "stream_generate", "ChatSession",
-    "infill", "stream_infill", "fill_json", "stream_fill_json", "edit", "stream_edit", "score",
+    "complete", "stream_complete", "infill", "stream_infill", "fill_json", "stream_fill_json", "edit", "stream_edit", "score",
     "InfillResult", "ScoreResult", "TemplateError",
     "StepEvent", "BlockEvent", "GenerationResult", "split_thinking",
     "SamplerOptions", "NoiseSource", "FastOptions", "GenerationOptions",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from .chat import chat
+from .complete import complete
 from .convert_view import convert
 from .fill import edit, fill, score
 from .finetune import finetune, fuse
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for command in (chat, generate, fill, edit, score, sudoku, convert, serve, finetune, fuse):
+for command in (chat, generate, complete, fill, edit, score, sudoku, convert, serve, finetune, fuse):
     app.command()(command)
 
 

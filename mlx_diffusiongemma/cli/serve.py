@@ -40,6 +40,8 @@ def serve(
     fast: Annotated[bool, typer.Option(
         "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode, or the exact "
         "reference sampler (default; batched across requests).")] = False,
+    image_dir: Annotated[Optional[str], typer.Option(
+        "--image-dir", help="Let requests name image files inside this folder (default: data: URLs only).")] = None,
     offline: Offline = False,
     debug: Debug = False,
 ):
@@ -53,7 +55,7 @@ def serve(
                    chat_template_args=chat_template_args, load=lambda: load_model(model, offline, ui, adapter_path),
                    ui=ui, default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
                    max_active=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_kb * 1024,
-                   prompt_cache_size=prompt_cache_size, default_mode="fast" if fast else "exact")
+                   prompt_cache_size=prompt_cache_size, default_mode="fast" if fast else "exact", image_dir=image_dir)
 
 
 def parse_template_args(text: str) -> dict:

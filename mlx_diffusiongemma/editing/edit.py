@@ -14,7 +14,7 @@ from ..diffusion.events import GenerationResult
 from ..diffusion.options import GenerationOptions, fresh_seed
 from ..prompts.render import prompt_ids
 from . import template as tpl
-from .infill import InfillResult, canvas_options, prepare_layout, run_layout
+from .infill import CanvasPlan, InfillResult, canvas_options, layout_plan, prepare_layout, run_layout, run_plan
 from .template import Fixed, Hole, Layout, TemplateError
 
 
@@ -43,18 +43,56 @@ def find_span(text: str, needle: str) -> tuple[int, int]:
     return start, start + len(needle)
 
 
+def edit_prompt(instruction: str, text: str, include_text: bool = True, context: Sequence[dict] | None = None):
+    """The prompt of an edit: the instruction and the text, after the `context` turns if given."""
+    prompt = f"{instruction}\n\n{text}" if include_text else instruction
+    if context:  # earlier turns of a conversation, then the instruction as the user's message
+        prompt = list(context) + [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def span_edit_plan(model, tokenizer, ids: list[int], text: str, spans: Sequence[tuple[int, int]], *,
+                   slack: int = 4, strength: float | None = None, options: GenerationOptions) -> CanvasPlan:
+    """The plan that rewrites `spans` of `text` after the prompt `ids`, everything else pinned.
+    `strength` None: each span is rewritten from noise; a number: each span starts from its own
+    tokens (warm start) with that fraction of them renoised (the seed picks which; drawn when
+    none is given), and its slack positions from noise."""
+    if not text:
+        raise TemplateError("nothing to edit: the text is empty")
+    lay = tpl.layout(tokenizer, _span_segments(text, spans, slack, tokenizer))
+    tpl.check_context(lay, model, len(ids))
+    warm = None
+    if strength is not None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError("strength must be between 0 and 1")
+        options = options.updated(seed=options.seed if options.seed is not None else fresh_seed())
+        rng = np.random.default_rng(options.seed)
+        warm = [-1] * lay.length
+        for h, (a, b) in zip(lay.holes, sorted(spans)):
+            own = tpl.encode(tokenizer, text[a:b])
+            keep = rng.random(len(own)) >= strength
+            warm[h.start:h.start + len(own)] = [t if k else -1 for t, k in zip(own, keep)]
+    plan = layout_plan(model, tokenizer, ids, lay, options, warm=warm)
+    plan.reply = lambda out: (out.text, sum(len(d["tokens"]) for d in out.details.values()), "stop")
+    return plan
+
+
 def stream_edit(model, tokenizer, text: str, instruction: str, *, strength: float = 0.5,
-                spans: Sequence[tuple[int, int]] | None = None, slack: int = 4, include_text: bool = True,
+                spans: Sequence[tuple[int, int]] | None = None, slack: int = 4, warm_spans: bool = False,
+                include_text: bool = True,
                 context: Sequence[dict] | None = None, thinking: bool | None = None,
                 max_tokens: int | None = None, options: GenerationOptions | None = None, **kwargs: Any) -> Iterator:
     """`edit` as events; the last item is an InfillResult (holes are the spans, if any)."""
     if not text:
         raise TemplateError("nothing to edit: the text is empty")
     c = model.canvas_length
-    prompt = f"{instruction}\n\n{text}" if include_text else instruction
-    if context:  # earlier turns of a conversation, then the instruction as the user's message
-        prompt = list(context) + [{"role": "user", "content": prompt}]
+    prompt = edit_prompt(instruction, text, include_text, context)
     opts = canvas_options(options, kwargs, thinking)
+    if spans and warm_spans:
+        ids = prompt_ids(tokenizer, prompt, opts.thinking)
+        yield from run_plan(model, tokenizer, span_edit_plan(model, tokenizer, ids, text, spans, slack=slack,
+                                                             strength=strength, options=opts))
+        return
     if spans:
         segments = _span_segments(text, spans, slack, tokenizer)
         ids, lay = prepare_layout(model, tokenizer, prompt, segments, opts.thinking)

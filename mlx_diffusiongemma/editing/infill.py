@@ -1,5 +1,5 @@
 """Templates filled on the canvas: the fixed text pinned, the holes denoised (`infill`), and the
-runner the other canvas verbs share (`run_layout`: JSON in `schema.py`, edits in `edit.py`, the
+runner the other canvas verbs share (`layout_plan` / `run_layout`: JSON in `schema.py`, edits in `edit.py`, the
 Sudoku in `sudoku.py`; `score.py` reads one decoder pass instead).
 
 The stream variants yield the engine's events (`StepEvent` with `.pinned`, `BlockEvent`,
@@ -10,7 +10,7 @@ sampler's knobs, `mode`, ...), checked before any work. Library code never print
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -54,9 +54,34 @@ def prepare_layout(model, tokenizer, prompt, segments, thinking: bool) -> tuple[
     return ids, lay
 
 
-def run_layout(model, tokenizer, ids: list[int], lay: Layout, options: GenerationOptions, *,
-               warm=None) -> Iterator:
-    """Run the engine over the template's canvases; yields events, then the InfillResult."""
+@dataclass
+class CanvasPlan:
+    """A canvas verb ready to run on any engine loop (`run` here, the server's worker there): the
+    engine's request (prompt ids, options, canvas states, hooks) and how the engine's result
+    becomes the verb's `InfillResult` (`finish`). `visible(tokens)` gives, for the tokens committed
+    so far, the reply's token ids that can already be shown (None: nothing before the end);
+    `reply(out)` is the reply a face sends: (text, tokens in it, "stop" or "length")."""
+
+    request: Request
+    finish: Callable[[GenerationResult], "InfillResult"]
+    visible: Callable[[list[int]], list[int] | None] = lambda tokens: None
+    reply: Callable[["InfillResult"], tuple[str, int, str]] = lambda out: (out.text, len(out.result.tokens), "stop")
+
+
+def run_plan(model, tokenizer, plan: CanvasPlan) -> Iterator:
+    """Run a plan's request to the end; yields the engine's events, then the InfillResult."""
+    result = None
+    for event in run(model, plan.request, detokenizer=tokenizer.detokenizer):
+        if isinstance(event, GenerationResult):
+            result = event
+        yield event
+    yield plan.finish(result)
+
+
+def layout_plan(model, tokenizer, ids: list[int], lay: Layout, options: GenerationOptions, *,
+                warm=None) -> CanvasPlan:
+    """The plan of a template laid out on canvases: fixed text pinned, holes denoised (option slots
+    resolved from the committing step's probabilities)."""
     c = model.canvas_length
     states = tpl.states(lay, c, model.vocab_size, warm=warm, allowed_rows=tpl.allowed_rows(tokenizer, model, lay))
     slots = [h for h in lay.holes if h.option_ids is not None]
@@ -73,32 +98,37 @@ def run_layout(model, tokenizer, ids: list[int], lay: Layout, options: Generatio
             captured[(view.block, view.step)] = (rows, lp)
         return None
 
+    def finish(result: GenerationResult) -> InfillResult:
+        tokens = list(result.tokens)
+        end = tpl.end_ids(model)
+        final = {}
+        for block in {p // c for p in slot_rows}:
+            if (block, result.steps_per_block[block]) in captured:
+                rows, lp = captured[(block, result.steps_per_block[block])]
+                final.update({p: row for p, row in zip(rows, np.array(lp))})
+        for h in slots:  # resolve each option slot from the committing step's probabilities
+            span = range(h.start, h.start + h.length)
+            if all(p in final for p in span):
+                scores = option_scores(np.stack([final[p] for p in span]), h.option_ids, end)
+            else:  # no logits (fast mode): the option that agrees with most committed tokens
+                committed = tokens[h.start:h.start + h.length]
+                scores = np.array([sum(a == b for a, b in zip(committed, o + [min(end)] * h.length))
+                                   for o in h.option_ids])
+            best = h.option_ids[int(np.argmax(scores))]
+            tokens[h.start:h.start + h.length] = best + [min(end)] * (h.length - len(best))
+        details = tpl.hole_values(tokenizer, lay, tokens, end)
+        values = {k: v["text"] for k, v in details.items()}
+        return InfillResult(tpl.fill_text(lay, values), values, details, result, segments=list(lay.segments))
+
     request = Request.of(ids, options.updated(max_tokens=len(states) * c), canvases=states, stop_at_eos=False,
                          hooks=(capture,) if slots else ())
-    result = None
-    for event in run(model, request, detokenizer=tokenizer.detokenizer):
-        if isinstance(event, GenerationResult):
-            result = event
-        yield event
-    tokens = list(result.tokens)
-    end = tpl.end_ids(model)
-    final = {}
-    for block in {p // c for p in slot_rows}:
-        if (block, result.steps_per_block[block]) in captured:
-            rows, lp = captured[(block, result.steps_per_block[block])]
-            final.update({p: row for p, row in zip(rows, np.array(lp))})
-    for h in slots:  # resolve each option slot from the committing step's probabilities
-        span = range(h.start, h.start + h.length)
-        if all(p in final for p in span):
-            scores = option_scores(np.stack([final[p] for p in span]), h.option_ids, end)
-        else:  # no logits (fast mode): the option that agrees with most committed tokens
-            committed = tokens[h.start:h.start + h.length]
-            scores = np.array([sum(a == b for a, b in zip(committed, o + [min(end)] * h.length)) for o in h.option_ids])
-        best = h.option_ids[int(np.argmax(scores))]
-        tokens[h.start:h.start + h.length] = best + [min(end)] * (h.length - len(best))
-    details = tpl.hole_values(tokenizer, lay, tokens, end)
-    values = {k: v["text"] for k, v in details.items()}
-    yield InfillResult(tpl.fill_text(lay, values), values, details, result, segments=list(lay.segments))
+    return CanvasPlan(request, finish)
+
+
+def run_layout(model, tokenizer, ids: list[int], lay: Layout, options: GenerationOptions, *,
+               warm=None) -> Iterator:
+    """Run the engine over the template's canvases; yields events, then the InfillResult."""
+    yield from run_plan(model, tokenizer, layout_plan(model, tokenizer, ids, lay, options, warm=warm))
 
 
 def log_softmax(x: mx.array) -> mx.array:

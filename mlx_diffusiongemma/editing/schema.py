@@ -8,10 +8,12 @@ from typing import Any, Iterator
 
 from ..diffusion.options import GenerationOptions
 from . import template as tpl
-from .infill import InfillResult, canvas_options, prepare_layout, run_layout
+from ..prompts.render import prompt_ids
+from .infill import CanvasPlan, InfillResult, canvas_options, layout_plan, run_plan
 from .template import Fixed, Hole, TemplateError
 
 _JSON_TYPES = ("string", "integer", "number", "boolean")
+MAX_PROPERTIES = 256  # each is a hole and a pinned key: more would not fit a context anyway
 
 
 def json_segments(schema: dict, string_tokens: int = 16, number_tokens: int = 6) -> list[tpl.Segment]:
@@ -23,6 +25,8 @@ def json_segments(schema: dict, string_tokens: int = 16, number_tokens: int = 6)
     props = schema["properties"]
     if not props:
         raise TemplateError("the JSON schema has no properties")
+    if len(props) > MAX_PROPERTIES:
+        raise TemplateError(f"the JSON schema has {len(props)} properties; at most {MAX_PROPERTIES} are supported")
     segments: list[tpl.Segment] = []
     text = "{"
     for i, (key, spec) in enumerate(props.items()):
@@ -42,7 +46,9 @@ def json_segments(schema: dict, string_tokens: int = 16, number_tokens: int = 6)
             segments += [Fixed(text), Hole(name, None, options=("true", "false"))]
             text = ""
         elif spec.get("type") == "string":
-            n = int(spec.get("maxLength", string_tokens))
+            n = spec.get("maxLength", string_tokens)
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= tpl.MAX_HOLE_TOKENS:
+                raise TemplateError(f"property {key!r}: maxLength must be an integer from 1 to {tpl.MAX_HOLE_TOKENS}")
             segments += [Fixed(text + '"'), Hole(name, max(1, n), exact=False, allowed="string")]
             text = '"'
         elif spec.get("type") in ("integer", "number"):
@@ -65,31 +71,43 @@ def _json_value(spec: dict, text: str):
     return int(text)  # digits with an optional sign (the masks guarantee it)
 
 
+def json_plan(model, tokenizer, ids: list[int], schema: dict, options: GenerationOptions) -> CanvasPlan:
+    """The canvas plan of a JSON object for `schema` after the prompt `ids`: TemplateError (before
+    any work) for a schema that cannot be pinned or does not fit the context. Its result's `.value`
+    is the parsed object, `.text` its JSON."""
+    segments = json_segments(schema)
+    lay = tpl.layout(tokenizer, segments)
+    tpl.check_context(lay, model, len(ids))
+    plan = layout_plan(model, tokenizer, ids, lay, options)
+    specs = list(schema["properties"].items())
+
+    def finish(result) -> InfillResult:
+        out = fill(result)
+        value = {}
+        holes = {}
+        for i, (key, spec) in enumerate(specs):
+            raw = out.holes[f"f{i}"]
+            if spec.get("type") in ("integer", "number") and "enum" not in spec:
+                if raw in ("", "-"):  # cannot happen with the masks; kept as a guard
+                    raise TemplateError(f"the model wrote no number for {key!r}")
+                raw = str(int(raw))
+            holes[key] = raw
+            value[key] = _json_value(spec, raw)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # as pinned on the canvas
+        return InfillResult(text, holes, out.details, out.result, value=value)
+
+    fill = plan.finish
+    return CanvasPlan(plan.request, finish,
+                      reply=lambda out: (out.text, sum(len(d["tokens"]) for d in out.details.values()), "stop"))
+
+
 def stream_fill_json(model, tokenizer, prompt, schema: dict, *, thinking: bool | None = None,
                      options: GenerationOptions | None = None, **kwargs: Any) -> Iterator:
     """`fill_json` as events; the last item is the InfillResult (its `.value` the parsed object)."""
     opts = canvas_options(options, kwargs, thinking)
-    segments = json_segments(schema)
-    ids, lay = prepare_layout(model, tokenizer, prompt, segments, opts.thinking)
-    out = None
-    for item in run_layout(model, tokenizer, ids, lay, opts):
-        if isinstance(item, InfillResult):
-            out = item
-            break
-        yield item
-    specs = list(schema["properties"].items())
-    value = {}
-    holes = {}
-    for i, (key, spec) in enumerate(specs):
-        raw = out.holes[f"f{i}"]
-        if spec.get("type") in ("integer", "number") and "enum" not in spec:
-            if raw in ("", "-"):  # cannot happen with the masks; kept as a guard
-                raise TemplateError(f"the model wrote no number for {key!r}")
-            raw = str(int(raw))
-        holes[key] = raw
-        value[key] = _json_value(spec, raw)
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # as pinned on the canvas
-    yield InfillResult(text, holes, out.details, out.result, value=value)
+    json_segments(schema)  # the schema's errors before the prompt is rendered
+    ids = prompt_ids(tokenizer, prompt, opts.thinking)
+    yield from run_plan(model, tokenizer, json_plan(model, tokenizer, ids, schema, opts))
 
 
 def fill_json(model, tokenizer, prompt, schema: dict, **options: Any) -> InfillResult:

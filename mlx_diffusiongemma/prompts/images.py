@@ -22,7 +22,7 @@ def image_processor(model) -> ImageProcessor:
     return ImageProcessor(v.patch_size, v.pooling_kernel_size, model.args.image_soft_tokens)
 
 
-def _image_placeholder(model, tokenizer) -> str:
+def image_placeholder(model, tokenizer) -> str:
     """The text of the image token (`<|image|>` in Gemma 4), which the chat template keeps and
     the tokenizer turns into the single id `config.image_token_id`."""
     token_id = model.args.image_token_id
@@ -116,7 +116,7 @@ def prepare_prompt(model, tokenizer, prompt, thinking: bool = False,
     if not isinstance(prompt, str) and not (len(prompt) and isinstance(prompt[0], dict)):
         processed = processor.process_all(images)
         return _expand(model, [int(i) for i in prompt], processed), processed
-    placeholder = _image_placeholder(model, tokenizer)
+    placeholder = image_placeholder(model, tokenizer)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if images:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)

@@ -28,7 +28,7 @@ from ..diffusion.engine import check_fits
 from ..errors import ContextLengthError, DiffusionGemmaError
 from ..prompts.channels import Delta, TextStream
 from ..prompts.render import render_messages, template_variables
-from . import protocol as P
+from . import anthropic, canvas_routes, image_parts, ollama, protocol as P
 from .guard import middleware
 from .worker import Job, QueueFull, Worker
 
@@ -54,6 +54,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # a request's head must arrive within this (serving.py)
     body_timeout_s: float = 30.0  # and its body within this after the head (408)
     render_threads: int = 2  # chat templates rendered at once (each under the renderer's time limit)
+    image_dir: str | None = None  # local image files are read only from here (None: data URLs only)
 
 
 class Disconnected(Exception):
@@ -178,7 +179,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         return await complete(job, request, params)
 
     async def complete(job: Job, request: Request, params: P.Params) -> Response:
-        text = TextStream(params.stop, split_channels=params.kind == "chat")
+        text = TextStream(params.stop, split_channels=params.kind == "chat" and params.plan is None)
         total = Delta()
         info: dict[str, Any] = {"completion_tokens": 0}
         finish = "length"
@@ -196,6 +197,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
             return Response(status_code=499)
         finally:
             job.cancel()
+        if params.json_object and (error := canvas_routes.json_object_error(total.content)):
+            raise error
         body = P.envelope(params.kind, P.new_id(params.kind), params.model, P.now(), stream=False)
         finish = _finish_reason(finish, text, total)
         if params.kind == "chat":
@@ -214,7 +217,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     async def sse(job: Job, request: Request, params: P.Params) -> AsyncIterator[str]:
         rid, created = P.new_id(params.kind), P.now()
         chat = params.kind == "chat"
-        text = TextStream(params.stop, split_channels=chat)
+        text = TextStream(params.stop, split_channels=chat and params.plan is None)
         info: dict[str, Any] = {"completion_tokens": 0}
         finish = "length"
         made_calls = Delta()
@@ -254,11 +257,16 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
                 continue
             d, finish = _consume(kind, data, text, info, finish)
             made_calls.tool_calls += d.tool_calls
+            made_calls.content += d.content
             if d:
                 yield chunk(d)
             if text.stopped:
                 job.cancel()
                 break
+        if params.json_object and (error := canvas_routes.json_object_error(made_calls.content)):
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         yield chunk(None, _finish_reason(finish, text, made_calls), timings=_timings(info))
         if params.include_usage:
             body = P.envelope(params.kind, rid, params.model, created, stream=True)
@@ -269,28 +277,40 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         yield "data: [DONE]\n\n"
 
     # -- routes --------------------------------------------------------------------------------------
-    async def accept(request: Request, kind: str) -> tuple[dict[str, Any], P.Params]:
-        """An authorised request's body and its common parameters, for the served model."""
+    async def read(request: Request) -> dict[str, Any]:
         check_auth(request)
-        body = await read_body(request)
+        return await read_body(request)
+
+    def parse(body: dict[str, Any], kind: str) -> P.Params:
         params = P.parse_common(body, kind, default_max_tokens=config.default_max_tokens,
                                 max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
         check_model(params)
-        return body, params
+        return params
+
+    async def accept(request: Request, kind: str) -> tuple[dict[str, Any], P.Params]:
+        """An authorised request's body and its common parameters, for the served model."""
+        body = await read(request)
+        return body, parse(body, kind)
 
     async def chat_completions(request: Request) -> Response:
         body, params = await accept(request, "chat")
+        sources = image_parts.take_images(body, model, tokenizer, config.image_dir)
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
         params.has_tools = tools is not None
         P.check_template_kwargs(body.get("chat_template_kwargs"), template_names)
         kwargs = P.template_kwargs(body, config.chat_template_args)
         params.prompt_ids = await render(messages, tools, kwargs)
+        if sources:
+            params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, model, params.prompt_ids,
+                                                                       sources)
+        await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 
     async def completions(request: Request) -> Response:
         body, params = await accept(request, "completion")
         params.prompt_ids = P.completion_prompt(body, tokenizer)
+        await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 
     async def models(request: Request) -> Response:
@@ -319,18 +339,6 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         log.exception("unhandled error")
         return JSONResponse(P.APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
                             status_code=500)
-
-    created_at = P.now()
-    routes = [
-        Route("/", index, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    for prefix in ("/v1", ""):
-        routes += [
-            Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
-            Route(f"{prefix}/completions", completions, methods=["POST"]),
-            Route(f"{prefix}/models", models, methods=["GET"]),
-        ]
 
     async def render(messages, tools, kwargs) -> list[int]:
         """The prompt ids, rendered on a thread of their own, a few at a time: a slow template
@@ -367,6 +375,20 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
             if not ok:
                 raise value
             return value
+
+    created_at = P.now()
+    canvas = canvas_routes.Server(model, tokenizer, config, read, parse, check_request, submit, items, render,
+                                  check_auth, read_body)
+    routes = canvas_routes.routes(canvas) + ollama.routes(canvas) + anthropic.routes(canvas) + [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    for prefix in ("/v1", ""):
+        routes += [
+            Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+            Route(f"{prefix}/completions", completions, methods=["POST"]),
+            Route(f"{prefix}/models", models, methods=["GET"]),
+        ]
 
     def shutting_down() -> P.APIError:
         return P.APIError(503, "the server is shutting down", type="server_error", code="server_shutting_down")

@@ -69,6 +69,11 @@ class Params:
     in_canvas_stability: int = 2
     in_canvas_max_entropy: float = 0.5
     has_tools: bool = False
+    # A canvas verb (editing.infill.CanvasPlan: a suffix, a JSON schema) run instead of a plain
+    # reply; the worker runs its request after the prompt and sends its reply (canvas_routes.py).
+    plan: Any = None
+    json_object: bool = False  # response_format json_object: the reply must parse as an object
+    images: list = field(default_factory=list)  # processed images of the prompt (image_parts.py)
 
     @property
     def max_tokens(self) -> int:

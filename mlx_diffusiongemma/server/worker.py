@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -207,23 +208,35 @@ class Worker:
         model = self.model
         ids = p.prompt_ids
         t0 = time.perf_counter()
-        cache, cached = self.store.lookup(ids)
+        # A prompt with images is encoded whole, with their features, and never shared through
+        # the prompt cache (its image tokens' ids are the same whatever the image).
+        cache, cached = (None, 0) if p.images else self.store.lookup(ids)
         if cache is None or cached == 0:
             cache, cached = model.make_cache(), 0
         new = ids[cached:]
         chunk = p.options.prefill_chunk
-        for start in range(0, len(new), chunk):
-            model.extend(cache, new[start : start + chunk])
+        if p.images:
+            features = [model.encode_image(im.pixel_values, im.position_ids, im.grid) for im in p.images]
+            model.extend(cache, new, chunk_size=chunk, image_features=features)
             yield None
+        else:
+            for start in range(0, len(new), chunk):
+                model.extend(cache, new[start : start + chunk])
+                yield None
         mx.eval(cache.state())
-        self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
+        if not p.images:
+            self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
         yield ("prefill", {"prompt_tokens": len(ids), "cached_tokens": cached,
                            "prefill_time": time.perf_counter() - t0,
                            "queued_time": t0 - job.submitted})
+        plan = p.plan
         streamer = None
-        if p.in_canvas:
-            streamer = PrefixStreamer(self.eos_ids, p.max_tokens, p.in_canvas_stability, p.in_canvas_max_entropy)
-        request = Request.of([], p.options, hooks=(streamer,) if streamer else ())
+        if plan is not None:  # a canvas verb: its own canvases and hooks after the prompt
+            request = dataclasses.replace(plan.request, prompt_ids=[])
+        else:
+            if p.in_canvas:
+                streamer = PrefixStreamer(self.eos_ids, p.max_tokens, p.in_canvas_stability, p.in_canvas_max_entropy)
+            request = Request.of([], p.options, hooks=(streamer,) if streamer else ())
         detok = self.tokenizer.detokenizer
         eos = set(self.eos_ids)
 
@@ -234,6 +247,8 @@ class Worker:
             return ("text", {"text": detok.last_segment, "tokens": len(tokens), **extra})
 
         produced = 0
+        committed: list[int] = []  # a canvas verb's tokens so far
+        shown: list[int] = []  # the part of its reply already sent
         # Every decoder pass is handed to the worker (one per turn of this job); the engine's
         # calls say which of them can be batched with other jobs'.
         events = run(model, request, cache=cache, external_decoder=True)
@@ -255,6 +270,13 @@ class Worker:
                         emitted = streamer.take()
                         if emitted:  # a settled prefix, pinned: it will be committed as it is
                             yield text(emitted, block=event.block, step=event.step)
+                elif isinstance(event, BlockEvent) and plan is not None:
+                    committed += event.tokens
+                    visible = plan.visible(committed) or []
+                    if visible[: len(shown)] != shown:  # a verb's reply only grows
+                        raise RuntimeError("a canvas verb's visible reply changed")
+                    new, shown = visible[len(shown):], visible
+                    yield text(new, block=event.block, steps=event.steps)
                 elif isinstance(event, BlockEvent):
                     sent = streamer.emitted_in(event.block) if streamer is not None else []
                     if event.tokens[: len(sent)] != sent:  # pins are committed as given: never
@@ -267,13 +289,20 @@ class Worker:
                 elif isinstance(event, GenerationResult):
                     detok.finalize()
                     tail = detok.last_segment
+                    finish, ntokens = event.finish_reason, len(event.tokens)
+                    if plan is not None:  # the verb's reply: what was shown, then the rest
+                        reply, ntokens, finish = plan.reply(plan.finish(event))
+                        if not reply.startswith(detok.text):
+                            raise RuntimeError("a canvas verb's reply does not start with its streamed text")
+                        tail += reply[len(detok.text):]
                     if tail:
                         yield ("text", {"text": tail, "tokens": 0})
                     encoded = [t for canvas in event.encoded_canvases for t in canvas]
-                    self.store.insert(list(ids) + encoded, cache)
+                    if not p.images:
+                        self.store.insert(list(ids) + encoded, cache)
                     yield ("done", {
-                        "finish_reason": event.finish_reason,
-                        "completion_tokens": len(event.tokens),
+                        "finish_reason": finish,
+                        "completion_tokens": ntokens,
                         "steps_per_block": list(event.steps_per_block),
                         "tokens_per_forward": event.tokens_per_forward,
                         "generation_time": event.generation_time,
