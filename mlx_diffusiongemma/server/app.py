@@ -161,7 +161,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         body = P.envelope(params.kind, P.new_id(params.kind), params.model, P.now(), stream=False)
         finish = _finish_reason(finish, text, total)
         if params.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": total.content or None}
+            # "" for an empty reply (mlx_lm.server's answer; clients that concatenate need no None check)
+            message: dict[str, Any] = {"role": "assistant", "content": total.content}
             if total.reasoning:
                 message["reasoning"] = message["reasoning_content"] = total.reasoning
             if total.tool_calls:
@@ -236,7 +237,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         check_auth(request)
         body = await read_body(request)
         params = P.parse_common(body, kind, default_max_tokens=config.default_max_tokens,
-                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
+                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode,
+                                served_model=config.model_id)
         check_model(params)
         return body, params
 
