@@ -32,7 +32,7 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
 
         model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only)
         ui.print("[yellow]demo model: a 2.9M-parameter DiffusionGemma trained on toy tasks only "
-                 "(sorting, sums, reversing, sudoku…); /help in chat lists prompts to try.[/]")
+                 "(sorting, reversing, cards, 4x4 sudoku, comparisons); /help in chat lists prompts to try.[/]")
         return model, tokenizer
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")
@@ -42,3 +42,22 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
     return model, tokenizer
+
+
+# One-line notices where a feature cannot work on the trained demo model (it was trained on
+# single-turn prompts, without thinking or system prompts: docs/demo-model.md), instead of a
+# silent empty or wrong reply.
+DEMO_NOTICES = {
+    "think": "notice: the demo model was not trained to think; with thinking on its replies are empty or wrong",
+    "system": "notice: the demo model was not trained with system prompts; with one its replies may be wrong",
+    "second": "notice: the demo model answers one task per conversation; /reset before a new task "
+              "(this reply may be wrong)",
+}
+
+
+def demo_notice(model, kind: str, ui: Console) -> None:
+    """Print the notice `kind` (DEMO_NOTICES) when `model` is the trained demo model."""
+    from mlx_diffusiongemma.demo import is_trained_demo
+
+    if is_trained_demo(model.source):
+        ui.print(f"[yellow]{DEMO_NOTICES[kind]}[/]", highlight=False)

@@ -347,6 +347,15 @@ class CanvasView(Redrawn, View):
         self._refresh()
 
 
+def grid_cell(label: str) -> str:
+    """A token's label as one cell of the drawn grid: its spaces kept (a cell is a token such as
+    `" 2"`, its separator included), the rest one printable character or `?` (noise)."""
+    body = label.lstrip(" ")
+    if body in ("", "\n"):
+        return label
+    return label[:len(label) - len(body)] + (body if len(body) == 1 and body.isprintable() else "?")
+
+
 class GridView(View):
     """The reply canvas of a 4x4 Sudoku drawn as a grid (its first `length` tokens): givens in the
     pinned style, accepted cells bold, the rest dim; each step shown for `delay` seconds."""
@@ -372,9 +381,7 @@ class GridView(View):
         pinned = event.pinned.tolist()[:n] if event.pinned is not None else [False] * n
         grid = Text()
         for token, ok, pin in zip(ids, accepted, pinned):
-            piece = self.labels(token)
-            if piece not in "\n ":
-                piece = piece if len(piece) == 1 and piece.isprintable() else "?"
+            piece = grid_cell(self.labels(token))
             grid.append(piece, PINNED_STYLE if pin else ACCEPTED_STYLE if ok else NOISY_STYLE)
         status = Text(f"step {event.step}/{event.max_steps} · accepted {sum(accepted)}/{n}", style=STATUS_STYLE)
         self.live.update(Group(grid, status), refresh=True)
