@@ -18,17 +18,39 @@ from .infill import InfillResult, canvas_options, prepare_layout, run_layout
 from .template import Fixed, Hole, Layout, TemplateError
 
 
-def _span_segments(text: str, spans: Sequence[tuple[int, int]], slack: int, tokenizer) -> list[tpl.Segment]:
-    spans = sorted(spans)
+def token_bounds(tokenizer, text: str) -> list[int]:
+    """The character offsets in `text` where its tokens start or end (0 and len(text) included):
+    where a span can begin or end without cutting a token."""
+    ids = tpl.encode(tokenizer, text)
+    bounds = {0, len(text)}
+    for k in range(1, len(ids)):
+        prefix = tokenizer.decode(ids[:k])
+        if text.startswith(prefix):  # a token that decodes to part of a character has no bound
+            bounds.add(len(prefix))
+    return sorted(bounds)
+
+
+def snap_span(bounds: Sequence[int], a: int, b: int) -> tuple[int, int]:
+    """The span (a, b) widened to the nearest token bounds: (4, 7) in "The cat sat" becomes (3, 7),
+    " cat", when the tokenizer writes the space with the word."""
+    return max(x for x in bounds if x <= a), min(x for x in bounds if x >= b)
+
+
+def span_segments(text: str, spans: Sequence[tuple[int, int]], slack: int, tokenizer) -> list[tpl.Segment]:
+    bounds = token_bounds(tokenizer, text)
     segments: list[tpl.Segment] = []
     pos = 0
-    for i, (a, b) in enumerate(spans):
-        if not (0 <= a < b <= len(text)) or a < pos:
-            raise TemplateError(f"span {a}:{b} is empty, outside the text or overlaps another")
+    for i, (a, b) in enumerate(sorted(spans)):
+        if not (0 <= a < b <= len(text)):
+            raise TemplateError(f"span {a}:{b} is empty or outside the text")
+        a, b = snap_span(bounds, a, b)
+        if a < pos:
+            raise TemplateError(f"span {a}:{b} overlaps another (spans are widened to whole tokens)")
         if a > pos:
             segments.append(Fixed(text[pos:a]))
         n = len(tpl.encode(tokenizer, text[a:b]))
-        segments.append(Hole(f"span{i}", n + slack, exact=False))
+        # The span's own text is the typical value the merge check probes the edges with.
+        segments.append(Hole(f"span{i}", n + slack, exact=False, probes=(text[a:b],)))
         pos = b
     if pos < len(text):
         segments.append(Fixed(text[pos:]))
@@ -56,7 +78,7 @@ def stream_edit(model, tokenizer, text: str, instruction: str, *, strength: floa
         prompt = list(context) + [{"role": "user", "content": prompt}]
     opts = canvas_options(options, kwargs, thinking)
     if spans:
-        segments = _span_segments(text, spans, slack, tokenizer)
+        segments = span_segments(text, spans, slack, tokenizer)
         ids, lay = prepare_layout(model, tokenizer, prompt, segments, opts.thinking)
         yield from run_layout(model, tokenizer, ids, lay, opts)
         return
