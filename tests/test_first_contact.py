@@ -360,3 +360,38 @@ def test_demo_notices(runner):
         assert notice in err, chat.stderr
     think = invoke(runner, ["generate", "--model", "demo", "-p", "hi", "--think", "--steps", "2", "-m", "4"])
     assert think.exit_code == 0 and "not trained to think" in think.stderr, think.output
+
+
+def test_web_chat_on_the_demo(served):
+    """The web page on the trained demo lists prompts to try and what it has not learnt, and says
+    so when thinking is on (chromium headless, as tests/test_server_browser.py)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("chromium / chromedriver not installed")
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(served + "/")
+        panel = driver.find_element(By.ID, "demo").text
+        assert "Sort these numbers: 42 7 19 88 3" in panel and "Not learnt" in panel, panel
+        driver.find_element(By.ID, "think").click()
+        box = driver.find_element(By.ID, "prompt")
+        box.send_keys("Sort these numbers: 42 7 19 88 3")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.notice"))
+        assert "not trained to think" in driver.find_element(By.CSS_SELECTOR, ".msg.notice").text
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-done]"))
+    finally:
+        driver.quit()

@@ -16,10 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GENERATION_KNOBS, MAX_STEPS, GenerationOptions, KnobError
 from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
-from mlx_diffusiongemma.prompts.channels import split_thinking
 
 from .errors import check_text, handle_errors, is_terminal
 from .fill import styled_fill
@@ -412,6 +411,8 @@ def transcript_markdown(messages) -> str:
     for m in messages:
         role, content = m.get("role", "?"), str(m.get("content", ""))
         if role == "assistant":
+            from mlx_diffusiongemma.prompts.channels import split_thinking  # (mlx-lm: imported on use)
+
             thought, content = split_thinking(content)
             if thought:
                 parts.append("## assistant (thinking)\n\n" + "\n".join("> " + l for l in thought.splitlines()))

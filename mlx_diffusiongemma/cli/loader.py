@@ -44,20 +44,10 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
     return model, tokenizer
 
 
-# One-line notices where a feature cannot work on the trained demo model (it was trained on
-# single-turn prompts, without thinking or system prompts: docs/demo-model.md), instead of a
-# silent empty or wrong reply.
-DEMO_NOTICES = {
-    "think": "notice: the demo model was not trained to think; with thinking on its replies are empty or wrong",
-    "system": "notice: the demo model was not trained with system prompts; with one its replies may be wrong",
-    "second": "notice: the demo model answers one task per conversation; /reset before a new task "
-              "(this reply may be wrong)",
-}
-
-
 def demo_notice(model, kind: str, ui: Console) -> None:
-    """Print the notice `kind` (DEMO_NOTICES) when `model` is the trained demo model."""
+    """Print the notice `kind` (demo.tasks.NOTICES) when `model` is the trained demo model."""
     from mlx_diffusiongemma.demo import is_trained_demo
+    from mlx_diffusiongemma.demo.tasks import NOTICES
 
     if is_trained_demo(model.source):
-        ui.print(f"[yellow]{DEMO_NOTICES[kind]}[/]", highlight=False)
+        ui.print(f"[yellow]notice: {NOTICES[kind]}[/]", highlight=False)

@@ -25,7 +25,6 @@ from rich.live import Live
 from rich.text import Text
 
 from mlx_diffusiongemma.diffusion.events import BlockEvent, GenerationResult, StepEvent
-from mlx_diffusiongemma.prompts.channels import TextStream
 from mlx_diffusiongemma.prompts.labels import TokenLabels
 
 THOUGHT_STYLE = "dim italic"
@@ -155,6 +154,10 @@ class TextView(View):
     def __init__(self):
         super().__init__()
         # Tool calls stay as the model wrote them: the terminal shows them as text.
+        # Imported here: prompts.channels imports mlx-lm's tool-call parser (and so mlx-lm and
+        # transformers), which `dgemma --help` and the errors found before loading do not need.
+        from mlx_diffusiongemma.prompts.channels import TextStream
+
         self.splitter = TextStream(parse_tools=False)
         self._last_kind: str | None = None  # kind of the last piece written
 

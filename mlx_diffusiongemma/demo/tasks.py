@@ -207,6 +207,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 # page suggest the first and name the second; tests/test_first_contact.py runs the suggestions.
 LEARNT = ("sort", "reverse", "card", "sudoku", "yesno")
 NOT_LEARNT = "sums, removing duplicates, counting, free choices (pick), and whether a number is even"
+# One-line notices where a feature cannot work on the demo (trained on single-turn prompts, without
+# thinking or system prompts), shown by the command line and the web chat instead of a silent
+# empty or wrong reply.
+NOTICES = {
+    "think": "the demo model was not trained to think; with thinking on its replies are empty or wrong",
+    "system": "the demo model was not trained with system prompts; with one its replies may be wrong",
+    "second": "the demo model answers one task per conversation; /reset before a new task (this reply may be wrong)",
+}
 
 # Relative frequency in the training mix (harder families get more). Addition with numbers as
 # single tokens is a 50x50 table to generalise from; a first run learnt almost none of it in

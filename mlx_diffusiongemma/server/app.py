@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import html
 import json
 import logging
 from dataclasses import dataclass, field
@@ -47,6 +48,22 @@ class ServerConfig:
     default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
 
 
+def _demo_panel(model) -> str:
+    """On the trained demo model, the web chat's line of prompts to try, what it has not learnt and
+    its notices (docs/demo-model.md); nothing on other models."""
+    from ..demo import is_trained_demo
+    from ..demo.tasks import FAMILIES, LEARNT, NOT_LEARNT, NOTICES
+
+    if not is_trained_demo(getattr(model, "source", None)):
+        return ""
+    tries = " · ".join(html.escape(FAMILIES[name].example) for name in LEARNT if "\n" not in FAMILIES[name].example)
+    think = html.escape(NOTICES["think"])
+    second = html.escape(NOTICES["second"].replace("/reset", "“new chat”"))
+    return (f'<div id="demo" data-think="{think}" data-second="{second}">The demo model knows only toy tasks. '
+            f"Try: {tries}. Not learnt (its answers there are wrong): {html.escape(NOT_LEARNT)}; "
+            "no thinking, no system prompts, one task per conversation.</div>")
+
+
 class Disconnected(Exception):
     pass
 
@@ -59,6 +76,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
                     prompt_cache_size=config.prompt_cache_size)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    page = page.replace("<!--demo-->", _demo_panel(model))
 
     # -- plumbing ----------------------------------------------------------------------------------
     def check_auth(request: Request) -> None:
