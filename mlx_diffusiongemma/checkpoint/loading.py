@@ -19,7 +19,7 @@ from ..model.args import parse_model_args
 from ..model.model import Model, map_key
 from .adapters import load_adapters
 from .config import load_generation_defaults, load_model_args
-from .files import DEFAULT_MODEL, read_json
+from .files import read_json
 from .recipes import quant_predicate, quantize_from_config
 from .safetensors import check_config_against_headers, check_safetensors, check_tensors, iter_checkpoint, safetensors_files
 from .tokenizer import check_tokenizer_files, load_tokenizer
