@@ -395,3 +395,15 @@ def test_web_chat_on_the_demo(served):
         WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-done]"))
     finally:
         driver.quit()
+
+
+def test_a_template_reply_counts_the_hole_tokens(trained):
+    """Chat's stats line after /fill counts what the model wrote into the holes, not the 64
+    canvas positions (`/fill Name:{{name:..4}}` read "32.00 tokens/forward")."""
+    from mlx_diffusiongemma.cli.chat import canvas_stats_line
+
+    model, tok = trained
+    out = dg.infill(model, tok, "Make a card for Ada, 36, from Paris.", "Name:{{name:..4}}", seed=0)
+    written = sum(len(d["tokens"]) for d in out.details.values())
+    assert written <= 4 and canvas_stats_line(out).startswith(f"{written} token")
+    assert f"{written / out.result.decoder_passes:.2f} tokens/forward" in canvas_stats_line(out)
