@@ -201,23 +201,23 @@ def _cli(args, input=None):
 
 
 def test_cli_generate_with_image(folder, pictures):
-    res = _cli(["generate", "-m", str(folder), "-p", "hi", "--image", str(pictures / "a.png"),
+    res = _cli(["generate", "--model", str(folder), "-p", "hi", "--image", str(pictures / "a.png"),
                 "--max-tokens", "8", "--steps", "2", "--seed", "0", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["prompt_tokens"] > 30
-    res = _cli(["generate", "-m", str(folder), "-p", "hi", "--image", str(pictures / "nope.png")])
+    res = _cli(["generate", "--model", str(folder), "-p", "hi", "--image", str(pictures / "nope.png")])
     assert res.exit_code == 1 and "error:" in res.output and "no such file" in res.output
-    res = _cli(["generate", "-m", str(folder), "-p", "hi", "--image", str(folder / "config.json")])
+    res = _cli(["generate", "--model", str(folder), "-p", "hi", "--image", str(folder / "config.json")])
     assert res.exit_code == 1 and "not an image" in res.output and "Traceback" not in res.output
-    res = _cli(["generate", "-m", str(folder), "-p", "hi", "--text-only", "--image", str(pictures / "a.png")])
+    res = _cli(["generate", "--model", str(folder), "-p", "hi", "--text-only", "--image", str(pictures / "a.png")])
     assert res.exit_code == 1 and "--text-only" in res.output
 
 
 def test_cli_chat_image_command(folder, pictures):
     lines = [f"/image {pictures / 'a.png'}", "/image", "what is it?", f"/image {pictures / 'zzz.png'}",
              "/quit"]
-    res = _cli(["chat", "-m", str(folder), "--max-tokens", "8", "--steps", "2", "--seed", "0"],
+    res = _cli(["chat", "--model", str(folder), "--max-tokens", "8", "--steps", "2", "--seed", "0"],
                input="\n".join(lines) + "\n")
     assert res.exit_code == 0, res.output
     assert "attached" in res.output and "a.png" in res.output and "no such file" in res.output

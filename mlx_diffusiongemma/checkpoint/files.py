@@ -10,6 +10,10 @@ from typing import Any
 
 from ..errors import CheckpointError
 
+# What `load()` and the command line run when no model is named (here, not in loading.py, so that
+# the command line can show it without importing the model stack).
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+
 # JSON files of a checkpoint are small; a larger one is corrupt or hostile.
 MAX_JSON_BYTES = 64 << 20
 

@@ -24,7 +24,6 @@ from .recipes import quant_predicate, quantize_from_config
 from .safetensors import check_config_against_headers, check_safetensors, check_tensors, iter_checkpoint, safetensors_files
 from .tokenizer import check_tokenizer_files, load_tokenizer
 
-DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 

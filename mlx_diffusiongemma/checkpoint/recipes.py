@@ -9,7 +9,6 @@ from typing import Any
 
 import mlx.nn as nn
 
-from ..model.model import is_vision_key
 
 # Quantization recipes: name -> rule per module kind. "bits" of None keeps the weight as is.
 RECIPES = ("mixed-4bit", "8bit", "bf16")
@@ -28,6 +27,10 @@ def module_bits(path: str, recipe: str = DEFAULT_RECIPE) -> int | None:
     conversions): on a random tower 8 bits multiplied the features' error against float32 by
     2.4 (8.1% vs 3.3% relative) for half of a part that is small next to the text weights
     (measured by tests/test_vision.py::test_vision_8bit_against_bf16, see docs/vision.md)."""
+    # Imported here: the recipes' names are read by `dgemma convert --help`, which need not
+    # import the model (and through it mlx-lm and transformers).
+    from ..model.model import is_vision_key
+
     if recipe == "bf16" or is_vision_key(path + "."):
         return None
     if recipe == "8bit":

@@ -7,6 +7,8 @@ The generation flags are derived from `GenerationOptions` (`flags.py`).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from .chat import chat
@@ -25,6 +27,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mlx-diffusiongemma {version('mlx-diffusiongemma')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Run Google's DiffusionGemma block-diffusion LM with MLX."""
+
 
 for command in (chat, generate, complete, fill, edit, score, sudoku, convert, serve, finetune, fuse):
     app.command()(command)

@@ -16,16 +16,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GENERATION_KNOBS, MAX_STEPS, GenerationOptions, KnobError
 from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
-from mlx_diffusiongemma.prompts.channels import split_thinking
 
 from .errors import check_text, handle_errors, is_terminal
 from .fill import styled_fill
 from .flags import AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
 from .generate import TEXT_DEFAULTS, TEXT_KNOBS
-from .loader import load_model
+from .loader import demo_notice, load_model
 from .views import (CanvasView, ConsoleView, LiveView, PlainView, labels_for, render, run_events, stats_line,
                     stats_rows)
 
@@ -39,7 +38,8 @@ HELP = f"""\
 /think on|off    thinking mode (the thought channel is shown dimmed)
 /image PATH      attach an image to your next message (repeatable; no PATH: list them)
 /save FILE       save the conversation (.json: the messages; otherwise markdown)
-/fill TEMPLATE   answer the next message with a template, e.g. Name:{{{{name:..4}}}} (/fill off)
+/fill TEMPLATE   answer the next message with a template, \\n for a new line (/fill off), e.g.
+                 /fill Name:{{{{name:..3}}}}\\nAge:{{{{age:..2}}}}\\nCity:{{{{city:..3}}}}
 /edit TEXT       rewrite the last reply following TEXT (warm start from the reply)
 /quit            leave (also Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the conversation stays as it was before the message."""
@@ -72,6 +72,10 @@ def chat(
         from mlx_diffusiongemma.api import ChatSession
 
         session = ChatSession(llm, tokenizer, system=system, options=options)
+        if options.thinking:
+            demo_notice(llm, "think", ui)
+        if system:
+            demo_notice(llm, "system", ui)
         if interactive:
             ui.print("[bold]DiffusionGemma chat[/] [dim]· /help for commands · Ctrl-D to quit[/]")
         loop = ChatLoop(session, interactive=interactive, live=not no_live, ui=ui)
@@ -81,17 +85,31 @@ def chat(
 
 
 def demo_help() -> str:
-    """What the trained demo model can do: one prompt to try per task family."""
-    from mlx_diffusiongemma.demo.tasks import FAMILIES
+    """What the trained demo model can do: one prompt to try per learnt task family, and what it
+    has not learnt."""
+    from mlx_diffusiongemma.demo.tasks import FAMILIES, LEARNT, NOT_LEARNT
 
-    lines = ["", "The demo model knows only these toy tasks; prompts to try (type them as shown):"]
-    for family in FAMILIES.values():
+    lines = ["", "The demo model knows only a few toy tasks; prompts to try (type them as shown):"]
+    for name in LEARNT:
+        family = FAMILIES[name]
         if "\n" not in family.example:  # a chat message is one line
             lines.append(f"  {family.about:<44} {family.example}")
     lines.append("  A sudoku needs several lines: run `dgemma sudoku '1..4/.4../..4./4..1'` instead.")
+    lines.append(f"Not learnt (its answers there are wrong): {NOT_LEARNT}; no thinking, no system prompts.")
     # Trained on single-turn prompts only: an earlier task in the history confuses it.
     lines.append("One task per conversation: /reset before the next. Accuracy per task: docs/demo-model.md.")
     return "\n".join(lines)
+
+
+def canvas_stats_line(out) -> str:
+    """The stats line of a template or span reply: the tokens the model wrote into the holes (a
+    template's canvas is all positions, pinned text and unused hole positions included, which the
+    plain stats line would count), over the decoder passes."""
+    written = sum(len(d["tokens"]) for d in out.details.values())
+    result = out.result
+    passes = max(result.decoder_passes, 1)
+    return (f"{written} token{'s' if written != 1 else ''} in the holes · {result.decoder_passes} decoder passes · "
+            f"{written / passes:.2f} tokens/forward · prefill {result.prefill_time:.2f} s")
 
 
 class Quit(Exception):
@@ -191,6 +209,8 @@ class ChatLoop:
         except UnicodeEncodeError:
             self._error("that message is not valid UTF-8 text; it was not sent")
             return
+        if any(m.get("role") == "assistant" for m in self.session.messages):
+            demo_notice(self.session.model, "second", self.ui)
         events = None
         try:
             events = self.session.stream(message, images=self.pending_images or None)
@@ -239,7 +259,7 @@ class ChatLoop:
             return
         if self.interactive:
             self.out.print(styled_fill(out), soft_wrap=True)
-            self.ui.print(f"[dim]{escape(stats_line(out.result))}[/]")
+            self.ui.print(f"[dim]{escape(canvas_stats_line(out))}[/]")
         else:
             sys.stdout.write(out.text + "\n")
             sys.stdout.flush()
@@ -325,6 +345,8 @@ class ChatLoop:
             return
         self.session.thinking = arg.lower() == "on"
         self.ui.print(f"thinking {arg.lower()}")
+        if self.session.thinking:
+            demo_notice(self.session.model, "think", self.ui)
 
     def cmd_fill(self, arg: str) -> None:
         if not arg:
@@ -337,6 +359,7 @@ class ChatLoop:
             return
         from mlx_diffusiongemma.editing.template import parse
 
+        arg = arg.replace("\\n", "\n")  # a chat line is one line: `\n` in the template is a new line
         try:
             parse(arg)
         except DiffusionGemmaError as e:
@@ -388,6 +411,8 @@ def transcript_markdown(messages) -> str:
     for m in messages:
         role, content = m.get("role", "?"), str(m.get("content", ""))
         if role == "assistant":
+            from mlx_diffusiongemma.prompts.channels import split_thinking  # (mlx-lm: imported on use)
+
             thought, content = split_thinking(content)
             if thought:
                 parts.append("## assistant (thinking)\n\n" + "\n".join("> " + l for l in thought.splitlines()))

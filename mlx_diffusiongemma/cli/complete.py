@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
 from .errors import handle_errors
@@ -24,7 +24,7 @@ def complete(
     prefix_file: Annotated[str, typer.Option("--prefix-file", help="The text before the cursor ('-': stdin).")],
     suffix_file: Annotated[Optional[str], typer.Option(
         "--suffix-file", help="The text after the cursor, pinned on the canvas after the middle.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Room for the middle (tokens).")] = 64,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Room for the middle (tokens).")] = 64,
     model: Model = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, holes, seed, ...} as JSON.")] = False,
     offline: Offline = False,

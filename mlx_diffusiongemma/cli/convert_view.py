@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mlx_diffusiongemma.checkpoint.recipes import DEFAULT_RECIPE, RECIPES
 
-from .errors import handle_errors
+from .errors import fail, handle_errors
 from .flags import Debug, positive
 
 _PRECISION = {4: "4-bit", 8: "8-bit", 16: "bfloat16", 32: "float32"}
@@ -28,10 +28,16 @@ def _recipe(value: str) -> str:
 
 
 def convert(
-    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Destination folder (must not exist).")],
-    recipe: Annotated[str, typer.Option(
-        "--recipe", callback=_recipe, help=f"Weights precision: {', '.join(RECIPES)}.")] = DEFAULT_RECIPE,
+    src: Annotated[Optional[str], typer.Argument(help="Hugging Face checkpoint: local folder or hub repo id.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", "--mlx-path", help="Destination folder (must not exist).")] = None,
+    hf_path: Annotated[Optional[str], typer.Option(
+        "--hf-path", help="The checkpoint, as mlx_lm.convert names it (instead of SRC).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", callback=lambda v: v and _recipe(v),
+        help=f"Weights precision: {', '.join(RECIPES)} (default {DEFAULT_RECIPE}).")] = None,
+    quantize: Annotated[bool, typer.Option(
+        "--quantize", "-q", help=f"Quantize (mlx_lm.convert's flag): the default recipe, {DEFAULT_RECIPE}.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
     shard_size: Annotated[float, typer.Option(
         "--shard-size", callback=positive, help="Largest shard, in GB (2^30 bytes).")] = 5.0,
@@ -41,6 +47,16 @@ def convert(
 ):
     """Convert a Hugging Face DiffusionGemma checkpoint into an MLX folder."""
     with handle_errors(debug):
+        if src is not None and hf_path is not None and src != hf_path:
+            fail("give the checkpoint once: SRC or --hf-path", 2)
+        src = src or hf_path
+        if src is None:
+            fail("which checkpoint? dgemma convert SRC -o DST (or --hf-path SRC --mlx-path DST)", 2)
+        if output is None:
+            fail("where to? -o DST (or --mlx-path DST)", 2)
+        if quantize and recipe == "bf16":
+            fail("-q quantizes; --recipe bf16 does not: give one of them", 2)
+        recipe = recipe or DEFAULT_RECIPE
         run_convert(src, output, recipe=recipe, force=force, shard_size_bytes=int(shard_size * 2**30),
                     out=Console(highlight=False), err=Console(stderr=True, highlight=False), text_only=text_only)
 

@@ -58,17 +58,19 @@ def handle_errors(debug: bool):
 
 
 def read_stdin_text() -> str:
-    """All of stdin as text; invalid UTF-8 is reported, not passed on (see check_text)."""
+    """All of stdin as text, without the line break(s) at its end (`echo ... |` adds one, which
+    the prompt `-p "..."` would not have; the shell's `$(...)` drops them the same way); invalid
+    UTF-8 is reported, not passed on (see check_text)."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
     if isinstance(data, bytes):
         try:
-            return data.decode("utf-8")
+            data = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"the prompt on stdin is not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                 "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
             ) from None
-    return data
+    return data.rstrip("\r\n")
 
 
 def check_text(text: str, what: str) -> None:

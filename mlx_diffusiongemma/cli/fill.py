@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
 from .errors import fail, handle_errors, is_terminal

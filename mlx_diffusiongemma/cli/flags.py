@@ -6,6 +6,11 @@ same `check_knob` the Python API and the server use (a bad value is a usage erro
 `generation_flags(...)` adds them to a command, which then receives one checked
 `options: GenerationOptions`. The options every command shares (`--model`, `--offline`, ...)
 are declared below as typed aliases.
+
+mlx-lm's spellings carry over where they mean the same thing here (`-m` is `--max-tokens` and
+`--system-prompt` is `--system`, as in `mlx_lm.generate`); its sampling flags that mean nothing to
+the diffusion sampler (`--temp`, `--top-p`, ...) are refused with a message that says what to use
+instead, rather than typer's "no such option".
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from mlx_diffusiongemma.diffusion.options import (
 from .errors import handle_errors
 
 Model = Annotated[str, typer.Option(
-    "--model", "-m", help="Hub repo id or local folder; 'demo' is a small model trained on toy tasks "
+    "--model", help="Hub repo id or local folder; 'demo' is a small model trained on toy tasks "
     "(offline; /help in chat lists prompts), 'demo-random' a tiny random one (noise).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No redrawn view of the block being refined.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
@@ -39,7 +44,7 @@ AdapterPath = Annotated[Optional[str], typer.Option(
 Images = Annotated[Optional[list[Path]], typer.Option(
     "--image", "-i", help="An image file for the prompt (repeatable).")]
 TextOnly = Annotated[bool, typer.Option("--text-only", help="Leave the vision tower out (less memory; no images).")]
-System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
@@ -60,10 +65,41 @@ def _checked(name: str, spec: Knob) -> Callable[[Any], Any]:
     return callback
 
 
+# mlx_lm.generate's short flags, for the knobs that mean the same here.
+SHORT_FLAGS = {"max_tokens": "-m"}
+
+# mlx_lm.generate's sampling flags that have no counterpart in the diffusion sampler: what to say.
+NO_TEMPERATURE = "the diffusion sampler has no temperature knob; see --t-min/--t-max (docs/sampler.md)"
+MLX_LM_ONLY = {
+    "--temp": NO_TEMPERATURE,
+    "--temperature": NO_TEMPERATURE,
+    "--top-p": "the diffusion sampler has no top-p; see --entropy-bound and --t-min/--t-max (docs/sampler.md)",
+    "--top-k": "the diffusion sampler has no top-k; see --entropy-bound (docs/sampler.md)",
+    "--min-p": "the diffusion sampler has no min-p; see --entropy-bound (docs/sampler.md)",
+}
+
+
+def _refuse(flag: str) -> Callable[[Any], Any]:
+    def callback(value):
+        if value is not None:
+            raise typer.BadParameter(MLX_LM_ONLY[flag], param_hint=f"'{flag}'")
+        return value
+
+    return callback
+
+
+MLX_LM_ONLY_FLAGS = [
+    inspect.Parameter(flag[2:].replace("-", "_") + "_unsupported", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Optional[str], typer.Option(flag, hidden=True, callback=_refuse(flag))])
+    for flag in MLX_LM_ONLY
+]
+
+
 def knob_flag(name: str, default: Any = None) -> inspect.Parameter:
     """The command-line parameter of the generation knob `name` (see the module docstring)."""
     spec = GENERATION_KNOBS[name]
     flag = spec.flag or "--" + name.replace("_", "-")
+    short = (SHORT_FLAGS[name],) if name in SHORT_FLAGS else ()
     if spec.kind is bool:
         option = typer.Option(f"{flag}/--no-{flag[2:]}", help=spec.help)
         annotation = Annotated[bool, option]
@@ -72,7 +108,7 @@ def knob_flag(name: str, default: Any = None) -> inspect.Parameter:
         kind = Optional[int] if spec.kind is int else Optional[float]
         # A command's own default replaces the knob's "(default: ...)" (typer shows the value).
         help_text = spec.help if default is None else spec.help.split(" (default")[0].rstrip(".") + "."
-        annotation = Annotated[kind, typer.Option(flag, help=help_text, callback=_checked(name, spec))]
+        annotation = Annotated[kind, typer.Option(flag, *short, help=help_text, callback=_checked(name, spec))]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
@@ -126,10 +162,12 @@ def generation_flags(*names: str, fast: bool = False, **defaults: Any):
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != "options"]
-        added = [knob_flag(n, defaults.get(n)) for n in names] + (FAST_FLAGS if fast else [])
+        added = [knob_flag(n, defaults.get(n)) for n in names] + (FAST_FLAGS if fast else []) + MLX_LM_ONLY_FLAGS
 
         @functools.wraps(command)
         def wrapper(**kwargs):
+            for p in MLX_LM_ONLY_FLAGS:  # refused by their callbacks when given
+                kwargs.pop(p.name)
             knobs = {n: kwargs.pop(n) for n in names}
             path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else [False, None, None]
             with handle_errors(kwargs.get("debug", False)):

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import FastOptions, GenerationOptions
 
 from .errors import check_text, fail, handle_errors, is_terminal, read_stdin_text
@@ -25,7 +25,7 @@ from .flags import (
     TextOnly,
     generation_flags,
 )
-from .loader import load_model
+from .loader import demo_notice, load_model
 
 # The knobs `dgemma generate` and `dgemma chat` take, with their command-line defaults.
 TEXT_KNOBS = ("max_tokens", "max_denoising_steps", "seed", "thinking", "entropy_bound", "t_min", "t_max",
@@ -82,6 +82,10 @@ def generate(
         check_image_options(image, text_only)
         llm, tokenizer = load_model(model, offline, err, adapter_path, text_only)
         images = preprocess(llm, image)  # every image checked before any model work
+        if options.thinking:
+            demo_notice(llm, "think", err)
+        if system:
+            demo_notice(llm, "system", err)
         from mlx_diffusiongemma.api import stream_generate
 
         messages = ([{"role": "system", "content": system}] if system else []) + [

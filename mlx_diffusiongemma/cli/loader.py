@@ -32,7 +32,7 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
 
         model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only)
         ui.print("[yellow]demo model: a 2.9M-parameter DiffusionGemma trained on toy tasks only "
-                 "(sorting, sums, reversing, sudoku…); /help in chat lists prompts to try.[/]")
+                 "(sorting, reversing, cards, 4x4 sudoku, comparisons); /help in chat lists prompts to try.[/]")
         return model, tokenizer
     if ui.is_terminal:  # piped: errors stay one line on stderr
         ui.print(f"[dim]loading {name}…[/]")
@@ -42,3 +42,12 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
     return model, tokenizer
+
+
+def demo_notice(model, kind: str, ui: Console) -> None:
+    """Print the notice `kind` (demo.tasks.NOTICES) when `model` is the trained demo model."""
+    from mlx_diffusiongemma.demo import is_trained_demo
+    from mlx_diffusiongemma.demo.tasks import NOTICES
+
+    if is_trained_demo(model.source):
+        ui.print(f"[yellow]notice: {NOTICES[kind]}[/]", highlight=False)

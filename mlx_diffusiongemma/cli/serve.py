@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_diffusiongemma.checkpoint.loading import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 
 from .errors import fail, handle_errors
 from .flags import AdapterPath, Debug, Model, Offline

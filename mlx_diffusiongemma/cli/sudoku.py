@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
-from .errors import handle_errors, is_terminal
+from .errors import fail, handle_errors, is_terminal
 from .flags import Debug, Model, Offline, generation_flags
 from .loader import load_model
 
@@ -20,7 +20,9 @@ DEFAULT_PUZZLE = "..3./.4.2/21../..2."
 
 @generation_flags("max_denoising_steps", "seed")
 def sudoku(
-    puzzle: Annotated[str, typer.Option("--puzzle", help="16 cells, 1-4 or '.', rows split by '/'.")] = DEFAULT_PUZZLE,
+    grid: Annotated[Optional[str], typer.Argument(
+        metavar="[PUZZLE]", help=f"16 cells, 1-4 or '.', rows split by '/' (default {DEFAULT_PUZZLE}).")] = None,
+    puzzle: Annotated[Optional[str], typer.Option("--puzzle", help="The puzzle, as an option.")] = None,
     model: Model = "demo",
     plain: Annotated[bool, typer.Option("--plain", help="No pins: the puzzle as a plain prompt (to compare).")] = False,
     free: Annotated[bool, typer.Option("--free", help="Blanks may take any token (default: digits 1-4).")] = False,
@@ -36,7 +38,9 @@ def sudoku(
     from mlx_diffusiongemma.editing import sudoku as puzzles
 
     with handle_errors(debug):
-        cells = puzzles.parse_puzzle(puzzle)  # before loading anything
+        if grid is not None and puzzle is not None and grid != puzzle:
+            fail("give the puzzle once: PUZZLE or --puzzle", 2)
+        cells = puzzles.parse_puzzle(grid or puzzle or DEFAULT_PUZZLE)  # before loading anything
         llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
         code = solve(llm, tokenizer, cells, plain=plain, free=free, options=options, delay=delay, as_json=as_json)
     raise typer.Exit(code)

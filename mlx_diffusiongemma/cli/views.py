@@ -25,7 +25,6 @@ from rich.live import Live
 from rich.text import Text
 
 from mlx_diffusiongemma.diffusion.events import BlockEvent, GenerationResult, StepEvent
-from mlx_diffusiongemma.prompts.channels import TextStream
 from mlx_diffusiongemma.prompts.labels import TokenLabels
 
 THOUGHT_STYLE = "dim italic"
@@ -155,6 +154,10 @@ class TextView(View):
     def __init__(self):
         super().__init__()
         # Tool calls stay as the model wrote them: the terminal shows them as text.
+        # Imported here: prompts.channels imports mlx-lm's tool-call parser (and so mlx-lm and
+        # transformers), which `dgemma --help` and the errors found before loading do not need.
+        from mlx_diffusiongemma.prompts.channels import TextStream
+
         self.splitter = TextStream(parse_tools=False)
         self._last_kind: str | None = None  # kind of the last piece written
 
@@ -347,6 +350,15 @@ class CanvasView(Redrawn, View):
         self._refresh()
 
 
+def grid_cell(label: str) -> str:
+    """A token's label as one cell of the drawn grid: its spaces kept (a cell is a token such as
+    `" 2"`, its separator included), the rest one printable character or `?` (noise)."""
+    body = label.lstrip(" ")
+    if body in ("", "\n"):
+        return label
+    return label[:len(label) - len(body)] + (body if len(body) == 1 and body.isprintable() else "?")
+
+
 class GridView(View):
     """The reply canvas of a 4x4 Sudoku drawn as a grid (its first `length` tokens): givens in the
     pinned style, accepted cells bold, the rest dim; each step shown for `delay` seconds."""
@@ -372,9 +384,7 @@ class GridView(View):
         pinned = event.pinned.tolist()[:n] if event.pinned is not None else [False] * n
         grid = Text()
         for token, ok, pin in zip(ids, accepted, pinned):
-            piece = self.labels(token)
-            if piece not in "\n ":
-                piece = piece if len(piece) == 1 and piece.isprintable() else "?"
+            piece = grid_cell(self.labels(token))
             grid.append(piece, PINNED_STYLE if pin else ACCEPTED_STYLE if ok else NOISY_STYLE)
         status = Text(f"step {event.step}/{event.max_steps} · accepted {sum(accepted)}/{n}", style=STATUS_STYLE)
         self.live.update(Group(grid, status), refresh=True)

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
-from ..prompts.channels import split_thinking
 from .options import FastOptions, SamplerOptions
 
 
@@ -85,11 +84,11 @@ class GenerationResult:
 
     @property
     def thinking(self) -> str | None:
-        return split_thinking(self.text)[0]
+        return _split(self.text)[0]
 
     @property
     def answer(self) -> str:
-        return split_thinking(self.text)[1]
+        return _split(self.text)[1]
 
     def to_json(self) -> dict:
         """The result as JSON-ready values (what `dgemma generate --json` prints)."""
@@ -114,3 +113,11 @@ class GenerationResult:
             "sampler": asdict(self.sampler) if self.sampler is not None else None,
             **({"fast": asdict(self.fast)} if self.fast is not None else {}),
         }
+
+
+def _split(text: str):
+    # Imported on use: prompts.channels imports mlx-lm's tool-call parser, and with it mlx-lm and
+    # transformers, which the command line's views (that import these events) need only later.
+    from ..prompts.channels import split_thinking
+
+    return split_thinking(text)

@@ -18,17 +18,39 @@ from .infill import CanvasPlan, InfillResult, canvas_options, layout_plan, prepa
 from .template import Fixed, Hole, Layout, TemplateError
 
 
-def _span_segments(text: str, spans: Sequence[tuple[int, int]], slack: int, tokenizer) -> list[tpl.Segment]:
-    spans = sorted(spans)
+def token_bounds(tokenizer, text: str) -> list[int]:
+    """The character offsets in `text` where its tokens start or end (0 and len(text) included):
+    where a span can begin or end without cutting a token."""
+    ids = tpl.encode(tokenizer, text)
+    bounds = {0, len(text)}
+    for k in range(1, len(ids)):
+        prefix = tokenizer.decode(ids[:k])
+        if text.startswith(prefix):  # a token that decodes to part of a character has no bound
+            bounds.add(len(prefix))
+    return sorted(bounds)
+
+
+def snap_span(bounds: Sequence[int], a: int, b: int) -> tuple[int, int]:
+    """The span (a, b) widened to the nearest token bounds: (4, 7) in "The cat sat" becomes (3, 7),
+    " cat", when the tokenizer writes the space with the word."""
+    return max(x for x in bounds if x <= a), min(x for x in bounds if x >= b)
+
+
+def span_segments(text: str, spans: Sequence[tuple[int, int]], slack: int, tokenizer) -> list[tpl.Segment]:
+    bounds = token_bounds(tokenizer, text)
     segments: list[tpl.Segment] = []
     pos = 0
-    for i, (a, b) in enumerate(spans):
-        if not (0 <= a < b <= len(text)) or a < pos:
-            raise TemplateError(f"span {a}:{b} is empty, outside the text or overlaps another")
+    for i, (a, b) in enumerate(sorted(spans)):
+        if not (0 <= a < b <= len(text)):
+            raise TemplateError(f"span {a}:{b} is empty or outside the text")
+        a, b = snap_span(bounds, a, b)
+        if a < pos:
+            raise TemplateError(f"span {a}:{b} overlaps another (spans are widened to whole tokens)")
         if a > pos:
             segments.append(Fixed(text[pos:a]))
         n = len(tpl.encode(tokenizer, text[a:b]))
-        segments.append(Hole(f"span{i}", n + slack, exact=False))
+        # The span's own text is the typical value the merge check probes the edges with.
+        segments.append(Hole(f"span{i}", n + slack, exact=False, probes=(text[a:b],)))
         pos = b
     if pos < len(text):
         segments.append(Fixed(text[pos:]))
@@ -59,7 +81,7 @@ def span_edit_plan(model, tokenizer, ids: list[int], text: str, spans: Sequence[
     none is given), and its slack positions from noise."""
     if not text:
         raise TemplateError("nothing to edit: the text is empty")
-    lay = tpl.layout(tokenizer, _span_segments(text, spans, slack, tokenizer))
+    lay = tpl.layout(tokenizer, span_segments(text, spans, slack, tokenizer))
     tpl.check_context(lay, model, len(ids))
     warm = None
     if strength is not None:
@@ -68,7 +90,8 @@ def span_edit_plan(model, tokenizer, ids: list[int], text: str, spans: Sequence[
         options = options.updated(seed=options.seed if options.seed is not None else fresh_seed())
         rng = np.random.default_rng(options.seed)
         warm = [-1] * lay.length
-        for h, (a, b) in zip(lay.holes, sorted(spans)):
+        bounds = token_bounds(tokenizer, text)  # the spans as span_segments widened them
+        for h, (a, b) in zip(lay.holes, (snap_span(bounds, a, b) for a, b in sorted(spans))):
             own = tpl.encode(tokenizer, text[a:b])
             keep = rng.random(len(own)) >= strength
             warm[h.start:h.start + len(own)] = [t if k else -1 for t, k in zip(own, keep)]
@@ -94,7 +117,7 @@ def stream_edit(model, tokenizer, text: str, instruction: str, *, strength: floa
                                                              strength=strength, options=opts))
         return
     if spans:
-        segments = _span_segments(text, spans, slack, tokenizer)
+        segments = span_segments(text, spans, slack, tokenizer)
         ids, lay = prepare_layout(model, tokenizer, prompt, segments, opts.thinking)
         yield from run_layout(model, tokenizer, ids, lay, opts)
         return

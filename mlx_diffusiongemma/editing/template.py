@@ -130,10 +130,21 @@ def _probes(hole: Hole) -> tuple[str, ...]:
     return _PROBES
 
 
+def _can_start_apart(tokenizer, text: str, ids: Sequence[int], hole: Hole) -> bool:
+    """Whether a free hole after fixed `text` can hold a value that keeps the pinned split: `text`
+    ends in a visible character and a value that starts with a space does not merge with it
+    (`a b d{{x:1}} o q` with a merge `d e`: " e" keeps `d` apart). Only a hole the model may fill
+    with any token can; an option slot or a constrained hole holds what its options say."""
+    if not text[-1:].strip() or hole.options is not None or hole.allowed is not None or hole.probes:
+        return False
+    return all(encode(tokenizer, text + " " + p)[: len(ids)] == list(ids) for p in _PROBES)
+
+
 def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
     """TemplateError if a fixed segment does not round-trip, or its edge next to a hole is one the
     tokenizer merges with a typical character of the hole (a letter or digit; a constrained
-    hole's own options)."""
+    hole's own options) and no value of the hole can keep it apart (a free hole's value may start
+    with a space: see `_can_start_apart`)."""
     for i, seg in enumerate(segments):
         if not isinstance(seg, Fixed):
             continue
@@ -142,7 +153,9 @@ def check_merges(tokenizer, segments: Sequence[Segment]) -> None:
             raise TemplateError(f"fixed text {seg.text!r} does not survive the tokenizer "
                                 f"(it decodes as {_decode(tokenizer, ids)!r}): unknown characters?")
         if i + 1 < len(segments) and isinstance(segments[i + 1], Hole):
-            if any(encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _probes(segments[i + 1])):
+            hole = segments[i + 1]
+            if any(encode(tokenizer, seg.text + p)[: len(ids)] != ids for p in _probes(hole)) and \
+                    not _can_start_apart(tokenizer, seg.text, ids, hole):
                 raise TemplateError(
                     f"the fixed text {seg.text!r} before hole {segments[i + 1].name!r} ends in a token the "
                     f"tokenizer merges with the next word, so pinning it contradicts the tokenizer's merges: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import html
 import json
 import logging
 import threading
@@ -57,6 +58,22 @@ class ServerConfig:
     image_dir: str | None = None  # local image files are read only from here (None: data URLs only)
 
 
+def _demo_panel(model) -> str:
+    """On the trained demo model, the web chat's line of prompts to try, what it has not learnt and
+    its notices (docs/demo-model.md); nothing on other models."""
+    from ..demo import is_trained_demo
+    from ..demo.tasks import FAMILIES, LEARNT, NOT_LEARNT, NOTICES
+
+    if not is_trained_demo(getattr(model, "source", None)):
+        return ""
+    tries = " · ".join(html.escape(FAMILIES[name].example) for name in LEARNT if "\n" not in FAMILIES[name].example)
+    think = html.escape(NOTICES["think"])
+    second = html.escape(NOTICES["second"].replace("/reset", "“new chat”"))
+    return (f'<div id="demo" data-think="{think}" data-second="{second}">The demo model knows only toy tasks. '
+            f"Try: {tries}. Not learnt (its answers there are wrong): {html.escape(NOT_LEARNT)}; "
+            "no thinking, no system prompts, one task per conversation.</div>")
+
+
 class Disconnected(Exception):
     pass
 
@@ -79,6 +96,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
                     prompt_cache_size=config.prompt_cache_size)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    page = page.replace("<!--demo-->", _demo_panel(model))
 
     # -- plumbing ----------------------------------------------------------------------------------
     def check_auth(request: Request) -> None:
@@ -202,7 +220,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         body = P.envelope(params.kind, P.new_id(params.kind), params.model, P.now(), stream=False)
         finish = _finish_reason(finish, text, total)
         if params.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": total.content or None}
+            # "" for an empty reply (mlx_lm.server's answer; clients that concatenate need no None check)
+            message: dict[str, Any] = {"role": "assistant", "content": total.content}
             if total.reasoning:
                 message["reasoning"] = message["reasoning_content"] = total.reasoning
             if total.tool_calls:
@@ -283,7 +302,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
 
     def parse(body: dict[str, Any], kind: str) -> P.Params:
         params = P.parse_common(body, kind, default_max_tokens=config.default_max_tokens,
-                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode)
+                                max_tokens_limit=config.max_tokens_limit, default_mode=config.default_mode,
+                                served_model=config.model_id)
         check_model(params)
         return params
 

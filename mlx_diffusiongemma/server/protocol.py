@@ -178,12 +178,15 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 
 
 def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int,
-                 default_mode: str = "exact") -> Params:
+                 default_mode: str = "exact", served_model: str = "default_model") -> Params:
     """The fields shared by chat and completions (everything but the prompt); a request without a
-    "mode" runs in `default_mode` (`dgemma serve --fast`)."""
+    "mode" runs in `default_mode` (`dgemma serve --fast`). `model` may be left out: one model is
+    served (`served_model`), as mlx_lm.server's documented requests assume."""
     model = body.get("model")
+    if model is None:
+        model = served_model
     if not isinstance(model, str) or not model:
-        raise bad("'model' is required (a string; GET /v1/models lists it)", param="model")
+        raise bad("'model' must be a non-empty string (GET /v1/models lists it) or left out", param="model")
     _refuse_unsupported(body)
     n = _number(body, "n", int, lo=1)
     if n not in (None, 1):
@@ -352,11 +355,13 @@ def check_template_kwargs(extra: Any, allowed: frozenset[str], field: str = "cha
 
 def template_kwargs(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
     """Server --chat-template-args, overridden by the request's `chat_template_kwargs`
-    (vLLM's name) and the `enable_thinking` / `reasoning_effort` shorthands."""
+    (vLLM's name) and the `enable_thinking` / `reasoning_effort` shorthands. Thinking is off
+    unless asked for, as in the CLI and the Python API (the chat template, through mlx-lm's
+    tokenizer wrapper, would otherwise turn it on)."""
     extra = body.get("chat_template_kwargs")
     if extra is not None and not isinstance(extra, dict):
         raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
-    out = {**defaults, **(extra or {})}
+    out = {"enable_thinking": False, **defaults, **(extra or {})}
     if "enable_thinking" in body:
         out["enable_thinking"] = _bool(body, "enable_thinking")
     effort = body.get("reasoning_effort")
