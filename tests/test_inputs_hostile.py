@@ -102,6 +102,13 @@ def test_edit_with_a_huge_max_tokens_fails_before_building_canvases(monkeypatch)
         edit(model, tok, "some text", "shorter", max_tokens=10**6)
 
 
+def test_template_holes_are_bounded_in_total():
+    from mlx_diffusiongemma.editing.template import TemplateError, parse
+
+    with pytest.raises(TemplateError, match="the holes add up to 1228800 tokens"):
+        parse("".join(f"{{{{h{i}:4096}}}}" for i in range(300)))
+
+
 def test_cli_edit_max_tokens_beyond_the_context(runner, tmp_path):
     (tmp_path / "t.txt").write_text("some text\n")
     result = invoke(runner, ["edit", "--model", "demo", "--text", str(tmp_path / "t.txt"), "-i", "shorter",
