@@ -36,12 +36,8 @@ conversion cleanly, like any other interruption.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +45,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from mlx_diffusiongemma.checkpoint import recipes
-from mlx_diffusiongemma.checkpoint.files import read_json
+from mlx_diffusiongemma.checkpoint.files import read_json, signals_interrupt, write_errors
 from mlx_diffusiongemma.checkpoint.loading import resolve
 from mlx_diffusiongemma.checkpoint.safetensors import (
     check_config_against_headers,
@@ -63,6 +59,9 @@ from mlx_diffusiongemma.model.model import is_vision_key, map_key
 
 from .plan import Plan, SizeEstimate, TensorPlan, projected_size
 from .writer import ShardWriter, put_in_place, remove
+
+# What a failed write advises besides freeing space (`files.write_errors`).
+CONVERT_ELSEWHERE = "convert to a disk with room (nothing was left behind)"
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -182,12 +181,12 @@ def convert(
     report.messages += _remove_stale_partials(dst)
     remove(tmp)  # a leftover of an earlier run of a process with our pid
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _signals_interrupt():
+    with signals_interrupt():
         tmp.mkdir()
         try:
             writer = ShardWriter(tmp, shard_size_bytes)
             _stream(inventory, plan, writer, report, progress)
-            with _write_errors(tmp):
+            with write_errors(tmp, CONVERT_ELSEWHERE):
                 report.shards = writer.finish(report.parameters_written)
                 report.weight_bytes = writer.total_size
                 for name in writer.oversized:
@@ -211,65 +210,6 @@ def convert(
 
 
 # -- checks before anything is written ---------------------------------------------------------
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived during a conversion: raised like Ctrl-C's KeyboardInterrupt so
-    that the partial folder is removed on the way out. `signum` says which signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextmanager
-def _signals_interrupt():
-    """While converting, SIGTERM and SIGHUP interrupt like SIGINT does (their default action
-    kills the process at once and leaves `DST.partial-PID` behind). Only in the main thread
-    (where Python runs signal handlers) and only over the default action: a handler the
-    application installed is left alone."""
-    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    previous = {}
-    for s in wanted:
-        if signal.getsignal(s) == signal.SIG_DFL:
-            previous[s] = signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
-
-def _disk_full_message(path: Path, error: BaseException) -> str:
-    free = None
-    try:
-        free = shutil.disk_usage(path if path.exists() else path.parent).free
-    except OSError:
-        pass
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
-    if full:
-        where = f" ({free / 1e6:.0f} MB free)" if free is not None else ""
-        return (f"the disk is full{where}: could not write {path}; free some space, or convert to "
-                "a disk with room (nothing was left behind)")
-    detail = getattr(error, "strerror", None) or str(error)
-    return f"could not write {path}: {detail}"
-
-
-@contextmanager
-def _write_errors(path: Path):
-    """mlx reports a failed write as RuntimeError('[write] Unable to write ...') without the
-    file or the cause: name both."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(_disk_full_message(path, e)) from None
 
 
 def _remove_stale_partials(dst: Path) -> list[str]:
@@ -296,7 +236,10 @@ def _alive(pid: int) -> bool:
 
 
 def _check_destination(folder: Path, dst: Path, force: bool) -> None:
-    src_real, dst_real = folder.resolve(), dst.resolve()
+    try:
+        src_real, dst_real = folder.resolve(), dst.resolve()
+    except (RuntimeError, OSError) as e:  # Python reports a symlink loop as RuntimeError
+        raise CheckpointError(f"{dst}: cannot resolve the destination ({e}); choose another destination") from None
     if dst_real == src_real or dst_real in src_real.parents:
         raise CheckpointError(f"{dst} is (or contains) the source checkpoint; choose another destination")
     if dst.exists() or dst.is_symlink():
@@ -421,7 +364,7 @@ def _stream(
                 outputs = _prepare(arrays.pop(t.key), target)
             except (RuntimeError, ValueError) as e:  # mlx reports read errors this way
                 raise CheckpointError(f"could not read {t.key!r} from {t.file.name}: {e}") from None
-            with _write_errors(writer.folder):  # e.g. the disk filled up
+            with write_errors(writer.folder, CONVERT_ELSEWHERE):  # e.g. the disk filled up
                 for name, array in outputs:
                     writer.add(name, array)
             bits = target.quant["bits"] if target.quant else outputs[0][1].dtype.size * 8

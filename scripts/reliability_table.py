@@ -127,12 +127,72 @@ def main() -> None:
     rows.append(("chat: a line of invalid UTF-8, then a message", f"session goes on, exit {result.exit_code}",
                  next(l for l in result.stderr.splitlines() if l.startswith("error"))))
 
+    # -- canvas commands and their files -------------------------------------------------------------
+    text = work / "text.txt"
+    text.write_text("some text\n")
+    run("`edit --max-tokens 1000000000`", ["edit", "--model", "demo", "--text", str(text), "-i", "shorter",
+                                           "--max-tokens", "1000000000"])
+    latin1 = work / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 {{x:4}}\n")
+    run("`fill --template-file` of invalid UTF-8", ["fill", "--model", "demo", "-p", "hi", "--template-file", str(latin1)])
+    fifo = work / "fifo"
+    os.mkfifo(fifo)
+    run("`edit --text` naming a FIFO", ["edit", "--model", "demo", "--text", str(fifo), "-i", "fix"])
+    deep = work / "schema.json"
+    deep.write_text("[" * 100_000)
+    run("`fill --schema` nested 100000 deep", ["fill", "--model", "demo", "-p", "hi", "--schema", str(deep)])
+    for value in ("inf", "1e9"):
+        run(f"`sudoku --delay {value}`", ["sudoku", "--delay", value])
+
+    # -- fine-tuning and adapters ---------------------------------------------------------------------
+    from mlx_diffusiongemma.checkpoint.adapters import ADAPTER_WEIGHTS, lora_parameters
+    from mlx_diffusiongemma.train import lora
+
+    data = work / "data"
+    data.mkdir()
+    rows_jsonl = "".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("a", "b", "c", "d"))
+    (data / "train.jsonl").write_text(rows_jsonl)
+    (data / "valid.jsonl").write_text(rows_jsonl)
+    tune = ["finetune", "--model", str(demo), "--data", str(data), "--iters", "4", "--batch-size", "2",
+            "--val-batches", "0"]
+    run("`finetune --lora-scale nan`", tune + ["--lora-scale", "nan", "--adapter-path", str(work / "a1")])
+    run("`finetune --learning-rate 1e300` (the loss becomes NaN)",
+        tune + ["--learning-rate", "1e300", "--adapter-path", str(work / "a2")])
+    (data / "train.jsonl").write_text(rows_jsonl + '{"prompt": ' + "[" * 100_000 + "\n")
+    run("finetune data: a line nested 100000 deep", tune + ["--adapter-path", str(work / "a3")])
+
+    import mlx_diffusiongemma as dg
+
+    model, _ = dg.load(demo)
+    lora.setup_finetune(model, "lora", 2, lora_parameters(rank=4))
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora_parameters(rank=4)}
+    good = work / "adapters"
+    lora.save_adapters(model, good / ADAPTER_WEIGHTS, config)
+    weights = mx.load(str(good / ADAPTER_WEIGHTS))
+    for label, damage in [("that holds no tensors", lambda w: None),
+                          ("missing half its LoRA tensors", lambda w: dict(list(w.items())[: len(w) // 2])),
+                          ("of int32 tensors", lambda w: {k: v.astype(mx.int32) for k, v in w.items()})]:
+        f = Path(shutil.copytree(good, work / f"adapters{len(rows)}"))
+        damaged = damage(weights)
+        if damaged:
+            mx.save_safetensors(str(f / ADAPTER_WEIGHTS), damaged)
+        else:
+            (f / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", 8) + b"{}      ")
+        run(f"`--adapter-path` with an adapters.safetensors {label}", gen(demo) + ["--adapter-path", str(f)])
+    f = Path(shutil.copytree(good, work / "adapters-nan"))
+    (f / "adapter_config.json").write_text(json.dumps({**config, "lora_parameters": {**config["lora_parameters"],
+                                                                                      "scale": float("nan")}}))
+    run("adapter_config.json with a NaN LoRA scale", gen(demo) + ["--adapter-path", str(f)])
+
     # -- convert ------------------------------------------------------------------------------------
     run("`convert` of a missing folder", ["convert", str(work / "nope"), "-o", str(work / "out")])
     docs = work / "documents"
     docs.mkdir()
     (docs / "thesis.tex").write_text("x")
     run("`convert --force` onto a folder that is not a model", ["convert", str(demo), "-o", str(docs), "--force"])
+    os.symlink(work / "loop-b", work / "loop-a")
+    os.symlink(work / "loop-a", work / "loop-b")
+    run("`convert -o` into a symlink loop", ["convert", str(demo), "-o", str(work / "loop-a" / "out")])
 
     print("| bad input | outcome | message |")
     print("|---|---|---|")

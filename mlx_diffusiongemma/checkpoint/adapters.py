@@ -9,9 +9,11 @@ layers and loads the weights. Writing adapters is the training wing's (`train/lo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -25,6 +27,10 @@ FINE_TUNE_TYPES = ("lora", "full")
 DEFAULT_LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 MAX_RANK = 1024
 MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+# What trained parameters are stored as (an integer tensor would reach the kernels, whose
+# message would blame them: "GatherMM only supports float32").
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+LORA_LEAVES = ("lora_a", "lora_b")
 
 
 def lora_parameters(rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
@@ -43,8 +49,9 @@ def check_lora_parameters(params: Any, source: str) -> None:
     rank = params.get("rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise CheckpointError(f"{source}: LoRA rank must be an integer in 1..{MAX_RANK}, got {rank!r}")
-    if not isinstance(params.get("scale"), (int, float)) or isinstance(params.get("scale"), bool):
-        raise CheckpointError(f"{source}: LoRA 'scale' must be a number")
+    scale = params.get("scale")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise CheckpointError(f"{source}: LoRA 'scale' must be a finite number, got {scale!r}")
     dropout = params.get("dropout", 0.0)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise CheckpointError(f"{source}: LoRA 'dropout' must be in [0, 1), got {dropout!r}")
@@ -105,13 +112,46 @@ def load_adapters(model, adapter_path: str | Path):
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    check_safetensors(weights)
-    check_num_layers(model, config.get("num_layers"), str(folder / ADAPTER_CONFIG))
+    header = {k: v for k, v in check_safetensors(weights).items() if k != "__metadata__"}
+    if not header:
+        raise CheckpointError(f"{weights}: holds no tensors; the adapters were not saved (train again)")
+    for name, info in header.items():
+        if info["dtype"] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{weights}: tensor {name!r} is {info['dtype']}; adapter weights are floating "
+                                  f"point ({', '.join(FLOAT_DTYPES)})")
+    n = check_num_layers(model, config.get("num_layers"), str(folder / ADAPTER_CONFIG))
     if config.get("fine_tune_type", "lora") == "full" and is_quantized(model):
         raise CheckpointError(f"{folder}: full fine-tuned weights cannot be loaded into a quantized model")
     try:
         mlx_lm_load_adapters(model, str(folder))
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: adapters do not fit this model: {e}") from None
+    # mlx-lm loads with strict=False: a parameter the file lacks keeps its initial value (a LoRA
+    # B of zeros: the base model's output, silently).
+    missing = sorted(set(expected_adapter_keys(model, config.get("fine_tune_type", "lora"), n)) - set(header))
+    if missing:
+        raise CheckpointError(f"{weights}: {len(missing)} adapter tensor(s) that {ADAPTER_CONFIG} implies are "
+                              f"missing (first: {missing[0]}); the file is partial or belongs to other settings")
+    materialize(model)
     model.eval()
     return model
+
+
+def expected_adapter_keys(model, fine_tune_type: str, num_layers: int) -> list[str]:
+    """The parameter names an adapter file of this type must hold for a model already set up
+    (LoRA: every `lora_a`/`lora_b`; full: every weight of the last `num_layers` layers)."""
+    names = [name for name, _ in tree_flatten(model.parameters())]
+    if fine_tune_type != "full":
+        return [name for name in names if name.rsplit(".", 1)[-1] in LORA_LEAVES]
+    paths = {id(m): name for name, m in model.named_modules()}
+    prefixes = tuple(paths[id(layer)] + "." for layer in model.layers[-num_layers:])
+    return [name for name in names if name.startswith(prefixes)]
+
+
+def materialize(model) -> None:
+    """Evaluate every array a model holds: parameters and the arrays modules keep privately (the
+    proportional RoPE's `_freqs`). A lazy array built on one thread belongs to that thread's
+    stream; evaluating it later on another thread (a server's engine, an app's worker) fails with
+    "There is no Stream(cpu, 0) in current thread"."""
+    private = [v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)]
+    mx.eval(model.parameters(), private)

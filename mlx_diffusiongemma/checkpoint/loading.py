@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from ..errors import CheckpointError
 from ..model.args import parse_model_args
 from ..model.model import Model, map_key
-from .adapters import load_adapters
+from .adapters import load_adapters, materialize
 from .config import load_generation_defaults, load_model_args
 from .files import read_json
 from .recipes import quant_predicate, quantize_from_config
@@ -111,10 +111,7 @@ def load_model(
         nn.quantize(model, class_predicate=quant_predicate(quantize))
     elif quantize == "bf16":
         model.set_dtype(mx.bfloat16)
-    # Parameters and the arrays modules keep privately (the proportional RoPE's `_freqs`): a lazy
-    # array built here belongs to this thread's stream, and evaluating it later on another
-    # thread (a server's or an app's worker) fails with "no Stream(cpu, 0) in current thread".
-    mx.eval(model.parameters(), [v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
+    materialize(model)
     model.eval()
     return model, config
 

@@ -178,6 +178,8 @@ class ChatLoop:
                     self.reply(line)
             except Quit:
                 break
+            except Exception as e:  # a slash command's unexpected failure: reported, the session goes on
+                self._error(f"{type(e).__name__}: {e}")
         return 1 if self.failed and not self.interactive else 0
 
     # -- a reply ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ with the generated values highlighted. `--json` prints one object instead.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import time
 from typing import Annotated, Optional
@@ -19,7 +21,7 @@ from rich.text import Text
 from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
-from .errors import fail, handle_errors, is_terminal
+from .errors import check_text, fail, handle_errors, is_terminal, read_stdin_text
 from .flags import Debug, Model, NoLive, Offline, generation_flags
 from .loader import load_model
 
@@ -51,10 +53,13 @@ def fill(
             fail("give exactly one of --template, --template-file or --schema")
         if prompt == "-" and template_file == "-":
             fail("only one of --prompt and --template-file can read stdin")
-        prompt = sys.stdin.read() if prompt == "-" else prompt
+        prompt = read_stdin_text() if prompt == "-" else prompt
+        check_text(prompt, "the prompt")
         if template_file is not None:
             template = read_source(template_file, "the template")
-        parsed = json.loads(read_source(schema, "the schema")) if schema is not None else None
+        elif template is not None:
+            check_text(template, "the template")
+        parsed = read_json_source(schema, "the schema") if schema is not None else None
         check_template(template, parsed)  # syntax and schema errors before loading anything
         llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
         started = time.perf_counter()
@@ -90,6 +95,9 @@ def edit(
 
     with handle_errors(debug):
         source = read_source(text, "the text").rstrip("\n")
+        check_text(instruction, "the instruction")
+        for part in span or []:
+            check_text(part, "a --span")
         ranges = [find_span(source, part) for part in span or []]  # before loading anything
         llm, tokenizer = load_model(model, offline, Console(stderr=True, highlight=False))
         started = time.perf_counter()
@@ -162,17 +170,55 @@ def styled_fill(out) -> Text:
     return text
 
 
+MAX_SOURCE_CHARS = 1_000_000
+
+
 def read_source(value: str, what: str) -> str:
-    """A file path or '-' (stdin) -> its text, bounded."""
-    limit = 1_000_000
+    """A file path or '-' (stdin) -> its text, bounded. Only a regular file is opened (a FIFO or
+    a device would block or never end); text that is not UTF-8 is refused naming the file."""
+    limit = MAX_SOURCE_CHARS
     if value == "-":
-        text = sys.stdin.read(limit + 1)
+        name = f"{what} on stdin"
+        if not hasattr(sys.stdin, "buffer"):
+            return _bounded(sys.stdin.read(limit + 1), what)
+        raw = sys.stdin.buffer.read(4 * limit + 4)
     else:
-        with open(value, encoding="utf-8") as f:
-            text = f.read(limit + 1)
-    if len(text) > limit:
+        name = value
+        try:
+            info = os.stat(os.path.expanduser(value))
+        except FileNotFoundError:
+            raise ValueError(f"{value}: no such file ({what})") from None
+        except OSError as e:
+            raise ValueError(f"{value}: cannot read {what} ({e.strerror or e})") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+            raise ValueError(f"{value} is {kind}; give {what} as a file or '-' (stdin)")
+        with open(os.path.expanduser(value), "rb") as f:
+            raw = f.read(4 * limit + 4)
+    if len(raw) > 4 * limit:  # more bytes than any `limit` characters take
         raise ValueError(f"{what} is larger than {limit} characters")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not valid UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`") from None
+    return _bounded(text, what)
+
+
+def _bounded(text: str, what: str) -> str:
+    if len(text) > MAX_SOURCE_CHARS:
+        raise ValueError(f"{what} is larger than {MAX_SOURCE_CHARS} characters")
     return text
+
+
+def read_json_source(value: str, what: str):
+    """`read_source`, parsed as JSON; errors name the file."""
+    try:
+        return json.loads(read_source(value, what))
+    except RecursionError:
+        raise ValueError(f"{value}: {what} is JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{value}: {what} is not valid JSON ({e})") from None
 
 
 def print_result(out, *, as_json: bool, started: float) -> None:

@@ -2,8 +2,8 @@
 
 The work is in `mlx_diffusiongemma.train` (`finetune.FinetuneRun`, `fuse.fuse`); this module only
 shows it. On a terminal a rich progress bar carries loss, validation loss, it/s, tokens/s and
-peak memory; piped, one mlx-lm-style line every `--steps-per-report` steps. Ctrl-C saves the
-adapters and exits 130.
+peak memory; piped, one mlx-lm-style line every `--steps-per-report` steps. Ctrl-C, SIGTERM and
+SIGHUP save the adapters and exit 128 + the signal (130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL, signals_interrupt
 
 from .errors import handle_errors
 from .flags import Debug, Model, Offline, positive
@@ -60,8 +60,9 @@ def finetune(
             resume_adapter_file=resume_adapter_file, val_batches=val_batches, steps_per_eval=steps_per_eval,
             save_every=save_every, max_seq_length=max_seq_length, grad_checkpoint=grad_checkpoint, seed=seed,
             offline=offline or None)
-        code = run_finetune(settings, steps_per_report=steps_per_report, out=Console(highlight=False), err=err,
-                            interactive=err.is_terminal)
+        with signals_interrupt():  # SIGTERM/SIGHUP stop and save like Ctrl-C
+            code = run_finetune(settings, steps_per_report=steps_per_report, out=Console(highlight=False), err=err,
+                                interactive=err.is_terminal)
     raise typer.Exit(code)
 
 
@@ -142,11 +143,13 @@ def run_finetune(settings, *, steps_per_report: int, out: Console, err: Console,
                     line += (f", Learning Rate {r.learning_rate:.3e}, It/sec {its:.3f}, Tokens/sec {tps:.1f}, "
                              f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
                     err.print(line, markup=False, highlight=False, soft_wrap=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         reports.close()
         path = run.save()
-        err.print(f"interrupted at step {run.step}: adapters saved to {escape(str(path))}")
-        return 130
+        signum = getattr(e, "signum", 2)  # Terminated: SIGTERM or SIGHUP
+        how = "" if signum == 2 else f" ({escape(str(e))})"
+        err.print(f"interrupted{how} at step {run.step}: adapters saved to {escape(str(path))}")
+        return 128 + signum
     path = run.save()
     elapsed = time.perf_counter() - t0
     summary = (f"trained {last.step} steps in {elapsed:.1f} s · loss {sum(window[-10:]) / len(window[-10:]):.3f}"

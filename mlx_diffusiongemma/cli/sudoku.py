@@ -16,6 +16,13 @@ from .flags import Debug, Model, Offline, generation_flags
 from .loader import load_model
 
 DEFAULT_PUZZLE = "..3./.4.2/21../..2."
+MAX_DELAY = 10.0  # seconds per step: a slow demo, not a sleep of years (or an OverflowError)
+
+
+def delay_seconds(value: float) -> float:
+    if not 0.0 <= value <= MAX_DELAY:  # NaN fails this too
+        raise typer.BadParameter(f"{value} is not a number of seconds from 0 to {MAX_DELAY:g}")
+    return value
 
 
 @generation_flags("max_denoising_steps", "seed")
@@ -26,7 +33,8 @@ def sudoku(
     model: Model = "demo",
     plain: Annotated[bool, typer.Option("--plain", help="No pins: the puzzle as a plain prompt (to compare).")] = False,
     free: Annotated[bool, typer.Option("--free", help="Blanks may take any token (default: digits 1-4).")] = False,
-    delay: Annotated[float, typer.Option("--delay", min=0.0, help="Seconds to show each step.")] = 0.15,
+    delay: Annotated[float, typer.Option("--delay", callback=delay_seconds,
+                                         help=f"Seconds to show each step (0 to {MAX_DELAY:g}).")] = 0.15,
     as_json: Annotated[bool, typer.Option("--json", help="Print the grid and whether it is solved as JSON.")] = False,
     offline: Offline = False,
     debug: Debug = False,

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..diffusion.canvas import CanvasState
-from ..diffusion.engine import Request, run
+from ..diffusion.engine import Request, check_fits, run
 from ..diffusion.events import GenerationResult
 from ..diffusion.options import GenerationOptions, fresh_seed
 from ..prompts.render import prompt_ids
@@ -126,6 +126,7 @@ def stream_edit(model, tokenizer, text: str, instruction: str, *, strength: floa
     tokens = tpl.encode(tokenizer, text)
     ids = prompt_ids(tokenizer, prompt, opts.thinking)
     n_blocks = max(math.ceil(len(tokens) / c), math.ceil((max_tokens or 0) / c))
+    check_fits(model, len(ids), n_blocks * c)  # before a canvas is built (max_tokens may be huge)
     # The seed chooses the renoised positions too: drawn here when none is given.
     opts = opts.updated(seed=opts.seed if opts.seed is not None else fresh_seed(), max_tokens=n_blocks * c)
     rng = np.random.default_rng(opts.seed)

@@ -32,6 +32,9 @@ from ..errors import DiffusionGemmaError
 
 MAX_HOLE_TOKENS = 4096
 MAX_TEMPLATE_CHARS = 200_000
+# All holes together: far above any context (the released model's is 131072), far below what
+# would fill memory before the context check (thousands of 4096-token holes fit in 200k characters).
+MAX_TEMPLATE_HOLE_TOKENS = 1 << 20
 _HOLE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _HOLE_BODY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*(\.\.)?\s*(\d+)\s*)?$")
 # Characters a hole's value typically starts / ends with: if the tokenizer merges a fixed edge
@@ -103,6 +106,9 @@ def parse(template: str) -> list[Segment]:
         pos += 1
     if text:
         segments.append(Fixed("".join(text)))
+    total = sum(s.length or 0 for s in segments if isinstance(s, Hole))
+    if total > MAX_TEMPLATE_HOLE_TOKENS:
+        raise TemplateError(f"the holes add up to {total} tokens; a template takes at most {MAX_TEMPLATE_HOLE_TOKENS}")
     if not any(isinstance(s, Hole) for s in segments):
         raise TemplateError("the template has no holes: write {{name:N}} where the model should write")
     return segments

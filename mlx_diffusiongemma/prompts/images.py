@@ -4,6 +4,8 @@ before any model work."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import mlx.core as mx
@@ -52,7 +54,11 @@ def _image_sources(part: dict) -> Any:
 
 def image_from_url(url: Any) -> Any:
     """A data URL -> its bytes; a file:// URL or plain string -> a path; remote URLs are refused
-    (this runtime works offline)."""
+    (this runtime works offline).
+
+    Local files are read: the Python API trusts its caller as it trusts `open()` (the server
+    takes no images). A path that is not a readable file gets one message whatever the reason,
+    so that an image URL does not tell which files exist."""
     import base64
     import binascii
 
@@ -66,11 +72,16 @@ def image_from_url(url: Any) -> Any:
             return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise ImageError("the image data URL is not valid base64") from None
-    if url.startswith("file://"):
-        return url[len("file://"):]
     if url.startswith(("http://", "https://")):
         raise ImageError(f"{url}: remote images are not fetched (offline runtime); download it and give the file")
-    return url
+    path = Path(url.removeprefix("file://")).expanduser()
+    try:
+        readable = path.is_file() and os.access(path, os.R_OK)
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        readable = False
+    if not readable:
+        raise ImageError("an image_url names no readable local image file (give a data: URL or a file path)")
+    return str(path)
 
 
 def split_images(messages: Messages, placeholder: str) -> tuple[list[dict[str, Any]], list[Any]]:

@@ -8,9 +8,10 @@ normalisation: the tower maps to [-1, 1] itself), cut into row-major patches wit
 position ids. Each image becomes `patches / k**2` soft tokens, written into the prompt as
 `<boi>` + that many image tokens + `<eoi>`.
 
-Decoding uses Pillow (the optional `vision` extra). Every check happens here, before any model
-work: unreadable, truncated, empty, oversized or oddly typed images raise `ImageError` with a
-message that names the image.
+Decoding uses Pillow (the optional `vision` extra), for the formats of `IMAGE_FORMATS` only. Every
+check happens here, before any model work: unreadable, truncated, empty, oversized (decompression
+bombs included) or oddly typed images, and other formats, raise `ImageError` with a message that
+names the image.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +35,11 @@ DEFAULT_SOFT_TOKENS = 280
 # screenshot, far below what would exhaust memory (a decompression bomb is refused from its header).
 MAX_FILE_BYTES = 64 * 2**20
 MAX_PIXELS = 64_000_000
+# The image formats decoded (Pillow's names). Pillow can open many more, some through external
+# programs (EPS and PS run Ghostscript) or with a long record of decoder bugs: only the formats
+# photos, scans and screenshots come in. (Pillow opens many cameras' JPEGs as "MPO", through its
+# JPEG decoder.)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Pillow modes whose conversion to RGB is well defined (others: 16/32-bit integer or float).
 _MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
@@ -136,20 +143,30 @@ class ImageProcessor:
             pil = None
         else:
             return self._from_array(image, label)
-        if pil is None:
+        formats = ", ".join(IMAGE_FORMATS)
+        bomb = f"{label}: too many pixels for an image (over {self.max_pixels:,}; a decompression bomb?)"
+        # Pillow's decompression-bomb check warns from 89M pixels and raises from twice that, with
+        # its own error type: both become ImageError (our limit, max_pixels, is lower anyway).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if pil is None:
+                try:
+                    pil = Image.open(io.BytesIO(bytes(image)), formats=IMAGE_FORMATS)
+                except UnidentifiedImageError:
+                    raise ImageError(f"{label}: not an image of a supported format ({formats})") from None
+                except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                    raise ImageError(bomb) from None
+                except (OSError, ValueError, SyntaxError) as e:
+                    raise ImageError(f"{label}: cannot be read as an image ({e})") from None
+            elif pil.format is not None and pil.format not in IMAGE_FORMATS + ("MPO",):
+                raise ImageError(f"{label}: {pil.format} images are not decoded here (supported: {formats})")
+            self._check_header(pil, label)
             try:
-                pil = Image.open(io.BytesIO(bytes(image)))
-            except UnidentifiedImageError:
-                raise ImageError(f"{label}: not an image Pillow can read") from None
+                pil.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise ImageError(bomb) from None
             except (OSError, ValueError, SyntaxError) as e:
-                raise ImageError(f"{label}: cannot be read as an image ({e})") from None
-        self._check_header(pil, label)
-        try:
-            pil.load()
-        except Image.DecompressionBombError:
-            raise ImageError(f"{label}: too many pixels") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"{label}: truncated or corrupt image data ({e})") from None
+                raise ImageError(f"{label}: truncated or corrupt image data ({e})") from None
         return _to_rgb(pil)
 
     def _check_header(self, pil, label: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -54,7 +55,10 @@ class Dataset:
 def read_jsonl(path: Path, *, max_bytes: int = MAX_FILE_BYTES, max_examples: int = MAX_EXAMPLES) -> Iterator[tuple[int, dict]]:
     """Yield `(line number, object)` for each non-blank line; a DataError names the first bad one."""
     path = Path(path)
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+        raise DataError(f"{path} is not a regular file (a pipe, socket or device)")
+    size = info.st_size
     if size > max_bytes:
         raise DataError(f"{path}: {size / 2**20:.0f} MiB is over the limit of {max_bytes / 2**20:.0f} MiB")
     count = 0
@@ -68,6 +72,8 @@ def read_jsonl(path: Path, *, max_bytes: int = MAX_FILE_BYTES, max_examples: int
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{path.name}:{lineno}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise DataError(f"{path.name}:{lineno}: JSON nested too deeply to be an example") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             count += 1

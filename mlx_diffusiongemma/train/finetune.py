@@ -13,6 +13,7 @@ every `save_every` steps.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,8 +70,10 @@ class FinetuneSettings:
         for name in ("batch_size", "iters", "steps_per_eval", "save_every", "max_seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.learning_rate > 0:
-            raise ValueError("--learning-rate must be > 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"--learning-rate must be a finite number > 0, got {self.learning_rate}")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"--lora-scale must be a finite number, got {self.lora_scale}")
         if self.val_batches < -1:
             raise ValueError("--val-batches must be -1 (all), 0 (none) or more")
         if self.warmup < 0 or self.warmup >= self.iters:
@@ -127,6 +130,7 @@ class FinetuneRun:
     total: int
     num_layers: int
     fast_activations: bool
+    adapter_config: dict[str, Any]  # written with the weights (`save`)
     step: int = 0
     started: float = 0.0
     last_val_loss: float | None = None
@@ -134,8 +138,8 @@ class FinetuneRun:
 
     @classmethod
     def prepare(cls, s: FinetuneSettings, *, model=None, tokenizer=None) -> "FinetuneRun":
-        """Load (unless given) the model, read the data, set up LoRA or full training, write
-        adapter_config.json. Raises DataError / CheckpointError / ValueError on bad input."""
+        """Load (unless given) the model, read the data, set up LoRA or full training (the
+        adapter config is written with the first save). Raises DataError / CheckpointError / ValueError on bad input."""
         from ..api import load
 
         s.check()
@@ -166,9 +170,11 @@ class FinetuneRun:
         config.update(s.extra)
         config.update(fine_tune_type=s.fine_tune_type, num_layers=n, lora_parameters=lora,
                       model=str(s.model), data=str(s.data))
-        L.write_adapter_config(adapter_dir, config)
+        # The folder now (a bad path fails before training); adapter_config.json only with the
+        # first weights (`save`): a run stopped before it leaves an earlier run's folder as it was.
+        adapter_dir.mkdir(parents=True, exist_ok=True)
         return cls(s, model, tokenizer, build_optimizer(s), train_items, valid_items, adapter_dir,
-                   trainable, total, n, fast)
+                   trainable, total, n, fast, config)
 
     # -- running -----------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -209,7 +215,7 @@ class FinetuneRun:
 
     def save(self, *, checkpoint: bool = False) -> Path:
         """Write adapters.safetensors (and with `checkpoint` also `{step:07d}_adapters.safetensors`)."""
-        path = L.save_adapters(self.model, self.adapter_dir / ADAPTER_WEIGHTS)
+        path = L.save_adapters(self.model, self.adapter_dir / ADAPTER_WEIGHTS, self.adapter_config)
         if checkpoint:
             L.save_adapters(self.model, self.adapter_dir / f"{self.step:07d}_{ADAPTER_WEIGHTS}")
         return path

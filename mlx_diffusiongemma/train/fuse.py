@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from ..checkpoint.files import signals_interrupt, write_errors
 from ..errors import CheckpointError
 from ..model.layers import ExpertLinear
 
@@ -98,22 +99,26 @@ def save_model(model, source: Path, dst: Path, *, shard_size: int = DEFAULT_SHAR
     config = json.loads((source / "config.json").read_text())
     tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        writer = ShardWriter(tmp, shard_size)
-        for name, value in tree_flatten(model.parameters()):
-            writer.add(name, value)
-        writer.finish(get_total_parameters(model))
-        out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "vision_config")}
-        block = quantization_block(model)
-        if block is not None:
-            out["quantization"] = block
-            out["quantization_config"] = block
-        (tmp / "config.json").write_text(json.dumps(out, indent=2) + "\n")
-        copy_aux(source, tmp)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # SIGTERM/SIGHUP interrupt like Ctrl-C, so the partial folder goes on the way out.
+    with signals_interrupt(), write_errors(tmp, "fuse to a disk with room (nothing was left behind)"):
+        tmp.mkdir(parents=True)
+        try:
+            writer = ShardWriter(tmp, shard_size)
+            for name, value in tree_flatten(model.parameters()):
+                writer.add(name, value)
+            writer.finish(get_total_parameters(model))
+            # The vision tower's weights are written when the model has one: its config goes with them.
+            dropped = ("quantization", "quantization_config") + (() if model.has_vision else ("vision_config",))
+            out = {k: v for k, v in config.items() if k not in dropped}
+            block = quantization_block(model)
+            if block is not None:
+                out["quantization"] = block
+                out["quantization_config"] = block
+            (tmp / "config.json").write_text(json.dumps(out, indent=2) + "\n")
+            copy_aux(source, tmp)
+            os.replace(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

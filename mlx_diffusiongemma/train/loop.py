@@ -7,6 +7,7 @@ progress, evaluate, save or stop as they like; closing the generator stops train
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ import mlx.nn as nn
 from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten
 
+from ..errors import NumericalError
 from .objective import Batch, diffusion_loss
 
 
@@ -96,7 +98,11 @@ def train(
             grads, _ = clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
-        window_loss += loss.item()
+        value = loss.item()
+        if not math.isfinite(value):  # the weights are NaN/inf from here on: stop, save nothing
+            raise NumericalError(f"the training loss is {value} at step {step}: training diverged (lower the "
+                                 "learning rate, or check the data); the diverged weights were not saved")
+        window_loss += value
         window_steps += 1
         tokens = batch.tokens
         window_tokens += tokens

@@ -28,6 +28,7 @@ from ..checkpoint.adapters import (
     check_num_layers,
     is_quantized,
 )
+from ..checkpoint.files import write_errors
 from ..errors import CheckpointError
 
 
@@ -68,27 +69,41 @@ def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model, path: str | Path) -> Path:
-    """Write the trainable parameters to `path` (a file; atomically, so Ctrl-C during a save
-    cannot leave half a file)."""
+def save_adapters(model, path: str | Path, config: dict[str, Any] | None = None) -> Path:
+    """Write the trainable parameters to `path` (a file) and, with `config`, adapter_config.json
+    beside it. Each goes to a temporary file first and both are renamed into place together, so
+    an interruption (Ctrl-C, a signal) cannot leave half a file, nor a new config beside older
+    weights. A failed write names the file (a full disk says so)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")  # mx.save_safetensors wants the suffix
+    config_tmp = path.with_name(f".partial-{os.getpid()}-{ADAPTER_CONFIG}")
     try:
-        weights = adapter_weights(model)
-        mx.eval(weights)
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-        os.replace(tmp, path)
+        with write_errors(path, "save the adapters to a disk with room (--adapter-path)"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            weights = adapter_weights(model)
+            mx.eval(weights)
+            mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+            if config is not None:
+                config_tmp.write_text(adapter_config_text(config))
+                os.replace(config_tmp, path.parent / ADAPTER_CONFIG)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
     return path
 
 
-def write_adapter_config(folder: str | Path, config: dict[str, Any]) -> Path:
+def adapter_config_text(config: dict[str, Any]) -> str:
     """adapter_config.json: mlx-lm's keys (`fine_tune_type`, `num_layers`, `lora_parameters`,
     and the run's other settings), sorted as mlx-lm writes them."""
+    return json.dumps(dict(sorted(config.items())), indent=4) + "\n"
+
+
+def write_adapter_config(folder: str | Path, config: dict[str, Any]) -> Path:
+    """adapter_config.json alone (`adapter_config_text`); a training run writes it with its
+    weights instead (`save_adapters`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ADAPTER_CONFIG
-    path.write_text(json.dumps(dict(sorted(config.items())), indent=4) + "\n")
+    path.write_text(adapter_config_text(config))
     return path
