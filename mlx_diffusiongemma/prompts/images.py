@@ -57,7 +57,7 @@ def image_from_url(url: Any) -> Any:
     (this runtime works offline).
 
     Local files are read: the Python API trusts its caller as it trusts `open()` (the server
-    takes no images). A path that is not a readable file gets one message whatever the reason,
+    confines a client's path to its --image-dir before it calls this). A path that is not a readable file gets one message whatever the reason,
     so that an image URL does not tell which files exist."""
     import base64
     import binascii

@@ -63,20 +63,27 @@ def _source(url: Any, where: str, image_dir: str | None) -> Any:
         raise P.bad(f"{where}: an image part needs a URL string (a data: URL)", param="messages")
     if url.startswith(("http://", "https://")):
         raise P.bad(f"{where}: images are not fetched from the network; send a data: URL", param="messages")
-    try:
-        source = image_from_url(url)
-    except DiffusionGemmaError as e:
-        raise P.bad(f"{where}: {e}", param="messages") from None
-    if isinstance(source, bytes):
-        return source
+    if url.startswith("data:"):
+        return _read(url, where)
     if image_dir is None:
         raise P.bad(f"{where}: local image files are refused (the server reads them only with --image-dir); "
                     "send a data: URL", param="messages")
+    # Confined first, then read: a path is resolved inside --image-dir before anything looks at the
+    # disk, so a client learns nothing about files elsewhere (not even whether they exist).
+    local = url.removeprefix("file://")
     root = Path(image_dir).resolve()
-    path = (root / source).resolve()
+    path = (root / local).resolve()
     if not path.is_relative_to(root):
-        raise P.bad(f"{where}: {source!r} is outside the server's --image-dir", param="messages")
-    return str(path)
+        raise P.bad(f"{where}: {local!r} is outside the server's --image-dir", param="messages")
+    return _read(str(path), where)
+
+
+def _read(url: str, where: str) -> Any:
+    """image_from_url's bytes (a data URL) or checked path, its refusal as a 400."""
+    try:
+        return image_from_url(url)
+    except DiffusionGemmaError as e:
+        raise P.bad(f"{where}: {e}", param="messages") from None
 
 
 def process(model, ids: list[int], sources: list[Any]) -> tuple[list[int], list[Any]]:
