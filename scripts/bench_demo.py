@@ -95,11 +95,13 @@ def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
     return bool(FAMILIES[family].judge(prompt, reference, produced))
 
 
-def run_ours(model, tok, items, configs, max_tokens: int, judge_fn=None) -> dict[str, dict[str, Any]]:
+def run_ours(model, tok, items, configs, max_tokens: int, judge_fn=None, seeds=None) -> dict[str, dict[str, Any]]:
     """Every configuration on every prompt, interleaved (prompt-major), so that a change of
     machine load during the run touches every configuration alike. `judge_fn(family, prompt,
-    reference, text)` (default: the demo families' `judge`) says whether an answer is right."""
+    reference, text)` (default: the demo families' `judge`) says whether an answer is right;
+    `seeds` (default: the prompt's index) the seed of each prompt."""
     judge_fn = judge_fn or judge
+    seeds = seeds or list(range(len(items)))
     from mlx_diffusiongemma import generate
     from mlx_diffusiongemma.perf import accounting
 
@@ -114,7 +116,7 @@ def run_ours(model, tok, items, configs, max_tokens: int, judge_fn=None) -> dict
         for label, mode, fast in configs:
             top_k = None if fast is None else fast.top_k
             t = time.perf_counter()
-            r = generate(model, tok, p, max_tokens=max_tokens, seed=i, mode=mode, fast=fast)
+            r = generate(model, tok, p, max_tokens=max_tokens, seed=seeds[i], mode=mode, fast=fast)
             wall = time.perf_counter() - t
             if mode == "exact":
                 rows = [[c] * s for s in r.steps_per_block]

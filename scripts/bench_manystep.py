@@ -68,11 +68,15 @@ def configurations() -> list[tuple[str, str, Any]]:
     ]
 
 
-def prompts(per_family: int) -> list[tuple[str, str, str]]:
+def prompts(per_family: int, families: list[str] | None = None) -> tuple[list[tuple[str, str, str]], list[int]]:
+    """The held-out prompts, family by family; the seed of a prompt is its index in the list of
+    every family's prompts (so a run over some families gives the same seeds as a run over all)."""
     from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES, held_out_set
 
-    return [(fam, p, a) for fam in MANY_STEP_FAMILIES
-            for p, a in held_out_set(fam, per_family, families=MANY_STEP_FAMILIES)]
+    items = [(fam, p, a) for fam in MANY_STEP_FAMILIES
+             for p, a in held_out_set(fam, per_family, families=MANY_STEP_FAMILIES)]
+    keep = [i for i, it in enumerate(items) if families is None or it[0] in families]
+    return [items[i] for i in keep], keep
 
 
 def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
@@ -197,6 +201,43 @@ def run_reference(folder: Path, items, max_tokens: int, fams: list[str]) -> dict
             "passes_per_canvas": passes_total / max(canvases, 1)}
 
 
+def merge(paths: list[Path], out: Path, update_docs: bool) -> int:
+    """Several runs (other families or other configurations, same model and seeds) as one result."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    base = parts[0]
+    runs: dict[str, Any] = {}
+    for part in parts:
+        for label, run in part["runs"].items():
+            runs.setdefault(label, {"prompts": [], "options": run.get("options")})["prompts"] += run["prompts"]
+    from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES
+
+    fams = [f for f in MANY_STEP_FAMILIES if any(f in part["families"] for part in parts)]
+    order = ["exact (reference sampler)"] + [c[0] for c in configurations()]
+    summary = {}
+    for label in sorted(runs, key=lambda x: order.index(x) if x in order else len(order)):
+        run = runs[label]
+        run["prompts"].sort(key=lambda r: r.get("seed", 0))
+        summary[label] = s = summarize(run, fams)
+        s["passes_per_canvas"] = passes(run)
+    results = {**base, "runs": runs, "summary": summary, "families": fams,
+               "n_prompts": len(runs["exact (reference sampler)"]["prompts"]),
+               "minutes": max(part["minutes"] for part in parts),
+               "commands": [c for part in parts for c in part["commands"]]}
+    for part in parts:
+        for key in ("profile", "profile_config", "reference"):
+            if part.get(key):
+                results[key] = part[key]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    md = render(results) + "\n\n(Merged from " + ", ".join(str(p) for p in paths) + ": runs in parallel, so the " \
+        "tokens/s of rows from different runs compare less well than the other columns.)"
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    if update_docs:
+        write_block(ROOT / "docs" / "fast-mode.md", DOCS_BEGIN, DOCS_END, md)
+    return 0
+
+
 def render(results: dict[str, Any]) -> str:
     fams = results["families"]
     n = results["per_family"]
@@ -254,8 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also profile fast mode's steps by live-row count")
     p.add_argument("--hf", type=Path, default=None,
                    help="the model's Hugging Face export (scripts/export_hf.py): run the reference generate too")
+    p.add_argument("--reference-json", type=Path, default=None,
+                   help="a reference result written by an earlier `--hf ... --reference-only` run")
+    p.add_argument("--reference-only", action="store_true", help="with --hf: run the reference only, write OUT/reference.json")
+    p.add_argument("--families", default=None, help="comma-separated families to run (default: all; seeds unchanged)")
+    p.add_argument("--skip-exact", action="store_true", help="leave out the exact row (to be merged with a run that has it)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="merge these results.json files (prompts of the same configuration joined) and render them")
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.update_docs)
+    if args.reference_only:
+        from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        ref = run_reference(args.hf, prompts(args.per_family)[0], args.max_tokens, list(MANY_STEP_FAMILIES))
+        (args.out / "reference.json").write_text(json.dumps(ref, indent=1))
+        log(f"reference: validity {ref['valid']}, {ref['passes_per_canvas']:.1f} passes per canvas")
+        return 0
 
     import mlx.core as mx
 
@@ -267,14 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     commands = [shlex.join([sys.executable, *sys.argv])]
     model, tok = load(args.model, dtype=getattr(mx, args.dtype))
-    items = prompts(args.per_family)
-    fams = list(MANY_STEP_FAMILIES)
+    fams = args.families.split(",") if args.families else list(MANY_STEP_FAMILIES)
+    items, seeds = prompts(args.per_family, fams)
     configs = configurations()
     if args.only:
         keep = {int(x) for x in args.only.split(",")}
-        configs = [c for i, c in enumerate(configs) if i in keep or i == 0]
+        configs = [c for i, c in enumerate(configs) if i in keep or (i == 0 and not args.skip_exact)]
     log(f"{len(configs)} configurations x {len(items)} prompts")
-    runs = run_ours(model, tok, items, configs, args.max_tokens, judge_fn=judge)
+    runs = run_ours(model, tok, items, configs, args.max_tokens, judge_fn=judge, seeds=seeds)
     summary = {}
     for label, mode, fast in configs:
         runs[label]["options"] = None if fast is None else asdict(fast)
@@ -291,10 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf is not None:
         log("the reference generate (transformers, PyTorch CPU)")
         results["reference"] = run_reference(args.hf, items, args.max_tokens, fams)
+    elif args.reference_json is not None:
+        results["reference"] = json.loads(args.reference_json.read_text())
     if args.profile:
         fast = FastOptions()
         results["profile_config"] = "fast mode as shipped"
         results["profile"] = profile(model, tok, items[:: max(1, len(items) // 40)], fast, args.max_tokens)
+    for label in runs:
+        for row, seed in zip(runs[label]["prompts"], seeds):
+            row["seed"] = seed
     results["minutes"] = (time.perf_counter() - t0) / 60
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     md = render(results)
