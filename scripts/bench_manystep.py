@@ -242,7 +242,7 @@ def render(results: dict[str, Any]) -> str:
     fams = results["families"]
     n = results["per_family"]
     summary = results["summary"]
-    exact = summary["exact (reference sampler)"]
+    exact = summary.get("exact (reference sampler)")  # absent in a --skip-exact run
     lines = [
         f"Many-step instrument: `{results['model']}` ({results['dtype']}), {n} held-out prompts per family x "
         f"{len(fams)} families, seeds 0..{results['n_prompts'] - 1}, max {results['max_tokens']} tokens; machine "
@@ -253,17 +253,21 @@ def render(results: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(fams) + 5),
     ]
     for label, s in summary.items():
-        counts = [sum(p["correct"] for p in results["runs"][label]["prompts"] if p["family"] == f) for f in fams]
+        rows = results["runs"][label]["prompts"]
+        counts = [f"{sum(p['correct'] for p in rows if p['family'] == f)}/{sum(p['family'] == f for p in rows)}"
+                  if any(p["family"] == f for p in rows) else "-" for f in fams]
         fl = s["decoder_flops_per_token"]
         lines.append(
-            f"| {label} | " + " | ".join(f"{c}/{n}" for c in counts)
+            f"| {label} | " + " | ".join(counts)
             + f" | {s['passes_per_canvas']['all']:.1f} | {s['tokens_per_s']:.1f} "
-            f"| {s['tokens_per_s'] / exact['tokens_per_s']:.2f}x | {fl / 1e6:.2f} "
-            f"| {exact['decoder_flops_per_token'] / fl:.2f}x fewer |")
+            + (f"| {s['tokens_per_s'] / exact['tokens_per_s']:.2f}x " if exact else "| - ")
+            + f"| {fl / 1e6:.2f} "
+            + (f"| {exact['decoder_flops_per_token'] / fl:.2f}x fewer |" if exact else "| - |"))
     lines += ["", "Passes per canvas by family:", "", "| configuration | " + " | ".join(fams) + " |",
               "|---|" + "---|" * len(fams)]
     for label, s in summary.items():
-        lines.append(f"| {label} | " + " | ".join(f"{s['passes_per_canvas'][f]:.1f}" for f in fams) + " |")
+        pc = s["passes_per_canvas"]
+        lines.append(f"| {label} | " + " | ".join(f"{pc[f]:.1f}" if f in pc else "-" for f in fams) + " |")
     if results.get("reference"):
         ref = results["reference"]
         lines += ["", f"The reference `generate` (transformers {ref['version']}, PyTorch CPU float32, its own "
