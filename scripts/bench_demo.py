@@ -95,9 +95,13 @@ def judge(family: str, prompt: str, reference: str, produced: str) -> bool:
     return bool(FAMILIES[family].judge(prompt, reference, produced))
 
 
-def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str, Any]]:
+def run_ours(model, tok, items, configs, max_tokens: int, judge_fn=None, seeds=None) -> dict[str, dict[str, Any]]:
     """Every configuration on every prompt, interleaved (prompt-major), so that a change of
-    machine load during the run touches every configuration alike."""
+    machine load during the run touches every configuration alike. `judge_fn(family, prompt,
+    reference, text)` (default: the demo families' `judge`) says whether an answer is right;
+    `seeds` (default: the prompt's index) the seed of each prompt."""
+    judge_fn = judge_fn or judge
+    seeds = seeds or list(range(len(items)))
     from mlx_diffusiongemma import generate
     from mlx_diffusiongemma.perf import accounting
 
@@ -112,7 +116,7 @@ def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str,
         for label, mode, fast in configs:
             top_k = None if fast is None else fast.top_k
             t = time.perf_counter()
-            r = generate(model, tok, p, max_tokens=max_tokens, seed=i, mode=mode, fast=fast)
+            r = generate(model, tok, p, max_tokens=max_tokens, seed=seeds[i], mode=mode, fast=fast)
             wall = time.perf_counter() - t
             if mode == "exact":
                 rows = [[c] * s for s in r.steps_per_block]
@@ -122,7 +126,7 @@ def run_ours(model, tok, items, configs, max_tokens: int) -> dict[str, dict[str,
                 live = r.live_rows
             work = accounting.generation_work(args, c, r.prompt_tokens, rows, len(r.tokens), top_k=top_k, recipe=None)
             runs[label]["prompts"].append({
-                "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge(fam, p, a, r.text),
+                "family": fam, "prompt": p, "reference": a, "text": r.text, "correct": judge_fn(fam, p, a, r.text),
                 "tokens": len(r.tokens), "wall_s": wall, "prefill_s": r.prefill_time,
                 "generation_s": r.generation_time, "steps_per_block": r.steps_per_block, "rows": rows,
                 "live_rows": live, "prompt_tokens": r.prompt_tokens,

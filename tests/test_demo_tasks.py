@@ -100,3 +100,23 @@ def test_the_training_mix_follows_the_weights_it_is_given():
     assert default == list(islice(training_mix(5, {}), 30))  # no weights: the shipped model's mix
     with pytest.raises(ValueError, match="sorting"):
         next(training_mix(0, {"sorting": 1}))
+
+
+def test_many_step_families_judge_validity_and_keep_the_split():
+    from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES as many
+
+    for name, f in many.items():
+        held = held_out_set(name, 50, families=many)
+        assert len({p for p, _ in held}) == 50  # 50 distinct held-out prompts per family
+        for prompt, answer in held[:10]:
+            assert is_held_out(prompt) and f.judge(prompt, answer, answer)
+            assert not f.judge(prompt, answer, answer + " 7 x")
+        rng = random.Random(3)
+        assert not any(is_held_out(sample(rng, name, held_out=False, families=many)[0]) for _ in range(50))
+    pick = many["pick"].judge
+    q = "Pick 3 different numbers from 10 to 40 in increasing order."
+    assert pick(q, "", "11 20 40") and not pick(q, "", "11 20 20") and not pick(q, "", "20 11 30")
+    assert not pick(q, "", "5 20 30") and not pick(q, "", "11 20 41") and not pick(q, "", "11 20")
+    words = many["words"].judge
+    q = "Name 3 different words from: red cat sun moon"
+    assert words(q, "", "moon red cat") and not words(q, "", "moon red moon") and not words(q, "", "moon red dog")

@@ -18,6 +18,7 @@ from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
 from mlx_diffusiongemma.diffusion.topk import top_k_two_stage
 from mlx_diffusiongemma.checkpoint.loading import load_model
 from mlx_diffusiongemma.model.args import GenerationDefaults
+from mlx_diffusiongemma.prompts.render import render_messages
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +420,102 @@ def test_fast_mode_keeps_pins_and_runs_hooks(sharp):
     result = events[-1]
     assert [result.tokens[p] for p in pins] == list(pins.values())
     assert len(seen) == len(steps) and seen[-1][1] >= 1  # something froze
+
+
+# -- the turbo engine's techniques (FastOptions.monotone, refresh_frozen, confidence_commit, flush_after,
+# repair): each off by default, each changing what it says --------------------------------------------
+
+
+def test_turbo_knobs_are_off_by_default_and_checked():
+    full = FastOptions()
+    assert (full.monotone, full.refresh_frozen, full.confidence_commit, full.flush_after, full.repair) == (
+        False, False, None, None, False)
+    for bad in ({"confidence_commit": 1.5}, {"confidence_commit": 0.0}, {"flush_after": 0},
+                {"confidence_commit_late": 0.5}, {"confidence_switch_step": 0}):
+        with pytest.raises(ValueError):
+            FastOptions(**bad)
+    two = FastOptions(confidence_commit=0.9, confidence_commit_late=0.5, confidence_switch_step=3)
+    assert [two.confidence_at(s) for s in (1, 3, 4, 9)] == [0.9, 0.9, 0.5, 0.5]
+    assert FastOptions(confidence_commit=0.9).confidence_at(20) == 0.9
+
+
+def test_monotone_commit_freezes_accepted_rows_at_their_sampled_token(demo):
+    """Every row the entropy bound accepts leaves the decoder from the next step on, with the token
+    it was accepted at; with `refresh_frozen`, a step also recomputes exactly the rows frozen at the
+    step before at a token other than their input there (up to the first frozen end token)."""
+    model, tok = demo
+    c, eos = model.canvas_length, set(model.generation.eos_token_ids)
+    prompt = render_messages(tok, [{"role": "user", "content": "Pick 8 different numbers in increasing order."}])
+    base = replace(FastOptions.none(), monotone=True)
+    refreshed = 0
+    for refresh in (False, True):
+        req = Request(prompt, max_tokens=c, seed=4, fast=replace(base, refresh_frozen=refresh))
+        trace = [e for e in run(model, req) if isinstance(e, StepEvent)]
+        frozen = np.zeros(c, bool)
+        tokens = np.zeros(c, int)
+        was_frozen = frozen.copy()
+        for i, e in enumerate(trace):
+            extra = 0
+            if i >= 2:  # rows frozen at step i (1-based), whose input was trace[i - 2].canvas
+                just = frozen & ~was_frozen
+                stale = just & (tokens != np.array(trace[i - 2].canvas))
+                ends = [p for p in range(c) if frozen[p] and tokens[p] in eos]
+                stale[ends[0] if ends else c:] = False
+                extra = int(stale.sum())
+            assert e.live_rows == c - frozen.sum() + (extra if refresh else 0)
+            refreshed += extra if refresh else 0
+            assert (np.array(e.argmax)[frozen] == tokens[frozen]).all()
+            was_frozen = frozen.copy()
+            accepted = np.array(e.accepted) & ~frozen
+            tokens[accepted] = np.array(e.canvas)[accepted]
+            frozen |= accepted
+    assert refreshed > 0
+
+
+class _Flipping(_Scripted):
+    """Sure of a wrong answer at its first decoder call, of the right one from then on."""
+
+    def __init__(self):
+        super().__init__()
+        self.wrong = mx.array([11, 12, 13, 14, 1] + [1] * 7)
+
+    def _logits(self, rows):
+        self.calls += 1
+        answer = self.wrong if self.calls == 1 else self.answer
+        return mx.eye(self.vocab_size)[answer[mx.minimum(rows, 11)]][None] * 30.0
+
+
+def _go(model, fast, steps=10, **kw):
+    req = Request([3, 4], max_tokens=12, seed=0, fast=fast, sampler=SamplerOptions(max_denoising_steps=steps), **kw)
+    return list(run(model, req))[-1]
+
+
+def test_confidence_commit_freezes_sure_rows_and_its_second_stage_the_rest():
+    off = replace(FastOptions.none(), confidence_commit=None)
+    assert _go(_Scripted(), off).live_rows == [[12] * 10]  # the noisy tail never settles
+    # Rows 0-4 are sure (top probability ~1), the tail is noise (~1/40): 0.9 freezes the first five.
+    one = _go(_Scripted(), replace(off, confidence_commit=0.9))
+    assert one.live_rows == [[12] + [7] * 9] and one.tokens == [7, 8, 9, 10, 1]
+    # A second stage of 0.01 after the first step freezes the tail too: the block ends there.
+    two = _go(_Scripted(), replace(off, confidence_commit=0.9, confidence_commit_late=0.01,
+                                   confidence_switch_step=1))
+    assert two.live_rows == [[12, 7]] and two.tokens == [7, 8, 9, 10, 1]
+
+
+def test_flush_commits_the_draft_after_n_steps():
+    exact = _scripted("exact")
+    assert exact.steps_per_block == [10]
+    flushed = _go(_Scripted(), replace(FastOptions.none(), flush_after=3))
+    assert flushed.steps_per_block == [3] and flushed.tokens == exact.tokens
+
+
+def test_repair_pass_recomputes_the_committed_canvas_and_keeps_pins():
+    from mlx_diffusiongemma.diffusion.canvas import CanvasState
+
+    sure = replace(FastOptions.none(), confidence_commit=0.9)
+    wrong = _go(_Flipping(), sure)  # everything frozen at the first call's answer
+    assert wrong.tokens == [11, 12, 13, 14, 1] and wrong.live_rows == [[12]]
+    fixed = _go(_Flipping(), replace(sure, repair=True))
+    assert fixed.tokens == [7, 8, 9, 10, 1] and fixed.live_rows == [[12, 12]]  # the repair pass is counted
+    pinned = _go(_Flipping(), replace(sure, repair=True), canvases={0: CanvasState.from_lists(12, pins={1: 30})})
+    assert pinned.tokens == [7, 30, 9, 10, 1]

@@ -222,9 +222,11 @@ NOTICES = {
 WEIGHTS = {"sort": 3, "add": 1, "reverse": 3, "dedup": 2, "card": 2, "sudoku": 4, "yesno": 2, "count": 1, "pick": 1}
 
 
-def sample(rng: random.Random, family: str, held_out: bool) -> tuple[str, str]:
-    """A (prompt, answer) of `family` from the training or the held-out side of the split."""
-    make = FAMILIES[family].make
+def sample(rng: random.Random, family: str, held_out: bool,
+           families: dict[str, Family] | None = None) -> tuple[str, str]:
+    """A (prompt, answer) of `family` (of `families`, default `FAMILIES`) from the training or the
+    held-out side of the split."""
+    make = (families or FAMILIES)[family].make
     for _ in range(10_000):
         prompt, answer = make(rng)
         if is_held_out(prompt) == held_out:
@@ -232,15 +234,64 @@ def sample(rng: random.Random, family: str, held_out: bool) -> tuple[str, str]:
     raise RuntimeError(f"could not draw a {'held-out' if held_out else 'training'} {family} prompt")
 
 
-def held_out_set(family: str, n: int, seed: int = 1234) -> list[tuple[str, str]]:
-    """`n` distinct held-out prompts of a family, deterministic."""
+def held_out_set(family: str, n: int, seed: int = 1234,
+                 families: dict[str, Family] | None = None) -> list[tuple[str, str]]:
+    """`n` distinct held-out prompts of a family (of `families`, default `FAMILIES`), deterministic."""
     rng = random.Random(f"{seed}-{family}")
     out, seen = [], set()
     for _ in range(100 * n):
-        prompt, answer = sample(rng, family, held_out=True)
+        prompt, answer = sample(rng, family, held_out=True, families=families)
         if prompt not in seen:
             seen.add(prompt)
             out.append((prompt, answer))
         if len(out) == n:
             break
     return out
+
+
+# -- the many-step instrument ------------------------------------------------------------------------
+# Free-choice families whose answers have many right forms: a trained model's distribution stays
+# spread over them, so the reference sampler's entropy budget accepts few positions per step and a
+# canvas takes 20+ decoder passes, as real text does (docs/fast-mode.md). Judged by validity.
+
+
+def _pick_between(rng, low_n: int, high_n: int):
+    n = rng.randint(low_n, high_n)
+    lo = rng.randrange(0, 100 - (n + 10))
+    hi = rng.randint(lo + n + 10, 99)
+    values = sorted(rng.sample(range(lo, hi + 1), n))
+    return f"Pick {n} different numbers from {lo} to {hi} in increasing order.", _nums(values)
+
+
+def _judge_pick_between(prompt, reference, produced):
+    words = prompt.split()
+    n, lo, hi = int(words[1]), int(words[5]), int(words[7])
+    values = _parse_ints(produced)
+    return (values is not None and len(values) == n and all(lo <= v <= hi for v in values)
+            and all(a < b for a, b in zip(values, values[1:])))
+
+
+def _words(rng):
+    n = rng.randint(4, 10)
+    pool = rng.sample(WORDS, min(len(WORDS), n + rng.randint(2, 8)))
+    return f"Name {n} different words from: {' '.join(pool)}", " ".join(rng.sample(pool, n))
+
+
+def _judge_words(prompt, reference, produced):
+    n = int(prompt.split()[1])
+    pool = set(prompt.split(": ", 1)[1].split())
+    words = produced.split()
+    return len(words) == n and len(set(words)) == n and all(w in pool for w in words)
+
+
+MANY_STEP_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("pick", lambda rng: _pick_between(rng, 5, 12), _judge_pick_between,
+           "free choice: 5-12 increasing numbers in a range", "Pick 8 different numbers from 10 to 60 in increasing order."),
+    Family("pick_long", lambda rng: _pick_between(rng, 24, 40), _judge_pick_between,
+           "free choice, long: 24-40 increasing numbers in a range (most of a canvas)",
+           "Pick 30 different numbers from 5 to 90 in increasing order."),
+    Family("words", _words, _judge_words, "free choice: 4-10 different words of a given list, any order",
+           "Name 5 different words from: red cat sun moon tree fish bird"),
+    Family("sort", _sort, _exact, "sort 4-10 numbers (deterministic control)", "Sort these numbers: 42 7 19 88 3"),
+]}
+MANY_STEP_WEIGHTS = {"pick": 3, "pick_long": 4, "words": 3, "sort": 1}

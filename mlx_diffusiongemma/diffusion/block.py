@@ -115,6 +115,12 @@ class BlockRun(Protocol):
 
     def advance(self, stopped: mx.array, deferred: bool) -> None: ...
 
+    def final_call(self, argmax: mx.array, state: CanvasState | None) -> DecoderCall | None:
+        """A last decoder pass over the finished canvas (fast mode's repair), or None."""
+
+    def repaired(self, logits: mx.array, call: DecoderCall, argmax: mx.array, state: CanvasState | None) -> mx.array:
+        """The canvas to commit after `final_call`'s pass."""
+
     def arrays(self) -> list[mx.array]: ...
 
 
@@ -141,13 +147,32 @@ def denoise_block(model, block: int, opts: SamplerOptions, request, noise, denoi
     Without a canvas state and hooks this is the reference loop; with them, pinned positions
     follow canvas.py's rules. The stop decision is read from the device every
     `request.stop_check_interval` steps when the denoiser allows it; steps computed past a stop
-    are computed with the block frozen on the device and discarded."""
-    c, vocab, n = model.canvas_length, model.vocab_size, opts.max_denoising_steps
+    are computed with the block frozen on the device and discarded. A denoiser may ask for one
+    last pass over the finished canvas (`final_call`: fast mode's repair), which decides what is
+    committed."""
+    c = model.canvas_length
     state = state_for(request.canvases, block)
     if state is None and (request.hooks or denoiser.needs_state):
         state = live_state(c)
-    canvas = initial_canvas(state, noise.canvas(block, 1, c, vocab))
     run = denoiser.begin(block, state)
+    box: list[CanvasState | None] = [state]
+    outcome = yield from _denoise_steps(model, block, opts, request, noise, run, box, external_decoder)
+    fix = run.final_call(outcome.argmax, box[0])
+    if fix is None:
+        return outcome
+    logits = (yield fix) if external_decoder else fix.run(model)
+    argmax = run.repaired(logits, fix, outcome.argmax, box[0])
+    mx.eval(argmax)
+    return BlockOutcome(argmax, outcome.steps, outcome.converged, outcome.syncs + 1, outcome.live_rows,
+                        outcome.padded_rows)
+
+
+def _denoise_steps(model, block: int, opts: SamplerOptions, request, noise, run: BlockRun,
+                   box: list, external_decoder: bool) -> Generator[StepEvent | DecoderCall, Any, BlockOutcome]:
+    """`denoise_block`'s steps; `box[0]` holds the block's canvas state, kept current for the caller."""
+    c, vocab, n = model.canvas_length, model.vocab_size, opts.max_denoising_steps
+    state = box[0]
+    canvas = initial_canvas(state, noise.canvas(block, 1, c, vocab))
     hooks = tuple(run.hooks) + tuple(request.hooks)
     interval = request.stop_check_interval if run.defers_sync else 1
     history = sampler.init_history(opts.stability_threshold, 1, c)
@@ -180,7 +205,7 @@ def denoise_block(model, block: int, opts: SamplerOptions, request, noise, denoi
                                 out.token_entropy[0], (stopped | stop)[0], out.processed_logits, out.gap, canvas[0])
                 replaced = hook(view)
                 if replaced is not None:
-                    state = replaced
+                    state = box[0] = replaced
             # Pins take effect at once: in the next decoder input and in the draft.
             next_canvas = mx.where(state.pinned[None], state.ids[None], next_canvas)
             next_argmax = mx.where(state.pinned[None], state.ids[None], next_argmax)

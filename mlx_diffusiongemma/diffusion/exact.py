@@ -60,5 +60,11 @@ class _ExactBlock:
             processed = mx.where(stopped[:, None, None], self.self_conditioning, processed)
         self.self_conditioning = processed
 
+    def final_call(self, argmax, state) -> None:
+        return None  # the reference commits the argmax canvas as it stands
+
+    def repaired(self, logits, call, argmax, state) -> mx.array:
+        return argmax
+
     def arrays(self) -> list[mx.array]:
         return [] if self.self_conditioning is None else [self.self_conditioning]

@@ -38,6 +38,24 @@ The fast denoiser runs the same block loop (`block.py`), the same entropy-bound 
   reference's whole-canvas mean. Off: it divides by the rows computed at the step, so once a tail
   is frozen the few answer rows alone must get below the threshold.
 
+The turbo engine's techniques (mlx-vlm's opt-in canvas denoiser), off by default; measured on the
+many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
+
+- `monotone`: monotone commit: a position the entropy-bound rule accepts is frozen at once at its
+  sampled token (the settle rule waits for the argmax to repeat on an input that holds it).
+- `refresh_frozen`: a position frozen at a token its K/V were not computed from (a monotone
+  commit's sampled token, a tail frozen at first sight) runs through the decoder once more, its
+  logits discarded, so that the live rows attend to K/V of its final token (the turbo forward set:
+  live rows plus just-frozen ones). Positions after a frozen end token are never refreshed.
+- `confidence_commit` (and `confidence_commit_late` after `confidence_switch_step` steps: the
+  two-stage threshold): a position whose top probability (of the processed logits) reaches the
+  threshold is frozen at its argmax.
+- `flush_after`: after that many steps of a block, the draft is committed (every live position at
+  its argmax): a bound on passes per canvas.
+- `repair`: once a block is finished, one decoder pass over the whole committed canvas (every row
+  recomputed from the committed tokens), whose argmax becomes the committed canvas (user pins
+  kept): positions frozen too early get a last chance to agree with their neighbours.
+
 The freezing rules (`freeze`, `eos_stop`, `eos_tail_gap`, and `commit_gap`'s single rows) are a
 step hook, `SettleRule`, run before the request's own hooks. The stop test is the reference's
 (argmax canvas stable over `stability_threshold` steps and mean entropy below
@@ -80,6 +98,7 @@ class SettleRule:
         self.eos_stop = fast.eos_stop and stop_at_eos
         self.tail_gap = fast.eos_tail_gap if stop_at_eos else None
         self._previous: mx.array | None = None  # the last step's draft
+        self.top_p: mx.array | None = None  # [C] the last step's top probability (1 where not computed)
 
     def _is_eos(self, argmax: mx.array) -> mx.array:
         return mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
@@ -93,18 +112,34 @@ class SettleRule:
         else:
             previous = mx.where(state.pinned, state.ids, self._previous)
         self._previous = view.argmax
-        return self.settle(state, view.step_input, view.argmax, previous, view.gap)
+        confident = None
+        threshold = self.fast.confidence_at(view.step)
+        if threshold is not None and self.top_p is not None:
+            confident = self.top_p >= threshold
+        monotone = (view.accepted, view.canvas) if self.fast.monotone else None
+        return self.settle(state, view.step_input, view.argmax, previous, view.gap, confident, monotone)
 
     def settle(self, state: CanvasState, step_input: mx.array, argmax: mx.array, previous: mx.array,
-               gap: mx.array) -> CanvasState:
-        """All arrays `[C]`; `gap` is +inf at rows not computed this step (they cannot settle by gap)."""
+               gap: mx.array, confident: mx.array | None = None,
+               monotone: tuple[mx.array, mx.array] | None = None) -> CanvasState:
+        """All arrays `[C]`; `gap` is +inf at rows not computed this step (they cannot settle by gap).
+        `confident`: rows to freeze at their argmax (the confidence threshold); `monotone`: the
+        step's (accepted, next canvas), the accepted rows frozen at their sampled token."""
         same = (step_input == argmax) & ~state.pinned
         settled = same & (argmax == previous)
         if self.fast.commit_gap is not None:
             settled = settled | (same & (gap >= self.fast.commit_gap) & mx.isfinite(gap))
         freeze_now = settled if self.fast.freeze else mx.zeros_like(settled)
+        if confident is not None:
+            freeze_now = freeze_now | (confident & ~state.pinned)
+        tokens = argmax
+        if monotone is not None:
+            accepted, sampled = monotone
+            taken = accepted & ~state.pinned & ~freeze_now
+            tokens = mx.where(taken, sampled, argmax)
+            freeze_now = freeze_now | taken
         if self.eos_stop:
-            final = settled | state.pinned  # final tokens: frozen or given
+            final = settled | state.pinned | freeze_now  # final tokens: frozen or given
             is_eos = self._is_eos(argmax) & final
             after = mx.cumsum(is_eos.astype(mx.int32)) > 0  # the first final EOS and everything after it
             freeze_now = freeze_now | (after & ~state.pinned)
@@ -117,7 +152,7 @@ class SettleRule:
             # row) freezes nothing.
             tail = mx.cumprod(sure.astype(mx.int32), reverse=True) > 0
             freeze_now = freeze_now | (tail & ~state.pinned)
-        return canvas_state.freeze(state, freeze_now, argmax)
+        return canvas_state.freeze(state, freeze_now, tokens)
 
     def commit_gap_min(self, state: CanvasState, argmax: mx.array, gap: mx.array) -> mx.array:
         """The smallest top-2 gap the early commit looks at: over the positions that are not
@@ -163,6 +198,9 @@ class _FastBlock:
         self.live_rows: list[int] = []
         self.padded_rows: list[int] = []
         self._rows: list[int] = []
+        self._computed: list[bool] = []
+        self.kv_ids: mx.array | None = None  # [C] the token each position's K/V were last computed from
+        self.steps = 0
 
     def _pad(self, a: mx.array) -> mx.array:
         """`a` with slot C appended (a copy of position 0): where padding rows read."""
@@ -174,17 +212,35 @@ class _FastBlock:
         live = [i for i in range(c) if not frozen[i]]
         if not live:
             return None
-        width = bucket_rows(len(live), c) if self.d.options.bucket else len(live)
-        self._rows = live + [c] * (width - len(live))
+        refresh = self._refresh_rows(state, frozen) if self.d.options.refresh_frozen else []
+        real = live + refresh
+        width = bucket_rows(len(real), c) if self.d.options.bucket else len(real)
+        self._rows = real + [c] * (width - len(real))
+        self._computed = [r < c and not frozen[r] for r in self._rows]  # rows whose step results count
         rows = mx.array(self._rows, dtype=mx.int32)
         soft = None if self.soft is None else self.soft[:, rows]
-        return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(live))
+        return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(real))
+
+    def _refresh_rows(self, state: CanvasState, frozen: list[bool]) -> list[int]:
+        """Frozen positions whose K/V were computed from another token than the one they are
+        frozen at (`refresh_frozen`), up to the first frozen end token (the tail after it is cut)."""
+        if self.kv_ids is None:
+            return []
+        stale = (state.frozen & (state.ids != self.kv_ids)).tolist()
+        ids = state.ids.tolist()
+        out = []
+        for i in range(self.c):
+            if frozen[i] and ids[i] in self.d.eos_ids and self.d.stop_at_eos:
+                break
+            if stale[i]:
+                out.append(i)
+        return out
 
     def sample(self, logits, call: RowsCall, canvas, argmax, t, u, noise_ids, state: CanvasState,
                entropy_bound) -> StepOutput:
         c, rows, fast, model = self.c, call.rows, self.d.options, self.d.model
         pad = self._pad
-        valid = mx.array([[r < c for r in self._rows]])
+        valid = mx.array([self._computed])
         allowed = None
         if state.allowed is not None:
             allowed = mx.concatenate([state.allowed, state.allowed[:1]], axis=0)[rows][None]
@@ -202,7 +258,13 @@ class _FastBlock:
         next_argmax = mx.where(frozen, argmax, scatter(argmax, res.argmax))
         accepted = state.pinned[None] | scatter(argmax, res.accepted, False)
         entropy = scatter(argmax, res.token_entropy, 0.0).astype(mx.float32) * (~state.pinned[None])
-        gap = scatter(argmax, res.gap, float("inf")).astype(mx.float32)
+        gap = mx.where(state.frozen[None], mx.inf, scatter(argmax, res.gap, float("inf")).astype(mx.float32))
+        if fast.refresh_frozen:  # the token each computed row's K/V now hold
+            before = canvas[0] if self.kv_ids is None else self.kv_ids
+            self.kv_ids = mx.put_along_axis(pad(before), rows, pad(canvas[0])[rows], axis=-1)[:c]
+        if fast.confidence_commit is not None:
+            top_p = _top_probability(res.processed_logits, fast.top_k is not None)
+            self.rule.top_p = mx.where(state.frozen, 1.0, scatter(argmax, top_p, 0.0)[0])
         # Self-conditioning for the next step, per row (a row's embedding depends on its row only).
         if fast.top_k is None:  # cast first, as the exact path (and the reference) do
             soft_rows = model.soft_embeddings(res.processed_logits.astype(model.embed_dtype))
@@ -221,6 +283,9 @@ class _FastBlock:
         early = None
         if fast.commit_gap is not None:
             early = self.rule.commit_gap_min(state, next_argmax[0], gap[0]) >= fast.commit_gap
+        self.steps += 1
+        if fast.flush_after is not None and self.steps >= fast.flush_after:
+            early = mx.array(True)  # forced flush: the draft is committed now
         self.live_rows.append(call.live)
         self.padded_rows.append(len(self._rows))
         return StepOutput(next_canvas, next_argmax, accepted, entropy, counted, gap=gap[0], early_stop=early)
@@ -228,5 +293,32 @@ class _FastBlock:
     def advance(self, stopped: mx.array, deferred: bool) -> None:
         pass  # the self-conditioning buffer was updated by `sample`
 
+    def final_call(self, argmax: mx.array, state: CanvasState) -> RowsCall | None:
+        """The repair pass (`repair`): every row of the committed canvas `argmax` `[1, C]`."""
+        if not self.d.options.repair:
+            return None
+        rows = mx.arange(self.c, dtype=mx.int32)
+        soft = None if self.soft is None else self.soft[:, : self.c]
+        return RowsCall(argmax, rows, self.d.cache, self.kv, soft, self.c)
+
+    def repaired(self, logits: mx.array, call: RowsCall, argmax: mx.array, state: CanvasState) -> mx.array:
+        """The committed canvas after the repair pass: its argmax, the request's own pins kept."""
+        if state.allowed is not None:
+            logits = mx.where(state.allowed[None], logits, mx.array(-float("inf"), dtype=logits.dtype))
+        fixed = sampler.argmax_canvas(logits.astype(mx.float32))
+        given = state.pinned & ~state.frozen
+        self.live_rows.append(self.c)
+        self.padded_rows.append(self.c)
+        return mx.where(given[None], state.ids[None], fixed)
+
     def arrays(self) -> list[mx.array]:
-        return ([] if self.soft is None else [self.soft]) + self.kv.state()
+        extra = [x for x in (self.kv_ids, self.rule.top_p) if x is not None]
+        return ([] if self.soft is None else [self.soft]) + self.kv.state() + extra
+
+
+def _top_probability(signal: mx.array, top_k: bool) -> mx.array:
+    """`[1, L]` the top probability of each row: from the top-k log-probabilities (index 0 is the
+    argmax), or from the full processed logits."""
+    if top_k:
+        return mx.exp(signal[..., 0])
+    return mx.exp(signal.max(axis=-1) - mx.logsumexp(signal, axis=-1))

@@ -163,15 +163,40 @@ class FastOptions:
     eos_tail_gap: float | None = knob(8.0, float, "Freeze a certain end-of-text tail at first sight (None: off).",
                                       above=0)
     stop_mean_over_canvas: bool = knob(True, bool, "The stop test's mean counts frozen positions as certain.")
+    # The turbo engine's techniques (mlx-vlm's diffusion_turbo), each off by default: measured on the
+    # many-step instrument (docs/fast-mode.md), none paid at equal validity there.
+    monotone: bool = knob(False, bool, "Monotone commit: a position the entropy bound accepts is frozen at once "
+                          "at its sampled token.")
+    refresh_frozen: bool = knob(False, bool, "Positions frozen at a token their K/V were not computed from run "
+                                "once more (the turbo forward set: live plus just-frozen rows).")
+    confidence_commit: float | None = knob(None, float, "Freeze a position at its argmax once its top "
+                                           "probability reaches this (None: off).", low=0.0, high=1.0, above=0.0)
+    confidence_commit_late: float | None = knob(None, float, "Two-stage threshold: the value used after "
+                                                "--confidence-switch-step steps (None: the same).",
+                                                low=0.0, high=1.0, above=0.0)
+    confidence_switch_step: int = knob(8, int, "Steps that use the first confidence threshold.", low=1,
+                                       high=MAX_STEPS)
+    flush_after: int | None = knob(None, int, "Commit the draft (every live position at its argmax) after this "
+                                   "many steps of a block (None: off).", low=1, high=MAX_STEPS)
+    repair: bool = knob(False, bool, "A final decoder pass over the whole committed canvas, which then takes "
+                        "its argmax (the turbo repair pass).")
 
     def __post_init__(self):
         _check_fields(self)
+        if self.confidence_commit_late is not None and self.confidence_commit is None:
+            raise ValueError("confidence_commit_late needs confidence_commit (the first stage's threshold)")
 
     @classmethod
     def none(cls) -> "FastOptions":
         """Every technique off: the fast loop computing the exact path."""
         return cls(freeze=False, eos_stop=False, top_k=None, bucket=False, commit_gap=None, eos_tail_gap=None,
                    stop_mean_over_canvas=False)
+
+    def confidence_at(self, step: int) -> float | None:
+        """The confidence threshold of 1-based `step` (the first stage up to `confidence_switch_step`)."""
+        if self.confidence_commit is None or step <= self.confidence_switch_step:
+            return self.confidence_commit
+        return self.confidence_commit if self.confidence_commit_late is None else self.confidence_commit_late
 
 
 # The user-facing names of the two paths ("exact" | "fast"), converted to `fast` once at each face.
