@@ -14,6 +14,7 @@ from .convert_view import convert
 from .fill import edit, fill, score
 from .finetune import finetune, fuse
 from .generate import generate
+from .info import info
 from .serve import serve
 from .sudoku import sudoku
 
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for command in (chat, generate, fill, edit, score, sudoku, convert, serve, finetune, fuse):
+for command in (chat, generate, fill, edit, score, sudoku, convert, info, serve, finetune, fuse):
     app.command()(command)
 
 
