@@ -51,7 +51,7 @@ def accuracy(per_family: int) -> dict[str, dict[str, float]]:
         for family in FAMILIES:
             cases = [(family, q, a) for q, a in held_out_set(family, per_family)]
             out[recipe][family] = eval_ours(model, tok, cases, 0)["accuracy"]
-        print(f"{recipe}: mean {statistics.mean(out[recipe].values()):.1%}", file=sys.stderr, flush=True)
+        print(f"{recipe}: mean {statistics.mean(out[recipe].values()):.1%} {json.dumps(out[recipe])}", file=sys.stderr, flush=True)
     return out
 
 

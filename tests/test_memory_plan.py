@@ -59,7 +59,7 @@ def test_planned_weights_are_the_loaded_bytes(tiny_checkpoint, options):
 def test_smaller_recipes_for_the_released_shape():
     """Sizes for the README's recipe table, from the config alone: the converter's projection and
     the plan's weights are one number."""
-    from convert import projected_size
+    from mlx_diffusiongemma.convert import projected_size
 
     args = parse_model_args(RELEASED)
     args.vision = None
