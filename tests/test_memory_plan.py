@@ -87,6 +87,9 @@ def test_load_refuses_what_does_not_fit_before_reading_weights(tiny_checkpoint, 
     _machine(monkeypatch, need - 1, "this machine's memory")
     with pytest.raises(MemoryLimitError, match="^(?!.*sysctl)"):
         dg.load(folder)
+    for context in (0, 10**9, 1.5):
+        with pytest.raises(ValueError, match="context must be a whole number"):
+            dg.load(folder, context=context)
 
 
 def test_a_request_over_the_memory_is_refused_before_any_work(tiny_checkpoint):

@@ -157,7 +157,7 @@ def plan(path_or_repo: str | Path, *, context: int | None = None, quantize: str 
         raise CheckpointError(f"{folder}: a quantized checkpoint without its weights; the plan needs their headers")
     weights = weight_bytes(args)
     limit, source = memory.memory_limit()  # looked up here: tests set a smaller machine
-    context = DEFAULT_CONTEXT if context is None else context
+    context = _context(args, context)
     if quantize and quantize != "bf16":
         return MemoryPlan(display_name(folder), quantize, args, weight_bytes(args, recipe=quantize), weights, context, limit, source)
     return MemoryPlan(display_name(folder), "bf16", args, weights, 0, context, limit, source)
@@ -178,7 +178,7 @@ def plan_memory(folder: Path, args, stored: dict[str, tuple[str, int]], *, quant
 
     as_stored = sum(cast(kind, n) for kind, n in keep.values())
     limit, source = memory.memory_limit()  # looked up here: tests set a smaller machine
-    context = DEFAULT_CONTEXT if context is None else context
+    context = _context(args, context)
     if quantize and quantize != "bf16":
         # Unquantized tensors, scales and biases stay in the stored float type (or `dtype`).
         kinds = [kind for kind, _ in keep.values() if kind in floating]
@@ -189,6 +189,17 @@ def plan_memory(folder: Path, args, stored: dict[str, tuple[str, int]], *, quant
         as_stored = sum(n // floating[kind] * 2 if kind in floating else n for kind, n in keep.values())
     return MemoryPlan(display_name(folder), recipe_of(args.quantization) if not quantize else quantize, args,
                       as_stored, 0, context, limit, source)
+
+
+def _context(args, context: int | None) -> int:
+    """The context to plan for: `memory.DEFAULT_CONTEXT` (at most the model's), or the one asked
+    for, which must be a whole number of positions the model has."""
+    limit = args.text.max_position_embeddings
+    if context is None:
+        return min(DEFAULT_CONTEXT, limit)
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= limit:
+        raise ValueError(f"context must be a whole number from 1 to the model's {limit} positions, got {context!r}")
+    return context
 
 
 _DTYPES = ("float32", "float16", "bfloat16")
