@@ -140,7 +140,7 @@ def convert(
 ) -> ConvertReport:
     """Convert the checkpoint at `src` (folder or hub repo id) into an MLX folder at `dst`.
 
-    `recipe` is one of `RECIPES`: "mixed-4bit" (default), "8bit" or "bf16" (see
+    `recipe` is one of `RECIPES`: "mixed-4bit" (default), "mixed-3bit", "mixed-2bit", "8bit" or "bf16" (see
     `checkpoint.recipes.module_bits`). An existing `dst` is refused unless `force`, and then replaced only
     once the new folder is complete. Raises `CheckpointError` on any problem with the input or
     the destination; nothing is left at `dst` (or next to it) by a failed or interrupted run.

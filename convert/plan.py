@@ -23,7 +23,7 @@ MODE = "affine"
 UNQUANTIZED_BITS = 16  # every float tensor that is not quantized is stored as bfloat16
 # The top-level `bits` of each recipe's `quantization` block; modules at other widths get a
 # per-module override (mlx-lm / mlx-vlm style).
-_DEFAULT_BITS = {"mixed-4bit": 4, "8bit": 8}
+_DEFAULT_BITS = {**recipes.EXPERT_BITS, "8bit": 8}
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,8 @@ class ContextLengthError(DiffusionGemmaError):
 
 class NumericalError(DiffusionGemmaError):
     """The model produced NaN or infinite values (broken weights or an overflow)."""
+
+
+class MemoryLimitError(ContextLengthError):
+    """A checkpoint, or a request's context, needs more memory than this machine lets MLX use.
+    A `ContextLengthError`: a request refused for its memory is refused like a too-long one."""

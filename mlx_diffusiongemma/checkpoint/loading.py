@@ -16,10 +16,12 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError
 from ..model.args import parse_model_args
-from ..model.model import Model, map_key
+from ..model.model import Model, is_vision_key, map_key
 from .adapters import load_adapters, materialize
 from .config import load_generation_defaults, load_model_args
 from .files import read_json
+from . import memory
+from .memory import DEFAULT_CONTEXT, MemoryPlan, display_name, recipe_of, set_wired_limit, weight_bytes
 from .recipes import quant_predicate, quantize_from_config
 from .safetensors import check_config_against_headers, check_safetensors, check_tensors, iter_checkpoint, safetensors_files
 from .tokenizer import check_tokenizer_files, load_tokenizer
@@ -27,9 +29,9 @@ from .tokenizer import check_tokenizer_files, load_tokenizer
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
-def resolve(path_or_repo: str | Path, *, offline: bool | None = None) -> Path:
+def resolve(path_or_repo: str | Path, *, offline: bool | None = None, config_only: bool = False) -> Path:
     """A local folder as is; otherwise a hub repo id fetched (or found in the cache) by
-    huggingface_hub (`offline`: the cache only)."""
+    huggingface_hub (`offline`: the cache only; `config_only`: its JSON files, no weights)."""
     p = Path(path_or_repo).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -44,7 +46,8 @@ def resolve(path_or_repo: str | Path, *, offline: bool | None = None) -> Path:
     # "owner/name" is also how a mistyped relative path looks: say that no such folder exists too.
     no_folder = f"there is no folder {text!r} here ({Path.cwd()}), and "
     try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS, local_files_only=bool(offline)))
+        patterns = ["*.json"] if config_only else _HUB_PATTERNS
+        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=bool(offline)))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{no_folder}{text} is not in the local Hugging Face cache and the hub cannot be reached. "
@@ -69,13 +72,17 @@ def load_model(
     dtype: mx.Dtype | str | None = None,
     quantize: str | None = None,
     text_only: bool = False,
+    context: int | None = None,
 ) -> tuple[Model, dict[str, Any]]:
     """Build and fill the model from a local checkpoint folder; returns (model, config dict).
 
     `dtype` casts floating tensors that are not quantized (e.g. `mx.float32` for parity tests);
     `quantize` applies a recipe from `recipes.RECIPES` in memory to an unquantized checkpoint;
     `text_only` leaves the vision tower out (less memory; images are then refused). The model
-    carries the folder's generation settings (`model.generation`) and the folder (`model.source`).
+    carries the folder's generation settings (`model.generation`), the folder (`model.source`)
+    and its memory plan (`model.memory_plan`, for `context` positions, `memory.DEFAULT_CONTEXT`
+    by default): a checkpoint whose plan is over what MLX can use here is refused with
+    `MemoryLimitError` before any weight is read.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -85,13 +92,13 @@ def load_model(
     args = load_model_args(folder, config)
     if text_only:
         args.vision = None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in safetensors_files(folder):
-        for key, info in check_safetensors(f).items():
-            if key != "__metadata__" and (mapped := map_key(key)) is not None:
-                shapes[mapped] = tuple(info["shape"])
+    shapes, stored = stored_tensors(folder)
     check_config_against_headers(args, shapes, str(folder))
+    plan = plan_memory(folder, args, stored, quantize=quantize, dtype=dtype, context=context)
+    plan.check()
+    set_wired_limit()
     model = Model(args, load_generation_defaults(folder, config), folder)
+    model.memory_plan = plan
     weights: dict[str, mx.array] = {}
     for _, shard in iter_checkpoint(folder):
         weights.update(model.sanitize(shard))
@@ -114,6 +121,81 @@ def load_model(
     materialize(model)
     model.eval()
     return model, config
+
+
+def stored_tensors(folder: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int]]]:
+    """From the shards' headers (checked complete), for every tensor the model keeps: its shape,
+    and its (dtype, bytes on disk)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    stored: dict[str, tuple[str, int]] = {}
+    for f in safetensors_files(folder):
+        for key, info in check_safetensors(f).items():
+            if key != "__metadata__" and (mapped := map_key(key)) is not None:
+                shapes[mapped] = tuple(info["shape"])
+                stored[mapped] = (info["dtype"], info["data_offsets"][1] - info["data_offsets"][0])
+    return shapes, stored
+
+
+def plan(path_or_repo: str | Path, *, context: int | None = None, quantize: str | None = None,
+         text_only: bool = False, offline: bool | None = None) -> MemoryPlan:
+    """The memory plan of loading a checkpoint (see `load`) without loading it. A hub repo id
+    fetches its JSON files only; a folder without weights (config.json and the index) is planned
+    from its config alone, as Hugging Face checkpoints store their weights (bfloat16)."""
+    folder = resolve(path_or_repo, offline=offline, config_only=True)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
+    args = load_model_args(folder, read_json(folder / "config.json"))
+    if text_only:
+        args.vision = None
+    if list(folder.glob("*.safetensors")):
+        return plan_memory(folder, args, stored_tensors(folder)[1], quantize=quantize, context=context)
+    if args.quantization:
+        raise CheckpointError(f"{folder}: a quantized checkpoint without its weights; the plan needs their headers")
+    weights = weight_bytes(args)
+    limit, source = memory.memory_limit()  # looked up here: tests set a smaller machine
+    context = _context(args, context)
+    if quantize and quantize != "bf16":
+        return MemoryPlan(display_name(folder), quantize, args, weight_bytes(args, recipe=quantize), weights, context, limit, source)
+    return MemoryPlan(display_name(folder), "bf16", args, weights, 0, context, limit, source)
+
+
+def plan_memory(folder: Path, args, stored: dict[str, tuple[str, int]], *, quantize: str | None = None,
+                dtype: mx.Dtype | None = None, context: int | None = None) -> MemoryPlan:
+    """The memory plan of loading `folder` (its tensors `stored`: name -> (dtype, bytes), the
+    names the model keeps) with these options. The weights of a checkpoint loaded as stored are
+    its tensors' bytes (cast to `dtype` if given); of a recipe applied in memory, the recipe's
+    bytes, with the stored ones held beside them while loading."""
+    keep = {k: v for k, v in stored.items() if args.vision is not None or not is_vision_key(k)}
+    floating = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    to = dtype.size if dtype is not None else None
+
+    def cast(kind: str, n: int) -> int:
+        return n // floating[kind] * to if to and kind in floating else n
+
+    as_stored = sum(cast(kind, n) for kind, n in keep.values())
+    limit, source = memory.memory_limit()  # looked up here: tests set a smaller machine
+    context = _context(args, context)
+    if quantize and quantize != "bf16":
+        # Unquantized tensors, scales and biases stay in the stored float type (or `dtype`).
+        kinds = [kind for kind, _ in keep.values() if kind in floating]
+        native = floating[max(set(kinds), key=kinds.count)] if kinds else 2
+        weights = weight_bytes(args, recipe=quantize, float_bytes=to or native)
+        return MemoryPlan(display_name(folder), quantize, args, weights, as_stored, context, limit, source)
+    if quantize == "bf16":
+        as_stored = sum(n // floating[kind] * 2 if kind in floating else n for kind, n in keep.values())
+    return MemoryPlan(display_name(folder), recipe_of(args.quantization) if not quantize else quantize, args,
+                      as_stored, 0, context, limit, source)
+
+
+def _context(args, context: int | None) -> int:
+    """The context to plan for: `memory.DEFAULT_CONTEXT` (at most the model's), or the one asked
+    for, which must be a whole number of positions the model has."""
+    limit = args.text.max_position_embeddings
+    if context is None:
+        return min(DEFAULT_CONTEXT, limit)
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= limit:
+        raise ValueError(f"context must be a whole number from 1 to the model's {limit} positions, got {context!r}")
+    return context
 
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -140,13 +222,17 @@ def load(
     offline: bool | None = None,
     adapter_path: str | Path | None = None,
     text_only: bool = False,
+    context: int | None = None,
 ):
     """Load a DiffusionGemma checkpoint folder or hub repo: `(model, tokenizer)`.
 
     The model carries `model.generation` (sampler defaults from generation_config.json) and
     `model.source` (the resolved folder); `text_only=True` leaves the vision tower out.
     `adapter_path` applies fine-tuned adapters (a folder written by `dgemma finetune`,
-    mlx-lm's format) on top of the weights.
+    mlx-lm's format) on top of the weights. Before any weight is read, the memory plan for
+    `context` positions (`checkpoint.memory`) is checked against what MLX can use here:
+    `MemoryLimitError` (one line, naming a smaller recipe, a shorter context or the GPU limit's
+    sysctl) instead of a swap storm; requests are then checked against the same plan.
     """
     dtype = as_dtype(dtype)
     folder = resolve(path_or_repo, offline=offline)
@@ -155,7 +241,7 @@ def load(
     config_path = folder / "config.json"
     parse_model_args(read_json(config_path), source=str(config_path))  # the model type first
     check_tokenizer_files(folder)  # then the tokenizer, before the (slow) weights: fail fast
-    model, _ = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only)
+    model, _ = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only, context=context)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     tokenizer = load_tokenizer(folder, model.generation)

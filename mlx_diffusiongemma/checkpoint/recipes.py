@@ -11,13 +11,21 @@ import mlx.nn as nn
 
 
 # Quantization recipes: name -> rule per module kind. "bits" of None keeps the weight as is.
-RECIPES = ("mixed-4bit", "8bit", "bf16")
+# Largest first among the mixed ones: `smaller_recipes` walks this order.
+RECIPES = ("mixed-4bit", "mixed-3bit", "mixed-2bit", "8bit", "bf16")
 DEFAULT_RECIPE = "mixed-4bit"
 GROUP_SIZE = 64
 
-# Module paths quantized at 4 bits in the default recipe: the routed experts (most of the
-# parameters) and the self-conditioning MLP. Everything else that is a matrix gets 8 bits.
-_FOUR_BIT = re.compile(r"(\.experts\.(gate_up_proj|down_proj)|\.self_conditioning\.(gate|up|down)_proj)$")
+# The mixed recipes differ only in the routed experts' width (90% of the 26B model's weights):
+# 4 bits (15.4 GB, the default), 3 bits (12.6 GB: a 24 GB Mac's default GPU limit with room
+# for a long context) and 2 bits (9.7 GB: a 16 GB Mac's). The self-conditioning MLP is 4-bit
+# and every other matrix 8-bit in all three. mlx-lm's mixed presets (`mixed_3_4`, `mixed_2_6`,
+# ...) are not reused: they pick bits by the substrings "v_proj"/"down_proj" and the layer
+# index, which here would put 6 bits on the expert down projections of 14 of 30 layers (+2.5 GB
+# at the 2-bit recipe, over a 16 GB Mac's limit); the experts are where the bytes are.
+EXPERT_BITS = {"mixed-4bit": 4, "mixed-3bit": 3, "mixed-2bit": 2}
+_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+_SELF_CONDITIONING = re.compile(r"\.self_conditioning\.(gate|up|down)_proj$")
 
 
 def module_bits(path: str, recipe: str = DEFAULT_RECIPE) -> int | None:
@@ -35,9 +43,19 @@ def module_bits(path: str, recipe: str = DEFAULT_RECIPE) -> int | None:
         return None
     if recipe == "8bit":
         return 8
-    if recipe != DEFAULT_RECIPE:
+    if recipe not in EXPERT_BITS:
         raise ValueError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    return 4 if _FOUR_BIT.search(path) else 8
+    if _EXPERTS.search(path):
+        return EXPERT_BITS[recipe]
+    return 4 if _SELF_CONDITIONING.search(path) else 8
+
+
+def smaller_recipes(recipe: str | None) -> tuple[str, ...]:
+    """The mixed recipes that store fewer bytes than `recipe` (None: an unknown layout, taken as
+    the default's), largest first: what to suggest when a model does not fit."""
+    order = ("bf16", "8bit") + tuple(EXPERT_BITS)
+    index = order.index(recipe) if recipe in order else order.index(DEFAULT_RECIPE)
+    return order[index + 1:]
 
 
 def quant_predicate(recipe: str = DEFAULT_RECIPE, group_size: int = GROUP_SIZE):

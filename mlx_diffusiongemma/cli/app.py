@@ -17,6 +17,7 @@ from .convert_view import convert
 from .fill import edit, fill, score
 from .finetune import finetune, fuse
 from .generate import generate
+from .info import info
 from .serve import serve
 from .sudoku import sudoku
 
@@ -45,7 +46,7 @@ def options(
     """Run Google's DiffusionGemma block-diffusion LM with MLX."""
 
 
-for command in (chat, generate, complete, fill, edit, score, sudoku, convert, serve, finetune, fuse):
+for command in (chat, generate, complete, fill, edit, score, sudoku, convert, info, serve, finetune, fuse):
     app.command()(command)
 
 

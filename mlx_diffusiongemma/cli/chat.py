@@ -18,7 +18,7 @@ from rich.table import Table
 
 from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 from mlx_diffusiongemma.diffusion.options import GENERATION_KNOBS, MAX_STEPS, GenerationOptions, KnobError
-from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
+from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError, MemoryLimitError
 
 from .errors import check_text, handle_errors, is_terminal
 from .fill import styled_fill
@@ -219,6 +219,9 @@ class ChatLoop:
             result = render(events, self._view())
         except KeyboardInterrupt:
             self.ui.print("[yellow]interrupted[/] (the conversation is as it was before this message)")
+            return
+        except MemoryLimitError as e:  # says itself what to do (a shorter message, a smaller recipe)
+            self._error(str(e))
             return
         except ContextLengthError as e:
             need, limit = getattr(e, "need", None), getattr(e, "limit", None)

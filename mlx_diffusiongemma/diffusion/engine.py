@@ -54,7 +54,9 @@ class Request(GenerationOptions):
 
 
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
-    """Reject, before any work, a request whose prompt plus canvases cannot fit the context."""
+    """Reject, before any work, a request whose prompt plus canvases cannot fit the context, or
+    the memory MLX can use here beside the weights (the loader's `model.memory_plan`;
+    `MemoryLimitError`)."""
     c = model.canvas_length
     need = cached + prompt_len + math.ceil(max_tokens / c) * c
     limit = model.text.max_position_embeddings
@@ -65,6 +67,9 @@ def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None
         )
         error.need, error.limit = need, limit  # a chat front end words its own advice (/reset)
         raise error
+    plan = getattr(model, "memory_plan", None)
+    if plan is not None:
+        plan.check_request(need)
 
 
 def max_tokens_of(model, request: GenerationOptions) -> int:

@@ -101,8 +101,10 @@ class Model(nn.Module):
     """DiffusionGemma: `prefill`, `extend` (encoder), `denoise`, `denoise_rows`, `denoise_batch` (decoder).
 
     Beside its weights a model carries `args` (config.json), `generation` (generation_config.json:
-    the sampler's defaults, the end-of-sequence ids) and `source` (the folder it was loaded from,
-    None for a model built in memory); the loader sets the last two."""
+    the sampler's defaults, the end-of-sequence ids), `source` (the folder it was loaded from,
+    None for a model built in memory) and `memory_plan` (the loader's `checkpoint.memory.MemoryPlan`,
+    which every request's context is checked against; None for a model built in memory); the
+    loader sets the last three."""
 
     def __init__(self, args: ModelArgs, generation: GenerationDefaults | None = None, source: Path | None = None):
         super().__init__()
@@ -112,6 +114,7 @@ class Model(nn.Module):
         self.embed_scale = math.sqrt(args.text.hidden_size)
         self.generation = generation or GenerationDefaults()
         self.source = source
+        self.memory_plan = None
 
     # -- structure ---------------------------------------------------------------------------
     @property

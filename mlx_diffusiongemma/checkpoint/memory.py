@@ -1,0 +1,241 @@
+"""The memory plan: what a checkpoint will hold at its peak, loaded and run at a context, against
+what this machine lets MLX wire. Made before any weight is read (`loading.load` checks it; the
+model keeps it as `model.memory_plan`, so every request is checked against it too).
+
+The peak is the larger of
+
+- **loading**: the weights as stored, plus, when a recipe is applied in memory to an unquantized
+  checkpoint, the unquantized weights it is computed from (the loader holds both until the end);
+- **running**: the weights, plus the prompt cache for the context (`PromptCache`'s buffers: full
+  layers hold the context rounded up to `cache.STEP` plus one step, sliding layers at most the
+  window and two steps, K and V in bfloat16), plus the larger of two transients: a prefill chunk
+  (`args.PREFILL_CHUNK` rows: one full layer's float32 attention arrays over the context, its
+  dense and expert MLP activations) and a decoder step over the canvas rows (`DECODER_LOGITS`
+  float32 `[rows, vocab]` arrays: the logits before and after the softcap, the kept
+  self-conditioning probabilities, the sampler's probabilities, noise and log-probabilities;
+  one layer's attention arrays over prefix + canvas; fast mode's canvas K/V of every layer).
+
+The two counts of float32 arrays were checked against MLX's measured peak of one decoder pass
+and its sampler work on small quantized models (vocabulary 4K-32K, contexts 64-2048, 4-16
+heads): within 1% where the logits dominate, +8% / -16% where the attention does.
+
+Not counted: Python, the tokenizer, MLX's buffer cache (freed buffers MLX keeps for reuse; it
+gives them back under pressure). The plan for the released model's shape is compared with a
+measured peak by `scripts/full_shape.py` (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import MemoryLimitError
+from ..model.args import PREFILL_CHUNK, ModelArgs, TextArgs
+from ..model.cache import STEP
+from ..model.model import Model
+from .recipes import EXPERT_BITS, quant_predicate, quantize_from_config, smaller_recipes
+
+DEFAULT_CONTEXT = 1024  # what `load` plans for when no context is asked: a chat turn and its reply
+DECODER_LOGITS = 6
+# float32 `[heads, rows, keys]` arrays of one layer's attention alive at once (the scores of the
+# prefix and canvas parts, their exponentials, the masks); fitted on measured peaks (below).
+SCORE_ARRAYS = 2.5
+KV_BYTES = 2  # the cache holds bfloat16 K and V (the model's activations)
+GB = 1e9
+
+
+def kv_bytes(t: TextArgs, context: int, batch: int = 1) -> int:
+    """Bytes of the prompt cache's K/V buffers holding `context` positions."""
+    capacity = (math.ceil(context / STEP) + 1) * STEP if context else 0
+    total = 0
+    for layer in range(t.num_hidden_layers):
+        rows = capacity
+        if t.is_sliding(layer):
+            rows = min(capacity, 2 * (t.sliding_window - 1 + STEP))
+        total += 2 * t.kv_heads[layer] * rows * t.head_dims[layer]
+    return total * KV_BYTES * batch
+
+
+def buffer_bytes(t: TextArgs, canvas: int, context: int, rows: int | None = None) -> dict[str, int]:
+    """Transient bytes of a prefill chunk and of a decoder step over `rows` canvas rows (default:
+    the whole canvas, the exact path); see the module's docstring for what is counted."""
+    rows = canvas if rows is None else rows
+    d, v, heads = t.hidden_size, t.vocab_size, t.num_attention_heads
+    chunk = min(PREFILL_CHUNK, max(context, 1))
+    moe = t.top_k_experts * 2 * t.moe_intermediate_size
+
+    def activations(n: int, keys: int) -> int:
+        scores = SCORE_ARRAYS * 4 * heads * n * keys  # float32, one layer at a time
+        mlp = KV_BYTES * n * (3 * t.intermediate_size + 2 * moe + 8 * d)
+        return scores + mlp
+
+    prefill = activations(chunk, context + chunk)
+    canvas_kv = sum(2 * canvas * t.kv_heads[i] * t.head_dims[i] * KV_BYTES for i in range(t.num_hidden_layers))
+    decoder = 4 * DECODER_LOGITS * rows * v + activations(rows, context + canvas) + canvas_kv
+    return {"prefill": prefill, "decoder": decoder}
+
+
+def weight_bytes(args: ModelArgs, *, recipe: str | None = None, quantization: dict[str, Any] | None = None,
+                 names: set[str] | None = None, float_bytes: int = 2) -> int:
+    """Bytes of the weights once loaded, from the config alone: the model built lazily (nothing is
+    allocated) and quantized as the loader would (`recipe` in memory, or the checkpoint's
+    `quantization` block for the modules whose `.scales` are in `names`); floating tensors that
+    stay unquantized (and the scales and biases) at `float_bytes` each."""
+    model = Model(args)
+    if quantization:
+        quantize_from_config(model, quantization, names or set())
+    elif recipe and recipe != "bf16":
+        nn.quantize(model, class_predicate=quant_predicate(recipe))
+    total = 0
+    for _, p in tree_flatten(model.parameters()):
+        total += p.nbytes if not mx.issubdtype(p.dtype, mx.floating) else p.size * float_bytes
+    return total
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """(bytes MLX may use here, where the number comes from): Metal's recommended working set on
+    a Mac (what macOS lets the GPU wire), the physical memory elsewhere."""
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def set_wired_limit() -> None:
+    """Wire the recommended working set on a Mac, as mlx-lm's server does once at start
+    (`mlx_lm.utils.maybe_set_recommended_wired_limit`; written out here: importing mlx_lm.utils
+    pulls in transformers, seconds before the first token)."""
+    size = mx.device_info().get("max_recommended_working_set_size")
+    if size is not None:
+        mx.set_wired_limit(int(size))
+
+
+@dataclass
+class MemoryPlan:
+    """The plan for one checkpoint: bytes at load and at run time for `context` positions."""
+
+    name: str
+    recipe: str | None  # the recipe the weights are in (None: an unknown quantization)
+    args: ModelArgs
+    weights: int
+    load_extra: int  # unquantized weights held while a recipe is applied in memory
+    context: int
+    limit: int | None
+    limit_source: str
+    rows: int | None = None  # decoder rows per step (None: the whole canvas)
+
+    @property
+    def kv(self) -> int:
+        return kv_bytes(self.args.text, self.context)
+
+    @property
+    def buffers(self) -> int:
+        return max(buffer_bytes(self.args.text, self.args.canvas_length, self.context, self.rows).values())
+
+    @property
+    def run_peak(self) -> int:
+        return self.weights + self.kv + self.buffers
+
+    @property
+    def peak(self) -> int:
+        return max(self.weights + self.load_extra, self.run_peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.limit is None or self.peak <= self.limit
+
+    def at(self, context: int) -> "MemoryPlan":
+        """The same checkpoint planned for another context."""
+        return MemoryPlan(self.name, self.recipe, self.args, self.weights, 0, context, self.limit,
+                          self.limit_source, self.rows)
+
+    def converted(self, recipe: str) -> "MemoryPlan":
+        """The plan of this checkpoint converted to `recipe` (from the config alone)."""
+        return MemoryPlan(self.name, recipe, self.args, weight_bytes(self.args, recipe=recipe), 0, self.context,
+                          self.limit, self.limit_source, self.rows)
+
+    def summary(self) -> str:
+        load = f"; loading holds {_gb(self.weights + self.load_extra)}" if self.load_extra else ""
+        return (f"{_gb(self.peak)} at a {self.context}-token context ({_gb(self.weights)} weights, "
+                f"{_gb(self.kv)} cache, {_gb(self.buffers)} buffers{load})")
+
+    def limit_text(self) -> str:
+        return f"{_gb(self.limit)} ({self.limit_source})" if self.limit is not None else "unknown"
+
+    def longest_context(self) -> int:
+        """The most positions that fit beside these weights (0: none)."""
+        if self.limit is None:
+            return self.args.text.max_position_embeddings
+        lo, hi = 0, self.args.text.max_position_embeddings
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.at(mid).fits else (lo, mid - 1)
+        return lo
+
+    def check(self) -> None:
+        """Raise `MemoryLimitError` (one line, with what to do) when the peak is over the limit."""
+        if self.fits:
+            return
+        remedies = []
+        if self.load_extra and self.run_peak <= self.limit:
+            remedies.append("converting it first (`dgemma convert` streams the weights; the converted "
+                            "folder loads without an unquantized copy)")
+        smaller = [r for r in smaller_recipes(self.recipe) if r in EXPERT_BITS]
+        for recipe in smaller:  # the largest that fits, else the smallest
+            other = self.converted(recipe)
+            if other.fits or recipe == smaller[-1]:
+                remedies.append(f"the {recipe} recipe (`dgemma convert --recipe {recipe}`: {_gb(other.peak)})")
+                break
+        longest = self.longest_context()
+        if 0 < longest < self.context:
+            remedies.append(f"a context of at most {longest} tokens")
+        memory_size = mx.device_info().get("memory_size")
+        if self.limit_source.startswith("Metal") and (memory_size is None or self.peak < 0.9 * memory_size):
+            mb = math.ceil(self.peak * 1.1 / 2**20)
+            remedies.append(f"raising the GPU limit (`sudo sysctl iogpu.wired_limit_mb={mb}`, until restart)")
+        remedies = remedies or ["a machine with more memory"]
+        raise MemoryLimitError(f"{self.name} needs {self.summary()}, over the {self.limit_text()} MLX can use "
+                               f"here. Try {'; or '.join(remedies)}.")
+
+    def check_request(self, positions: int) -> None:
+        """Raise `MemoryLimitError` when a request's `positions` (prompt plus canvases) would not
+        fit beside the weights."""
+        plan = self.at(positions)
+        if plan.fits:
+            return
+        error = MemoryLimitError(f"the prompt plus its canvases ({positions} positions) need {plan.summary()}, "
+                                 f"over the {plan.limit_text()} MLX can use here. Shorten the prompt or lower max_tokens.")
+        raise error
+
+
+def recipe_of(quantization: dict[str, Any] | None) -> str | None:
+    """The recipe a checkpoint's `quantization` block was written by (None: another one)."""
+    if not quantization:
+        return "bf16"
+    bits = quantization.get("bits")
+    names = {b: r for r, b in EXPERT_BITS.items()} | {8: "8bit"}
+    return names.get(bits)
+
+
+def display_name(folder: Path) -> str:
+    """A folder as users named it: a hub cache snapshot as its repo id, others by their name."""
+    parts = folder.parts
+    if "snapshots" in parts and parts.index("snapshots") > 0:
+        repo = parts[parts.index("snapshots") - 1]
+        if repo.startswith("models--"):
+            return repo.removeprefix("models--").replace("--", "/")
+    return folder.name
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,141 @@
+"""What each quantization recipe costs: per-family accuracy on the demo model and the KL divergence
+of its logits against the float32 model on the small models.
+
+    python scripts/recipe_cost.py [--per-family 20] [--models demo,tiny,small] [--out recipe-cost.json]
+
+- accuracy: `scripts/eval_demo.py`'s held-out prompts and judges, the checkpoint's default sampler,
+  for the demo model as stored (bfloat16) and with every mixed recipe applied in memory;
+- KL: for each model, float32 against each recipe on the same inputs: a prompt encoded into the
+  cache, then the decoder's logits over a random canvas (first step) and again with the first
+  step's probabilities as self-conditioning (second step); mean KL(float32 || recipe) per canvas
+  position at temperature 1, and how often the two argmaxes agree. Demo prompts are held-out task
+  prompts through the chat template; the random `bench_models` presets (`tiny`, `small`, widths
+  multiple of 64, so every matrix is quantized) get random token prompts.
+
+The demo model's expert down projection is 96 wide, not a multiple of the group size 64: it stays
+bfloat16 in every recipe, so on the demo model a recipe quantizes the expert gate/up only.
+Prints markdown tables (docs/performance.md has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_models  # noqa: E402
+from eval_demo import eval_ours  # noqa: E402
+
+from mlx_diffusiongemma import load  # noqa: E402
+from mlx_diffusiongemma.checkpoint.loading import load_model  # noqa: E402
+from mlx_diffusiongemma.demo import shipped_demo_dir  # noqa: E402
+from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set  # noqa: E402
+from mlx_diffusiongemma.prompts.render import render_messages  # noqa: E402
+
+MIXED = ("mixed-4bit", "mixed-3bit", "mixed-2bit")
+
+
+def accuracy(per_family: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for recipe in ("bf16",) + MIXED:
+        model, tok = load("demo", quantize=None if recipe == "bf16" else recipe)
+        out[recipe] = {}
+        for family in FAMILIES:
+            cases = [(family, q, a) for q, a in held_out_set(family, per_family)]
+            out[recipe][family] = eval_ours(model, tok, cases, 0)["accuracy"]
+        print(f"{recipe}: mean {statistics.mean(out[recipe].values()):.1%} {json.dumps(out[recipe])}", file=sys.stderr, flush=True)
+    return out
+
+
+def _logits(model, prompt: list[int], canvas: mx.array) -> list[mx.array]:
+    cache = model.prefill(mx.array([prompt]))
+    first = model.denoise(canvas, cache)
+    second = model.denoise(canvas, cache, self_conditioning=first)
+    return [first.astype(mx.float32), second.astype(mx.float32)]
+
+
+def _kl_top1(p: mx.array, q: mx.array) -> tuple[float, float]:
+    lp, lq = p - mx.logsumexp(p, -1, keepdims=True), q - mx.logsumexp(q, -1, keepdims=True)
+    kl = float(mx.mean(mx.sum(mx.exp(lp) * (lp - lq), -1)))
+    top1 = float(mx.mean((p.argmax(-1) == q.argmax(-1)).astype(mx.float32)))
+    return kl, top1
+
+
+def divergence(name: str, folder: Path, prompts: list[list[int]], seed: int = 0) -> dict[str, dict[str, float]]:
+    base, _ = load_model(folder, dtype=mx.float32, text_only=True)
+    rng = np.random.default_rng(seed)
+    canvases = [mx.array(rng.integers(0, base.vocab_size, (1, base.canvas_length))) for _ in prompts]
+    ref = [_logits(base, p, c) for p, c in zip(prompts, canvases)]
+    out = {}
+    for recipe in ("bf16",) + MIXED:
+        model, _ = load_model(folder, quantize=recipe, text_only=True)
+        kls, tops = [], []
+        for (r1, r2), p, c in zip(ref, prompts, canvases):
+            q1, q2 = _logits(model, p, c)
+            for r, q in ((r1, q1), (r2, q2)):
+                kl, top = _kl_top1(r, q)
+                kls.append(kl)
+                tops.append(top)
+        out[recipe] = {"kl": statistics.mean(kls), "top1": statistics.mean(tops)}
+        print(f"{name} {recipe}: KL {out[recipe]['kl']:.4f}, top-1 {out[recipe]['top1']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
+def demo_prompts(n: int) -> list[list[int]]:
+    _, tok = load("demo")
+    per = max(1, n // len(FAMILIES))
+    return [render_messages(tok, [{"role": "user", "content": q}])
+            for family in FAMILIES for q, _ in held_out_set(family, per)][:n]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--per-family", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=24, help="prompts per model for the KL")
+    p.add_argument("--models", default="demo,tiny,small")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    results: dict = {}
+    if not args.skip_accuracy:
+        results["accuracy"] = accuracy(args.per_family)
+    results["divergence"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "demo":
+                folder, prompts = shipped_demo_dir(), demo_prompts(args.prompts)
+            else:
+                folder = bench_models.build_hf_checkpoint(name, Path(tmp) / name)
+                rng = np.random.default_rng(1)
+                vocab = bench_models.PRESETS[name]["vocab"]
+                prompts = [rng.integers(3, vocab, int(rng.integers(16, 200))).tolist() for _ in range(args.prompts)]
+            results["divergence"][name] = divergence(name, folder, prompts)
+
+    recipes = ("bf16",) + MIXED
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        print("| family | " + " | ".join(recipes) + " |")
+        print("|---|" + "---|" * len(recipes))
+        for family in FAMILIES:
+            print(f"| {family} | " + " | ".join(f"{acc[r][family]:.0%}" for r in recipes) + " |")
+        print("| **mean** | " + " | ".join(f"{statistics.mean(acc[r].values()):.1%}" for r in recipes) + " |")
+        print()
+    print("| model | " + " | ".join(f"{r} KL / top-1" for r in recipes) + " |")
+    print("|---|" + "---|" * len(recipes))
+    for name, row in results["divergence"].items():
+        print(f"| {name} | " + " | ".join(f"{row[r]['kl']:.4f} / {row[r]['top1']:.3f}" for r in recipes) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
