@@ -103,6 +103,11 @@ def test_a_request_over_the_memory_is_refused_before_any_work(tiny_checkpoint):
         dg.generate(model, tok, "hello", max_tokens=8 * c * 8)
     assert isinstance(e.value, ContextLengthError)
     assert dg.generate(model, tok, "hi", max_tokens=c, max_denoising_steps=2).tokens
+    # The canvas verbs (templates, JSON, completion with a suffix) are checked against the same plan.
+    with pytest.raises(MemoryLimitError):
+        dg.infill(model, tok, "hello", "{{x:..%d}}" % (8 * c * 8))
+    with pytest.raises(MemoryLimitError):
+        dg.complete(model, tok, "hello", " world", max_tokens=8 * c * 8)
 
 
 def test_cli_refuses_in_one_line_and_info_prints_the_plan(runner, tiny_checkpoint, monkeypatch, tmp_path):

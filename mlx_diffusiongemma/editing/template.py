@@ -248,6 +248,9 @@ def check_context(lay: Layout, model, prompt_len: int) -> None:
     if need > limit:
         raise TemplateError(f"prompt ({prompt_len} tokens) plus the template ({lay.length} tokens, "
                             f"{lay.blocks(c)} canvas(es) of {c}) needs {need} positions; the context is {limit}")
+    plan = getattr(model, "memory_plan", None)  # the loader's memory plan, as engine.check_fits applies it
+    if plan is not None:
+        plan.check_request(need)
 
 
 def states(lay: Layout, canvas_length: int, vocab_size: int, *, warm: Sequence[int] | None = None,
