@@ -20,12 +20,11 @@ import json
 import uuid
 from typing import Any, AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import canvas_routes as C, image_parts, protocol as P
+from . import canvas_routes as C, protocol as P
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -187,14 +186,7 @@ def routes(server: C.Server) -> list[Route]:
             oai = openai_body(body, config.model_id)
             oai["messages"] = openai_messages(body)
             params = server.parse(oai, "chat")
-            sources = image_parts.take_images(oai, server.model, server.tokenizer, config.image_dir)
-            chat, tools = P.chat_messages(oai), P.chat_tools(oai)
-            params.has_tools = tools is not None
-            kwargs = P.template_kwargs(oai, config.chat_template_args)
-            params.prompt_ids = await server.render(chat, tools, kwargs)
-            if sources:
-                params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, server.model,
-                                                                           params.prompt_ids, sources)
+            await server.chat_prompt(oai, params)
             server.check_request(params)
             job = server.submit(params)
         except P.APIError as e:

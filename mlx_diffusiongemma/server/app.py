@@ -312,8 +312,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         body = await read(request)
         return body, parse(body, kind)
 
-    async def chat_completions(request: Request) -> Response:
-        body, params = await accept(request, "chat")
+    async def chat_prompt(body: dict[str, Any], params: P.Params) -> None:
+        """An OpenAI chat body's prompt ids (the Ollama and Anthropic routes translate theirs into
+        one): its images checked, the template arguments checked, the conversation rendered on
+        the time-limited render threads, the image tokens expanded."""
         sources = image_parts.take_images(body, model, tokenizer, config.image_dir)
         messages = P.chat_messages(body)
         tools = P.chat_tools(body)
@@ -324,6 +326,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
         if sources:
             params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, model, params.prompt_ids,
                                                                        sources)
+
+    async def chat_completions(request: Request) -> Response:
+        body, params = await accept(request, "chat")
+        await chat_prompt(body, params)
         await canvas_routes.attach_plan(canvas, body, params)
         return await generate(request, params)
 
@@ -397,7 +403,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
             return value
 
     created_at = P.now()
-    canvas = canvas_routes.Server(model, tokenizer, config, read, parse, check_request, submit, items, render,
+    canvas = canvas_routes.Server(model, tokenizer, config, read, parse, check_request, submit, items, chat_prompt,
                                   check_auth, read_body)
     routes = canvas_routes.routes(canvas) + ollama.routes(canvas) + anthropic.routes(canvas) + [
         Route("/", index, methods=["GET"]),

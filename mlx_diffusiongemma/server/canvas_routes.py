@@ -46,7 +46,7 @@ class Server:
     check_request: Callable
     submit: Callable
     items: Callable  # (job, request, poll) -> the job's items
-    render: Callable  # async (messages, tools, template kwargs) -> prompt ids (time-limited; 400 when refused)
+    chat_prompt: Callable  # async (OpenAI chat body, params): sets the prompt ids, images, has_tools
     auth: Callable  # (request) -> None, or the 401
     read_body: Callable  # (request) -> the body, without the bearer check (routes with their own)
 

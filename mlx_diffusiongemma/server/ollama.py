@@ -18,12 +18,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import canvas_routes as C, image_parts, protocol as P
+from . import canvas_routes as C, protocol as P
 
 SAMPLER_FIELDS = P.SAMPLER_FIELDS
 
@@ -168,18 +167,6 @@ def routes(server: C.Server) -> list[Route]:
                 return JSONResponse({**piece(total), **_final(info, started)})
         raise P.APIError(500, "the reply ended without its last item", type="server_error")
 
-    async def chat_prompt(oai: dict, params: P.Params) -> None:
-        """The conversation's prompt ids (its images checked, processed and expanded), as the
-        OpenAI chat route makes them."""
-        sources = image_parts.take_images(oai, server.model, server.tokenizer, config.image_dir)
-        messages, tools = P.chat_messages(oai), P.chat_tools(oai)
-        params.has_tools = tools is not None
-        kwargs = P.template_kwargs(oai, config.chat_template_args)
-        params.prompt_ids = await server.render(messages, tools, kwargs)
-        if sources:
-            params.prompt_ids, params.images = await run_in_threadpool(image_parts.process, server.model,
-                                                                       params.prompt_ids, sources)
-
     async def chat(request: Request) -> Response:
         try:
             body = await server.read(request)
@@ -188,7 +175,7 @@ def routes(server: C.Server) -> list[Route]:
             if body.get("tools") is not None:
                 oai["tools"] = body["tools"]
             params = server.parse(oai, "chat")
-            await chat_prompt(oai, params)
+            await server.chat_prompt(oai, params)
             await C.attach_plan(server, oai, params)
             return await run(request, params, chat=True)
         except P.APIError as e:
@@ -217,7 +204,7 @@ def routes(server: C.Server) -> list[Route]:
                 oai["messages"] = ([{"role": "system", "content": system}] if system else []) + [
                     {"role": "user", "content": _with_images(prompt, body.get("images"), "the request")}]
                 params = server.parse(oai, "chat")
-                await chat_prompt(oai, params)
+                await server.chat_prompt(oai, params)
                 await C.attach_plan(server, oai, params)
             return await run(request, params, chat=False)
         except P.APIError as e:
