@@ -14,6 +14,7 @@ import mlx_diffusiongemma as dg
 from mlx_diffusiongemma.checkpoint import loading
 from mlx_diffusiongemma.checkpoint.memory import kv_bytes
 from mlx_diffusiongemma.model import cache as kvcache
+from mlx_diffusiongemma.server.prompt_cache import PromptCacheStore
 
 from conftest import build_reference, error_line, invoke, save_checkpoint, tiny_text_config
 
@@ -96,6 +97,16 @@ def test_kv8_reads_quantized_rows_in_place_within_a_measured_bound(folder, input
     def dequantized_append(self, k, v):
         k, v = (kvcache.quantize_rows(x, 32, 8).dequantized() for x in (k, v))
         return append(self, k, v)
+
+    # The batched decoder pass (the server's) and a fork (the prompt-cache store's) read the same rows.
+    other = cache.copy()
+    rows = model.denoise_batch([canvas, canvas[:, ::-1]], [cache, other], [None, None], [None, None])
+    assert float(mx.abs(rows[:1] - q1).max()) < 1e-4
+    assert other.nbytes == cache.nbytes == sum(a.nbytes for a in cache.state())
+    store = PromptCacheStore()
+    store.insert(list(range(cache.length)), cache)
+    store.insert(list(range(1, cache.length + 1)), other)
+    assert store.nbytes == cache.nbytes  # shared buffers counted once
 
     monkeypatch.setattr(kvcache.LayerKV, "append", dequantized_append)
     _, d1, d2 = _logits(model, prompt, canvas)
