@@ -66,6 +66,7 @@ class PromptCacheStore:
         seen: dict[int, int] = {}
         for cache in self._entries.values():
             for layer in cache.layers:
-                for a in layer.arrays():
-                    seen[id(a)] = a.nbytes
+                for a in (layer.keys, layer.values):
+                    if a is not None:
+                        seen[id(a)] = a.nbytes
         return sum(seen.values())
