@@ -25,6 +25,14 @@ DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 MAX_JSON_BYTES = 64 << 20
 
 
+def irregular_kind(info: os.stat_result) -> str | None:
+    """What a path that is not a regular file is, in words ("a folder", ...); None for a regular
+    file. Opening a FIFO or a device would block or never end, so readers refuse them by this."""
+    if stat.S_ISREG(info.st_mode):
+        return None
+    return "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+
+
 def check_regular_file(path: Path) -> os.stat_result:
     """stat() a file the loader will open, refusing anything that is not a regular file (a FIFO
     or a device would block or never end): a CheckpointError naming it."""
@@ -34,8 +42,8 @@ def check_regular_file(path: Path) -> os.stat_result:
         raise CheckpointError(f"{path} not found") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+    kind = irregular_kind(info)
+    if kind is not None:
         raise CheckpointError(f"{path} is {kind}; a checkpoint holds regular files only")
     return info
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import time
 from typing import Annotated, Optional
@@ -18,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
+from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL, irregular_kind
 from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
 from .errors import check_text, fail, handle_errors, is_terminal, read_stdin_text
@@ -190,8 +189,8 @@ def read_source(value: str, what: str) -> str:
             raise ValueError(f"{value}: no such file ({what})") from None
         except OSError as e:
             raise ValueError(f"{value}: cannot read {what} ({e.strerror or e})") from None
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        kind = irregular_kind(info)
+        if kind is not None:
             raise ValueError(f"{value} is {kind}; give {what} as a file or '-' (stdin)")
         with open(os.path.expanduser(value), "rb") as f:
             raw = f.read(4 * limit + 4)
