@@ -113,6 +113,21 @@ def test_decoder_never_changes_the_cache(tiny_checkpoint):
         np.testing.assert_array_equal(a, np.array(b))
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused(tiny_checkpoint):
+    """MLX's gather reads past the embedding table without a check, so an out-of-range id would
+    give garbage (or NaN) that changes from run to run; the encoder refuses it instead."""
+    _, folder = tiny_checkpoint
+    ours, _ = load_model(folder, dtype=mx.float32)
+    v = ours.vocab_size
+    for bad in ([[1, 2, v]], [[-1, 2]]):
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {v}\)"):
+            ours.prefill(mx.array(bad))
+    cache = ours.prefill([[1, v - 1]])
+    with pytest.raises(ValueError, match="token ids must be in"):
+        ours.extend(cache, [[v + 5]])
+    assert cache.length == 2  # nothing was encoded
+
+
 def _kl_and_top1(p_logits: mx.array, q_logits: mx.array) -> tuple[float, float]:
     lp = p_logits - mx.logsumexp(p_logits, axis=-1, keepdims=True)
     lq = q_logits - mx.logsumexp(q_logits, axis=-1, keepdims=True)

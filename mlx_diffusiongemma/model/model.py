@@ -183,6 +183,11 @@ class Model(nn.Module):
         bidirectionally within itself. Chunks are stretched so that no run is split."""
         ids = _as_ids(token_ids)
         n = ids.shape[1]
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            # MLX's gather does not check bounds: an id past the table reads whatever memory lies
+            # beyond it (garbage or NaN logits that change from run to run), so refuse it here.
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}) for this model, "
+                             f"got {int(ids.min())}..{int(ids.max())}")
         placement = None
         if image_features is not None and len(image_features) > 0:
             placement = self._image_placement(ids, image_features)
