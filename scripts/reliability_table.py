@@ -112,7 +112,8 @@ def main() -> None:
     # -- values -------------------------------------------------------------------------------------
     base = ["generate", "--model", "demo", "-p", "hi", "--max-tokens", "8", "--steps", "2"]
     for args in (["--seed", "-1"], ["--seed", str(2**64)], ["--t-max", "inf"], ["--t-min", "5", "--t-max", "0.1"],
-                 ["--t-min", "0.9"], ["--steps", "5000"], ["--confidence-threshold", "nan"]):
+                 ["--t-min", "0.9"], ["--steps", "5000"], ["--confidence-threshold", "nan"], ["--kv-bits", "3"],
+                 ["--kv-bits", "8", "--kv-group-size", "128"]):
         run(f"`{' '.join(args)}`", base + args)
     run("invalid UTF-8 on stdin (`-p -`)", base[:4] + ["-"] + base[5:], input=b"caf\xe9\n")
     run("mistyped relative path `models/mine` (offline)",

@@ -7,6 +7,7 @@ safetensors are read: no pickles, no code from the checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError
 from ..model.args import parse_model_args
+from ..model.cache import check_kv_bits, default_group_size
 from ..model.model import Model, is_vision_key, map_key
 from .adapters import load_adapters, materialize
 from .config import load_generation_defaults, load_model_args
@@ -73,6 +75,8 @@ def load_model(
     quantize: str | None = None,
     text_only: bool = False,
     context: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int | None = None,
 ) -> tuple[Model, dict[str, Any]]:
     """Build and fill the model from a local checkpoint folder; returns (model, config dict).
 
@@ -82,7 +86,8 @@ def load_model(
     carries the folder's generation settings (`model.generation`), the folder (`model.source`)
     and its memory plan (`model.memory_plan`, for `context` positions, `memory.DEFAULT_CONTEXT`
     by default): a checkpoint whose plan is over what MLX can use here is refused with
-    `MemoryLimitError` before any weight is read.
+    `MemoryLimitError` before any weight is read. `kv_bits` (4 or 8) holds the prompt cache
+    quantized (`Model.set_kv_bits`; None, the default, keeps the exact float cache).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,10 +99,13 @@ def load_model(
         args.vision = None
     shapes, stored = stored_tensors(folder)
     check_config_against_headers(args, shapes, str(folder))
+    kv_group_size = _kv_group_size(args, kv_bits, kv_group_size)
     plan = plan_memory(folder, args, stored, quantize=quantize, dtype=dtype, context=context)
+    plan = replace(plan, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None)
     plan.check()
     set_wired_limit()
     model = Model(args, load_generation_defaults(folder, config), folder)
+    model.set_kv_bits(kv_bits, kv_group_size)
     model.memory_plan = plan
     weights: dict[str, mx.array] = {}
     for _, shard in iter_checkpoint(folder):
@@ -137,7 +145,8 @@ def stored_tensors(folder: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, 
 
 
 def plan(path_or_repo: str | Path, *, context: int | None = None, quantize: str | None = None,
-         text_only: bool = False, offline: bool | None = None) -> MemoryPlan:
+         text_only: bool = False, offline: bool | None = None, kv_bits: int | None = None,
+         kv_group_size: int | None = None) -> MemoryPlan:
     """The memory plan of loading a checkpoint (see `load`) without loading it. A hub repo id
     fetches its JSON files only; a folder without weights (config.json and the index) is planned
     from its config alone, as Hugging Face checkpoints store their weights (bfloat16)."""
@@ -147,6 +156,18 @@ def plan(path_or_repo: str | Path, *, context: int | None = None, quantize: str 
     args = load_model_args(folder, read_json(folder / "config.json"))
     if text_only:
         args.vision = None
+    group = _kv_group_size(args, kv_bits, kv_group_size)
+    return replace(_plan_of(folder, args, quantize, context), kv_bits=kv_bits, kv_group_size=group if kv_bits else None)
+
+
+def _kv_group_size(args, kv_bits: int | None, kv_group_size: int | None) -> int:
+    """The quantized cache's group size (checked against the model, ValueError if unusable)."""
+    group = default_group_size(args.text.head_dims) if kv_group_size is None else kv_group_size
+    check_kv_bits(kv_bits, group, args.text.head_dims)
+    return group
+
+
+def _plan_of(folder: Path, args, quantize: str | None, context: int | None) -> MemoryPlan:
     if list(folder.glob("*.safetensors")):
         return plan_memory(folder, args, stored_tensors(folder)[1], quantize=quantize, context=context)
     if args.quantization:
@@ -223,6 +244,8 @@ def load(
     adapter_path: str | Path | None = None,
     text_only: bool = False,
     context: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int | None = None,
 ):
     """Load a DiffusionGemma checkpoint folder or hub repo: `(model, tokenizer)`.
 
@@ -233,6 +256,8 @@ def load(
     `context` positions (`checkpoint.memory`) is checked against what MLX can use here:
     `MemoryLimitError` (one line, naming a smaller recipe, a shorter context or the GPU limit's
     sysctl) instead of a swap storm; requests are then checked against the same plan.
+    `kv_bits` (4 or 8, with `kv_group_size`, as mlx-lm's `--kv-bits`) holds the prompt cache
+    quantized: less memory for long prompts, logits no longer exact (docs/performance.md).
     """
     dtype = as_dtype(dtype)
     folder = resolve(path_or_repo, offline=offline)
@@ -241,7 +266,8 @@ def load(
     config_path = folder / "config.json"
     parse_model_args(read_json(config_path), source=str(config_path))  # the model type first
     check_tokenizer_files(folder)  # then the tokenizer, before the (slow) weights: fail fast
-    model, _ = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only, context=context)
+    model, _ = load_model(folder, dtype=dtype, quantize=quantize, text_only=text_only, context=context,
+                          kv_bits=kv_bits, kv_group_size=kv_group_size)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     tokenizer = load_tokenizer(folder, model.generation)

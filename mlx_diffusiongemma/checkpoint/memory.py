@@ -8,7 +8,8 @@ The peak is the larger of
   checkpoint, the unquantized weights it is computed from (the loader holds both until the end);
 - **running**: the weights, plus the prompt cache for the context (`PromptCache`'s buffers: full
   layers hold the context rounded up to `cache.STEP` plus one step, sliding layers at most the
-  window and two steps, K and V in bfloat16), plus the larger of two transients: a prefill chunk
+  window and two steps, K and V in bfloat16, or with `kv_bits` as `mx.quantize` packs them: the
+  codes plus a bfloat16 scale and bias per group), plus the larger of two transients: a prefill chunk
   (`args.PREFILL_CHUNK` rows: one full layer's float32 attention arrays over the context, its
   dense and expert MLP activations) and a decoder step over the canvas rows (`DECODER_LOGITS`
   float32 `[rows, vocab]` arrays: the logits before and after the softcap, the kept
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,20 @@ KV_BYTES = 2  # the cache holds bfloat16 K and V (the model's activations)
 GB = 1e9
 
 
-def kv_bytes(t: TextArgs, context: int, batch: int = 1) -> int:
-    """Bytes of the prompt cache's K/V buffers holding `context` positions."""
+def kv_bytes(t: TextArgs, context: int, batch: int = 1, kv_bits: int | None = None,
+             kv_group_size: int | None = None) -> int:
+    """Bytes of the prompt cache's K/V buffers holding `context` positions (quantized to
+    `kv_bits` in groups of `kv_group_size` when given: see `cache.QuantizedRows`)."""
     capacity = (math.ceil(context / STEP) + 1) * STEP if context else 0
     total = 0
     for layer in range(t.num_hidden_layers):
         rows = capacity
         if t.is_sliding(layer):
             rows = min(capacity, 2 * (t.sliding_window - 1 + STEP))
-        total += 2 * t.kv_heads[layer] * rows * t.head_dims[layer]
-    return total * KV_BYTES * batch
+        d = t.head_dims[layer]
+        per_row = d * KV_BYTES if kv_bits is None else d * kv_bits // 8 + 2 * (d // kv_group_size) * KV_BYTES
+        total += 2 * t.kv_heads[layer] * rows * per_row
+    return total * batch
 
 
 def buffer_bytes(t: TextArgs, canvas: int, context: int, rows: int | None = None) -> dict[str, int]:
@@ -133,10 +138,12 @@ class MemoryPlan:
     limit: int | None
     limit_source: str
     rows: int | None = None  # decoder rows per step (None: the whole canvas)
+    kv_bits: int | None = None  # the prompt cache's quantization (None: bfloat16 K/V)
+    kv_group_size: int | None = None
 
     @property
     def kv(self) -> int:
-        return kv_bytes(self.args.text, self.context)
+        return kv_bytes(self.args.text, self.context, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
 
     @property
     def buffers(self) -> int:
@@ -156,18 +163,16 @@ class MemoryPlan:
 
     def at(self, context: int) -> "MemoryPlan":
         """The same checkpoint planned for another context."""
-        return MemoryPlan(self.name, self.recipe, self.args, self.weights, 0, context, self.limit,
-                          self.limit_source, self.rows)
+        return replace(self, load_extra=0, context=context)
 
     def converted(self, recipe: str) -> "MemoryPlan":
         """The plan of this checkpoint converted to `recipe` (from the config alone)."""
-        return MemoryPlan(self.name, recipe, self.args, weight_bytes(self.args, recipe=recipe), 0, self.context,
-                          self.limit, self.limit_source, self.rows)
+        return replace(self, recipe=recipe, weights=weight_bytes(self.args, recipe=recipe), load_extra=0)
 
     def summary(self) -> str:
         load = f"; loading holds {_gb(self.weights + self.load_extra)}" if self.load_extra else ""
         return (f"{_gb(self.peak)} at a {self.context}-token context ({_gb(self.weights)} weights, "
-                f"{_gb(self.kv)} cache, {_gb(self.buffers)} buffers{load})")
+                f"{_gb(self.kv)} cache{f' ({self.kv_bits}-bit)' if self.kv_bits else ''}, {_gb(self.buffers)} buffers{load})")
 
     def limit_text(self) -> str:
         return f"{_gb(self.limit)} ({self.limit_source})" if self.limit is not None else "unknown"

@@ -22,7 +22,7 @@ from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError, M
 
 from .errors import check_text, handle_errors, is_terminal
 from .fill import styled_fill
-from .flags import AdapterPath, Debug, Images, Model, NoLive, Offline, System, TextOnly, generation_flags
+from .flags import AdapterPath, Debug, Images, KvBits, KvGroupSize, Model, NoLive, Offline, System, TextOnly, generation_flags
 from .generate import TEXT_DEFAULTS, TEXT_KNOBS
 from .loader import demo_notice, load_model
 from .views import (CanvasView, ConsoleView, LiveView, PlainView, labels_for, render, run_events, stats_line,
@@ -52,6 +52,8 @@ def chat(
     no_live: NoLive = False,
     image: Images = None,
     text_only: TextOnly = False,
+    kv_bits: KvBits = None,
+    kv_group_size: KvGroupSize = None,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     debug: Debug = False,
@@ -67,7 +69,7 @@ def chat(
         from .images import check_image_options, preprocess
 
         check_image_options(image, text_only)
-        llm, tokenizer = load_model(model, offline, ui, adapter_path, text_only)
+        llm, tokenizer = load_model(model, offline, ui, adapter_path, text_only, kv_bits, kv_group_size)
         pending = preprocess(llm, image)  # checked before the first message
         from mlx_diffusiongemma.api import ChatSession
 

@@ -43,6 +43,31 @@ AdapterPath = Annotated[Optional[str], typer.Option(
     "--adapter-path", help="Folder of fine-tuned adapters (from `dgemma finetune`) to apply.")]
 Images = Annotated[Optional[list[Path]], typer.Option(
     "--image", "-i", help="An image file for the prompt (repeatable).")]
+
+
+def _kv_bits(value: int | None) -> int | None:
+    from mlx_diffusiongemma.model.cache import KV_BITS
+
+    if value is not None and value not in KV_BITS:
+        raise typer.BadParameter(f"must be one of {', '.join(map(str, KV_BITS))}")
+    return value
+
+
+def _kv_group_size(value: int | None) -> int | None:
+    from mlx_diffusiongemma.model.cache import KV_GROUP_SIZES
+
+    if value is not None and value not in KV_GROUP_SIZES:
+        raise typer.BadParameter(f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+    return value
+
+
+# mlx-lm's spellings: the prompt cache's K/V held quantized (load options, as --adapter-path).
+KvBits = Annotated[Optional[int], typer.Option(
+    "--kv-bits", callback=_kv_bits, help="Hold the prompt's KV cache quantized to 4 or 8 bits (less memory for "
+    "long prompts; no longer token-exact). Default: the exact float cache.")]
+KvGroupSize = Annotated[Optional[int], typer.Option(
+    "--kv-group-size", callback=_kv_group_size, help="Group size of the quantized KV cache: 32, 64 or 128 "
+    "[default: 64, or 32 where the head dimension needs it].")]
 TextOnly = Annotated[bool, typer.Option("--text-only", help="Leave the vision tower out (less memory; no images).")]
 System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]

@@ -18,6 +18,8 @@ from .flags import (
     AdapterPath,
     Debug,
     Images,
+    KvBits,
+    KvGroupSize,
     Model,
     NoLive,
     Offline,
@@ -42,6 +44,8 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print text, finish reason and stats as JSON.")] = False,
     image: Images = None,
     text_only: TextOnly = False,
+    kv_bits: KvBits = None,
+    kv_group_size: KvGroupSize = None,
     offline: Offline = False,
     adapter_path: AdapterPath = None,
     tensor_parallel: Annotated[Optional[str], typer.Option(
@@ -80,7 +84,7 @@ def generate(
         from .images import check_image_options, preprocess
 
         check_image_options(image, text_only)
-        llm, tokenizer = load_model(model, offline, err, adapter_path, text_only)
+        llm, tokenizer = load_model(model, offline, err, adapter_path, text_only, kv_bits, kv_group_size)
         images = preprocess(llm, image)  # every image checked before any model work
         if options.thinking:
             demo_notice(llm, "think", err)

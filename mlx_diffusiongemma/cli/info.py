@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import handle_errors
-from .flags import Debug, Offline
+from .flags import Debug, KvBits, KvGroupSize, Offline
 
 _CONTEXT_LIMIT = 1 << 26  # the largest max_position_embeddings a config may declare
 
@@ -30,6 +30,8 @@ def info(
         "--context", callback=_context,
         help="Positions to plan for: prompt plus reply canvases [default: 1024].")] = None,
     text_only: Annotated[bool, typer.Option("--text-only", help="Without the vision tower.")] = False,
+    kv_bits: KvBits = None,
+    kv_group_size: KvGroupSize = None,
     offline: Offline = False,
     debug: Debug = False,
 ):
@@ -41,12 +43,14 @@ def info(
         from mlx_diffusiongemma.checkpoint.recipes import EXPERT_BITS
 
         source = demo.folder_for(model) or model
-        stored = plan(source, context=context, text_only=text_only, offline=offline or None)
+        stored = plan(source, context=context, text_only=text_only, offline=offline or None,
+                      kv_bits=kv_bits, kv_group_size=kv_group_size)
         rows = [("as stored" + (f" ({stored.recipe})" if stored.recipe else ""), stored)]
         if stored.recipe == "bf16":
             rows += [(f"converted {r}", stored.converted(r)) for r in EXPERT_BITS]
         out = Console(highlight=False)
-        table = Table(title=f"{stored.name}: memory at a {stored.context}-token context", title_justify="left")
+        cache = f", {kv_bits}-bit KV cache" if kv_bits else ""
+        table = Table(title=f"{stored.name}: memory at a {stored.context}-token context{cache}", title_justify="left")
         for column in ("checkpoint", "weights", "+ cache", "+ buffers", "peak", "fits here"):
             table.add_column(column, justify="left" if column == "checkpoint" else "right")
         for label, p in rows:

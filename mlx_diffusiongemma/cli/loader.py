@@ -9,7 +9,8 @@ from rich.console import Console
 from .errors import nothing
 
 
-def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None = None, text_only: bool = False):
+def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None = None, text_only: bool = False,
+               kv_bits: int | None = None, kv_group_size: int | None = None):
     """(model, tokenizer) for --model; 'demo' is the trained demo model in the package,
     'demo-random' the random one (built on first use). In a terminal, a line says what is
     happening before the slow imports and the loading."""
@@ -24,13 +25,15 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
         with ui.status("[dim]preparing the random demo model…[/]") if ui.is_terminal else nothing():
             from mlx_diffusiongemma.api import load
 
-            model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only)
+            model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only,
+                                    kv_bits=kv_bits, kv_group_size=kv_group_size)
         ui.print("[yellow]demo model: random weights, its output is noise.[/]")
         return model, tokenizer
     if name == "demo":
         from mlx_diffusiongemma.api import load
 
-        model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only)
+        model, tokenizer = load(name, adapter_path=adapter_path, text_only=text_only,
+                                kv_bits=kv_bits, kv_group_size=kv_group_size)
         ui.print("[yellow]demo model: a 2.9M-parameter DiffusionGemma trained on toy tasks only "
                  "(sorting, reversing, cards, 4x4 sudoku, comparisons); /help in chat lists prompts to try.[/]")
         return model, tokenizer
@@ -38,7 +41,8 @@ def load_model(name: str, offline: bool, ui: Console, adapter_path: str | None =
         ui.print(f"[dim]loading {name}…[/]")
     from mlx_diffusiongemma.api import load
 
-    model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path, text_only=text_only)
+    model, tokenizer = load(name, offline=offline or None, adapter_path=adapter_path, text_only=text_only,
+                            kv_bits=kv_bits, kv_group_size=kv_group_size)
     if ui.is_terminal:
         ui.print(f"[dim]loaded {model.source} in {time.perf_counter() - t0:.1f} s[/]")
     return model, tokenizer

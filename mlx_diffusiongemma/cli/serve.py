@@ -13,7 +13,7 @@ from rich.console import Console
 from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
 
 from .errors import fail, handle_errors
-from .flags import AdapterPath, Debug, Model, Offline
+from .flags import AdapterPath, Debug, KvBits, KvGroupSize, Model, Offline
 from .loader import load_model
 
 
@@ -42,6 +42,8 @@ def serve(
         "reference sampler (default; batched across requests).")] = False,
     image_dir: Annotated[Optional[str], typer.Option(
         "--image-dir", help="Let requests name image files inside this folder (default: data: URLs only).")] = None,
+    kv_bits: KvBits = None,
+    kv_group_size: KvGroupSize = None,
     offline: Offline = False,
     debug: Debug = False,
 ):
@@ -52,7 +54,8 @@ def serve(
             fail(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         run_server(model=model, host=host, port=port, api_key=api_key, log_level=log_level,
                    allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()),
-                   chat_template_args=chat_template_args, load=lambda: load_model(model, offline, ui, adapter_path),
+                   chat_template_args=chat_template_args, load=lambda: load_model(
+                       model, offline, ui, adapter_path, kv_bits=kv_bits, kv_group_size=kv_group_size),
                    ui=ui, default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
                    max_active=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_kb * 1024,
                    prompt_cache_size=prompt_cache_size, default_mode="fast" if fast else "exact", image_dir=image_dir)

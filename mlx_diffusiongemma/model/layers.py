@@ -13,6 +13,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from . import activations
 from .args import TextArgs
+from .cache import QuantizedRows
 
 _NEG_INF = -1e30
 
@@ -134,7 +135,10 @@ def split_attention(
     boolean mask broadcastable to `[L, S_i]`. The parts' scores are combined with one shared
     maximum, which is how the decoder reads the cached prefix in place (zero bytes copied) and the
     canvas K/V that never enter the cache. Grouped-query heads are folded into the query rows
-    instead of repeating K/V.
+    instead of repeating K/V. A part's k/v may be `cache.QuantizedRows` (the quantized prefix
+    cache): its scores and values are then read in place with `mx.quantized_matmul`, as mlx-lm's
+    `quantized_scaled_dot_product_attention` does (that function itself is not used: it takes one
+    key set and applies the softmax itself, so it cannot share a maximum with the canvas's part).
     """
     b, hq, n, d = q.shape
     hkv = parts[0][0].shape[1]
@@ -145,7 +149,11 @@ def split_attention(
     qf = qg.astype(mx.float32)
     scores = []
     for k, _, mask in parts:
-        s = qf @ k.astype(mx.float32).swapaxes(-1, -2)
+        if isinstance(k, QuantizedRows):  # scales in float32: the scores stay float32 as below
+            s = mx.quantized_matmul(qf, k.data, k.scales.astype(mx.float32), k.biases.astype(mx.float32),
+                                    transpose=True, group_size=k.group_size, bits=k.bits)
+        else:
+            s = qf @ k.astype(mx.float32).swapaxes(-1, -2)
         if mask is not None:
             s = s.reshape(b, hkv, rep, n, -1)
             s = mx.where(mask, s, _NEG_INF)
@@ -158,7 +166,11 @@ def split_attention(
     den = None
     for s, (_, v, _) in zip(scores, parts):
         p = mx.exp(s - m)
-        part = p.astype(v.dtype) @ v if v.dtype != mx.float32 else p @ v
+        if isinstance(v, QuantizedRows):
+            part = mx.quantized_matmul(p.astype(v.scales.dtype), v.data, v.scales, v.biases,
+                                       transpose=False, group_size=v.group_size, bits=v.bits)
+        else:
+            part = p.astype(v.dtype) @ v if v.dtype != mx.float32 else p @ v
         num = part.astype(mx.float32) if num is None else num + part.astype(mx.float32)
         den = p.sum(axis=-1, keepdims=True) if den is None else den + p.sum(axis=-1, keepdims=True)
     o = (num / den).astype(q.dtype)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import activations
 from .args import PREFILL_CHUNK, GenerationDefaults, ModelArgs, TextArgs, VisionArgs
-from .cache import CanvasKV, LayerKV, PromptCache
+from .cache import KV_GROUP_SIZE, CanvasKV, LayerKV, PromptCache, check_kv_bits, default_group_size
 from .layers import AttentionBiases, Layer, SelfConditioning, split_attention
 from .vision import MultimodalEmbedder, VisionTower
 
@@ -115,6 +115,16 @@ class Model(nn.Module):
         self.generation = generation or GenerationDefaults()
         self.source = source
         self.memory_plan = None
+        self.kv_bits: int | None = None  # the prompt cache's K/V bits (None: float, the exact path)
+        self.kv_group_size = KV_GROUP_SIZE
+
+    def set_kv_bits(self, kv_bits: int | None, group_size: int | None = None) -> None:
+        """Hold every new prompt cache's K/V quantized to `kv_bits` (4 or 8; None: float, exact),
+        in groups of `group_size` (default `cache.default_group_size`), as mlx-lm's `--kv-bits` /
+        `--kv-group-size`; ValueError for values this model cannot use."""
+        group_size = default_group_size(self.text.head_dims) if group_size is None else group_size
+        check_kv_bits(kv_bits, group_size, self.text.head_dims)
+        self.kv_bits, self.kv_group_size = kv_bits, group_size
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -137,7 +147,8 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         keep = self.text.sliding_window - 1
         return PromptCache(
-            [LayerKV(keep if self.text.is_sliding(i) else None) for i in range(self.text.num_hidden_layers)]
+            [LayerKV(keep if self.text.is_sliding(i) else None, self.kv_bits, self.kv_group_size)
+             for i in range(self.text.num_hidden_layers)]
         )
 
     def _embed(self, ids: mx.array) -> mx.array:

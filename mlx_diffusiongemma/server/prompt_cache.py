@@ -66,7 +66,6 @@ class PromptCacheStore:
         seen: dict[int, int] = {}
         for cache in self._entries.values():
             for layer in cache.layers:
-                for a in (layer.keys, layer.values):
-                    if a is not None:
-                        seen[id(a)] = a.nbytes
+                for a in layer.arrays():
+                    seen[id(a)] = a.nbytes
         return sum(seen.values())
