@@ -157,18 +157,22 @@ class Worker:
     def _admit(self) -> None:
         """Admit queued jobs in order while there is a slot and their memory fits (the caller
         holds the lock); the first that does not fit waits at the head of the queue."""
+        waiting, self._memory_wait = self._memory_wait, None
         while self._pending and len(self._active) < self.max_active:
             job = self._pending[0]
+            if job.cancelled.is_set():  # its client left while it waited: it holds nobody up
+                self._pending.popleft()
+                self.cancelled += 1
+                continue
             p = job.params
             cost = self.budget.cost(len(p.prompt_ids), p.max_tokens)
             if not self.budget.reserve(cost, alone=not self._active):
-                if self._memory_wait is not job:
-                    self._memory_wait = job
+                if waiting is not job:
                     self.budget.waited += 1
                     log.info("a request waits for memory (%d bytes reserved, %d needed, %s available)",
                              self.budget.reserved, cost, self.budget.headroom)
+                self._memory_wait = job
                 return
-            self._memory_wait = None
             self._pending.popleft()
             job.reserved = cost
             self._active.append(_Running(job, self._job_items(job)))
