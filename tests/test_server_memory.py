@@ -22,6 +22,7 @@ from mlx_diffusiongemma.diffusion.engine import request_positions
 from mlx_diffusiongemma.server import ServerConfig, create_app
 from mlx_diffusiongemma.server.prompt_cache import PromptCacheStore
 
+from conftest import invoke
 from helpers_server import GatedModel, running
 
 STEPS = {"max_denoising_steps": 2}
@@ -177,3 +178,20 @@ def test_the_store_drops_least_recently_used_snapshots_by_bytes(tiny):
     assert len(store) == 2 and store.evicted == 1
     assert store.lookup(caches[1][0])[1] == 3  # only the first's tokens are left for its prompt
     assert store.trim(0) == 0 and len(store) == 0
+
+
+def test_prompt_cache_bytes_reaches_the_store_and_a_bad_size_is_a_usage_error(runner, monkeypatch, tiny):
+    from mlx_diffusiongemma.cli import serve
+
+    seen = {}
+    monkeypatch.setattr(serve, "run_server", lambda **kw: seen.update(kw))
+    result = invoke(runner, ["serve", "--model", "demo-random", "--prompt-cache-bytes", "1.5GB"])
+    assert result.exit_code == 0, result.output
+    assert seen["prompt_cache_bytes"] == 1_500_000_000
+    assert invoke(runner, ["serve", "--prompt-cache-bytes", "512MiB"]).exit_code == 0
+    assert seen["prompt_cache_bytes"] == 512 * 2**20
+    bad = invoke(runner, ["serve", "--prompt-cache-bytes", "lots"])
+    assert bad.exit_code == 2 and "'lots' is not a size" in bad.output and "Traceback" not in bad.output
+    model, tok = tiny
+    app = create_app(model, tok, ServerConfig(prompt_cache_bytes=seen["prompt_cache_bytes"]))
+    assert app.state.worker.store.max_bytes == 512 * 2**20
