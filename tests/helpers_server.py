@@ -106,3 +106,26 @@ class EndlessModel:
 
     def denoise_batch(self, canvases, caches, self_conditioning, top_k):
         return _one_by_one(self, canvases, caches, self_conditioning, top_k)
+
+
+class GatedModel:
+    """A model whose decoder passes wait for `gate` (a threading.Event): the engine thread stops
+    at its first decoder pass until the test opens it, so a test can queue requests behind a
+    running one without racing it. Everything else (its memory plan included) is the model's."""
+
+    def __init__(self, model, gate):
+        self._model = model
+        self.gate = gate
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def denoise(self, *args, **kw):
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test's gate was never opened")
+        return self._model.denoise(*args, **kw)
+
+    def denoise_batch(self, *args, **kw):
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test's gate was never opened")
+        return self._model.denoise_batch(*args, **kw)

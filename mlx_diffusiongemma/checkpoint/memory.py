@@ -161,6 +161,20 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.limit is None or self.peak <= self.limit
 
+    @property
+    def headroom(self) -> int | None:
+        """Bytes beside the weights for running requests and kept prompt caches (None: the limit
+        is unknown)."""
+        return None if self.limit is None else self.limit - self.weights
+
+    def request_bytes(self, positions: int) -> int:
+        """What one running request holds at its peak beside the weights: the prompt cache for
+        `positions` (prompt plus canvases) and its own transients (a batched decoder pass holds
+        every request's logits at once). A request fits alone when this is within `headroom`,
+        which is what `check_request` says."""
+        plan = self.at(positions)
+        return math.ceil(plan.run_peak - plan.weights)
+
     def at(self, context: int) -> "MemoryPlan":
         """The same checkpoint planned for another context."""
         return replace(self, load_extra=0, context=context)

@@ -36,6 +36,9 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting before 503.")] = 16,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body.")] = 4096,
     prompt_cache_size: Annotated[int, typer.Option("--prompt-cache-size", min=0, help="KV caches kept.")] = 8,
+    prompt_cache_bytes: Annotated[Optional[str], typer.Option(
+        "--prompt-cache-bytes", help="Most bytes the kept KV caches hold, e.g. 4GB, 512MB (default: what the "
+        "memory budget leaves beside the running requests).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
     fast: Annotated[bool, typer.Option(
         "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode, or the exact "
@@ -49,6 +52,7 @@ def serve(
 ):
     """Serve the model over an OpenAI-compatible HTTP API (and a web chat at /)."""
     ui = Console(stderr=True, highlight=False)
+    cache_bytes = None if prompt_cache_bytes is None else parse_size(prompt_cache_bytes, "--prompt-cache-bytes")
     with handle_errors(debug):
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             fail(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
@@ -58,7 +62,25 @@ def serve(
                        model, offline, ui, adapter_path, kv_bits=kv_bits, kv_group_size=kv_group_size),
                    ui=ui, default_max_tokens=max_tokens, max_tokens_limit=max_tokens_limit,
                    max_active=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_kb * 1024,
-                   prompt_cache_size=prompt_cache_size, default_mode="fast" if fast else "exact", image_dir=image_dir)
+                   prompt_cache_size=prompt_cache_size, prompt_cache_bytes=cache_bytes, default_mode="fast" if fast else "exact", image_dir=image_dir)
+
+
+SIZE_UNITS = {"": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A byte count as mlx_lm.server's --prompt-cache-bytes takes it: a number, optionally with a
+    unit (K, M, G and KB, MB, GB are powers of 1000; KiB, MiB, GiB of 1024)."""
+    number = text.strip().rstrip("bBiIkKmMgG ")
+    unit = text.strip()[len(number):].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in SIZE_UNITS or not value >= 0 or value * SIZE_UNITS[unit] > 2**62:
+        raise typer.BadParameter(f"{text!r} is not a size (e.g. 4GB, 512MB, 1073741824)", param_hint=flag)
+    return int(value * SIZE_UNITS[unit])
 
 
 def parse_template_args(text: str) -> dict:

@@ -53,12 +53,18 @@ class Request(GenerationOptions):
         return cls(prompt_ids, **inputs, **{f.name: getattr(options, f.name) for f in fields(GenerationOptions)})
 
 
+def request_positions(model, prompt_len: int, max_tokens: int) -> int:
+    """Positions a request's cache holds at most: the prompt plus every canvas of the reply."""
+    c = model.canvas_length
+    return prompt_len + math.ceil(max_tokens / c) * c
+
+
 def check_fits(model, prompt_len: int, max_tokens: int, cached: int = 0) -> None:
     """Reject, before any work, a request whose prompt plus canvases cannot fit the context, or
     the memory MLX can use here beside the weights (the loader's `model.memory_plan`;
     `MemoryLimitError`)."""
     c = model.canvas_length
-    need = cached + prompt_len + math.ceil(max_tokens / c) * c
+    need = request_positions(model, cached + prompt_len, max_tokens)
     limit = model.text.max_position_embeddings
     if need > limit:
         error = ContextLengthError(

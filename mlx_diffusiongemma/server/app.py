@@ -49,6 +49,7 @@ class ServerConfig:
     max_active: int = 4  # requests denoised in turn (round robin); the rest wait in the queue
     max_queue: int = 16
     prompt_cache_size: int = 8
+    prompt_cache_bytes: int | None = None  # the prompt-cache store's own bound (the memory budget bounds it too)
     chat_template_args: dict[str, Any] = field(default_factory=dict)
     disconnect_poll_s: float = 0.25
     default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
@@ -94,7 +95,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> Starlett
     loop: list[asyncio.AbstractEventLoop] = []  # the app's event loop, once it runs
     render_slots = asyncio.Semaphore(max(1, config.render_threads))
     worker = Worker(model, tokenizer, max_active=config.max_active, max_queue=config.max_queue,
-                    prompt_cache_size=config.prompt_cache_size)
+                    prompt_cache_size=config.prompt_cache_size, prompt_cache_bytes=config.prompt_cache_bytes)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     page = page.replace("<!--demo-->", _demo_panel(model))
 

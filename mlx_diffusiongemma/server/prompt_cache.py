@@ -23,10 +23,14 @@ from ..model.cache import PromptCache
 
 
 class PromptCacheStore:
-    """At most `max_entries` caches, least recently used dropped first. Used by one thread."""
+    """At most `max_entries` caches and `max_bytes` bytes (None: no bound of its own), least
+    recently used dropped first. The server also trims it to what its memory budget leaves
+    (`trim`, see memory_budget.py). Used by one thread."""
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 8, max_bytes: int | None = None):
         self.max_entries = max(0, max_entries)
+        self.max_bytes = max_bytes
+        self.evicted = 0  # snapshots dropped for bytes (not for the entry count)
         self._entries: OrderedDict[tuple[int, ...], PromptCache] = OrderedDict()
         self.hits = 0
         self.reused_tokens = 0
@@ -59,13 +63,26 @@ class PromptCacheStore:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        if self.max_bytes is not None:
+            self.trim(self.max_bytes)
+
+    def trim(self, max_bytes: int) -> int:
+        """Drop least recently used snapshots until the store holds at most `max_bytes`; returns
+        the bytes it holds then. A dropped snapshot frees only the buffers no other snapshot (or
+        running request) shares."""
+        held = self.nbytes
+        while self._entries and held > max_bytes:
+            self._entries.popitem(last=False)
+            self.evicted += 1
+            held = self.nbytes
+        return held
 
     @property
     def nbytes(self) -> int:
-        # Snapshots share buffers; count each buffer once.
+        # Snapshots share buffers; count each buffer once. The arrays are the cache's own
+        # (`PromptCache.state`), whatever its layout.
         seen: dict[int, int] = {}
         for cache in self._entries.values():
-            for layer in cache.layers:
-                for a in layer.arrays():
-                    seen[id(a)] = a.nbytes
+            for a in cache.state():
+                seen[id(a)] = a.nbytes
         return sum(seen.values())

@@ -4,8 +4,9 @@ The HTTP side (an asyncio event loop) never touches MLX. It submits a `Job` and 
 Python items from the job's asyncio queue; this thread runs every job's engine generator and
 hands items over with `call_soon_threadsafe`.
 
-Scheduling: up to `max_active` jobs are admitted in arrival order (the rest wait; more than
-`max_queue` waiting: `QueueFull`, HTTP 503). Each round advances every admitted job to its next
+Scheduling: up to `max_active` jobs are admitted in arrival order, each only while its memory
+fits beside the running ones' (memory_budget.py; the prompt-cache store yields first). The rest
+wait in order; more than `max_queue` waiting: `QueueFull`, HTTP 503. Each round advances every admitted job to its next
 decoder pass (the engine runs with `external_decoder=True` and yields the pass it needs there);
 the round's passes run through `block.run_calls`, which puts the passes the engine marks
 batchable (the exact path's) into ONE batched decoder pass and runs the others (fast mode's,
@@ -35,6 +36,7 @@ from ..diffusion.engine import Request, run
 from ..diffusion.events import BlockEvent, GenerationResult, StepEvent
 from ..prompts.labels import TokenLabels
 from .in_canvas import PrefixStreamer
+from .memory_budget import MemoryBudget
 from .prompt_cache import PromptCacheStore
 from .protocol import Params
 
@@ -52,6 +54,7 @@ class Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    reserved: int = 0  # bytes of the memory budget this job holds while it runs
 
     def put(self, item: tuple[str, Any]) -> None:
         try:
@@ -72,12 +75,15 @@ class _Running:
 
 class Worker:
     def __init__(self, model, tokenizer, *, max_active: int = 4, max_queue: int = 16,
-                 prompt_cache_size: int = 8):
+                 prompt_cache_size: int = 8, prompt_cache_bytes: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.max_queue = max(0, max_queue)
-        self.store = PromptCacheStore(prompt_cache_size)
+        self.store = PromptCacheStore(prompt_cache_size, prompt_cache_bytes)
+        self.budget = MemoryBudget(model, self.store)
+        self._memory_wait: Job | None = None  # the queue's head while it waits for memory
+        self.mlx_memory = {"active": 0, "peak": 0, "cache": 0}  # MLX's counters after the last round
         self.eos_ids = tuple(model.generation.eos_token_ids)
         self.labels = TokenLabels(tokenizer, self.eos_ids)  # the drafts stream's pieces
         self._pending: collections.deque[Job] = collections.deque()
@@ -102,7 +108,8 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._pending) >= self.max_queue and len(self._active) >= self.max_active:
+            full = len(self._active) >= self.max_active or self._memory_wait is not None
+            if len(self._pending) >= self.max_queue and full:
                 raise QueueFull(f"{len(self._pending)} requests are waiting; try again later")
             self._pending.append(job)
             self._cond.notify()
@@ -124,7 +131,8 @@ class Worker:
                 "cancelled": self.cancelled, "failed": self.failed,
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "prompt_cache": {"entries": len(self.store), "hits": self.store.hits,
-                                 "reused_tokens": self.store.reused_tokens}}
+                                 "reused_tokens": self.store.reused_tokens, "evicted_for_memory": self.store.evicted},
+                "memory": {**self.budget.stats(), "mlx": dict(self.mlx_memory)}}
 
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -136,15 +144,44 @@ class Worker:
                     self._cond.wait()
                 if self._stopping:
                     break
-                while self._pending and len(self._active) < self.max_active:
-                    job = self._pending.popleft()
-                    self._active.append(_Running(job, self._job_items(job)))
+                self._admit()
                 round_ = list(self._active)
             self._round(round_)
+            self.mlx_memory = {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
+                               "cache": mx.get_cache_memory()}
         for entry in self._active:
             entry.items.close()
         for job in [e.job for e in self._active] + list(self._pending):
             job.put(("error", RuntimeError("the server is shutting down")))
+
+    def _admit(self) -> None:
+        """Admit queued jobs in order while there is a slot and their memory fits (the caller
+        holds the lock); the first that does not fit waits at the head of the queue."""
+        waiting, self._memory_wait = self._memory_wait, None
+        while self._pending and len(self._active) < self.max_active:
+            job = self._pending[0]
+            if job.cancelled.is_set():  # its client left while it waited: it holds nobody up
+                self._pending.popleft()
+                self.cancelled += 1
+                continue
+            p = job.params
+            cost = self.budget.cost(len(p.prompt_ids), p.max_tokens)
+            if not self.budget.reserve(cost, alone=not self._active):
+                if waiting is not job:
+                    self.budget.waited += 1
+                    log.info("a request waits for memory (%d bytes reserved, %d needed, %s available)",
+                             self.budget.reserved, cost, self.budget.headroom)
+                self._memory_wait = job
+                return
+            self._pending.popleft()
+            job.reserved = cost
+            self._active.append(_Running(job, self._job_items(job)))
+
+    def _release(self, job: Job) -> None:
+        """Give back the job's reservation (once: its generation is over or it left)."""
+        with self._cond:
+            self.budget.release(job.reserved)
+            job.reserved = 0
 
     def _round(self, running: list["_Running"]) -> None:
         """Advance every job to its next decoder pass, then run the round's passes (the batchable
@@ -198,6 +235,7 @@ class Worker:
             self.failed += 1
             entry.job.put(("error", error))
         entry.items.close()
+        self._release(entry.job)
         with self._cond:
             self._active.remove(entry)
 
@@ -225,7 +263,7 @@ class Worker:
                 yield None
         mx.eval(cache.state())
         if not p.images:
-            self.store.insert(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
+            self.budget.keep(ids, cache)  # the snapshot after the prompt (see prompt_cache.py)
         yield ("prefill", {"prompt_tokens": len(ids), "cached_tokens": cached,
                            "prefill_time": time.perf_counter() - t0,
                            "queued_time": t0 - job.submitted})
@@ -298,8 +336,9 @@ class Worker:
                     if tail:
                         yield ("text", {"text": tail, "tokens": 0})
                     encoded = [t for canvas in event.encoded_canvases for t in canvas]
+                    self._release(job)  # the generation is over: its cache is now only what is kept
                     if not p.images:
-                        self.store.insert(list(ids) + encoded, cache)
+                        self.budget.keep(list(ids) + encoded, cache)
                     yield ("done", {
                         "finish_reason": finish,
                         "completion_tokens": ntokens,
