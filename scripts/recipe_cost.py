@@ -10,7 +10,9 @@ of its logits against the float32 model on the small models.
   step's probabilities as self-conditioning (second step); mean KL(float32 || recipe) per canvas
   position at temperature 1, and how often the two argmaxes agree. Demo prompts are held-out task
   prompts through the chat template; the random `bench_models` presets (`tiny`, `small`, widths
-  multiple of 64, so every matrix is quantized) get random token prompts.
+  multiple of 64, so every matrix is quantized) get random token prompts;
+- with `--manystep FOLDER` (the many-step instrument, `scripts/train_manystep.py`): its exact-path
+  validity per family for each recipe (`scripts/bench_manystep.py`'s prompts, seeds and judges).
 
 The demo model's expert down projection is 96 wide, not a multiple of the group size 64: it stays
 bfloat16 in every recipe, so on the demo model a recipe quantizes the expert gate/up only.
@@ -52,6 +54,25 @@ def accuracy(per_family: int) -> dict[str, dict[str, float]]:
             cases = [(family, q, a) for q, a in held_out_set(family, per_family)]
             out[recipe][family] = eval_ours(model, tok, cases, 0)["accuracy"]
         print(f"{recipe}: mean {statistics.mean(out[recipe].values()):.1%} {json.dumps(out[recipe])}", file=sys.stderr, flush=True)
+    return out
+
+
+def manystep_validity(folder: Path, per_family: int) -> dict[str, dict[str, float]]:
+    """Exact-path validity per family of the many-step instrument (scripts/train_manystep.py) as
+    stored and with every mixed recipe applied in memory: bench_manystep's held-out prompts, seeds
+    and judges, bench_demo's interleaved runner."""
+    import bench_manystep
+    from bench_demo import run_ours
+
+    items, seeds = bench_manystep.prompts(per_family)
+    exact = [("exact", "exact", None)]
+    out: dict[str, dict[str, float]] = {}
+    for recipe in ("bf16",) + MIXED:
+        model, tok = load(str(folder), quantize=None if recipe == "bf16" else recipe)
+        run = run_ours(model, tok, items, exact, 128, judge_fn=bench_manystep.judge, seeds=seeds)["exact"]
+        fams = sorted({p["family"] for p in run["prompts"]})
+        out[recipe] = {f: statistics.mean(float(p["correct"]) for p in run["prompts"] if p["family"] == f) for f in fams}
+        print(f"manystep {recipe}: {json.dumps(out[recipe])}", file=sys.stderr, flush=True)
     return out
 
 
@@ -102,14 +123,18 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=24, help="prompts per model for the KL")
     p.add_argument("--models", default="demo,tiny,small")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--manystep", type=Path, help="the many-step instrument's folder: its exact-path validity per recipe")
+    p.add_argument("--manystep-per-family", type=int, default=10)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     results: dict = {}
     if not args.skip_accuracy:
         results["accuracy"] = accuracy(args.per_family)
+    if args.manystep:
+        results["manystep"] = manystep_validity(args.manystep, args.manystep_per_family)
     results["divergence"] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in [m for m in args.models.split(",") if m]:
             if name == "demo":
                 folder, prompts = shipped_demo_dir(), demo_prompts(args.prompts)
             else:
@@ -127,6 +152,13 @@ def main(argv=None) -> int:
         for family in FAMILIES:
             print(f"| {family} | " + " | ".join(f"{acc[r][family]:.0%}" for r in recipes) + " |")
         print("| **mean** | " + " | ".join(f"{statistics.mean(acc[r].values()):.1%}" for r in recipes) + " |")
+        print()
+    if "manystep" in results:
+        val = results["manystep"]
+        print("| many-step family (exact path validity) | " + " | ".join(recipes) + " |")
+        print("|---|" + "---|" * len(recipes))
+        for family in val["bf16"]:
+            print(f"| {family} | " + " | ".join(f"{val[r][family]:.0%}" for r in recipes) + " |")
         print()
     print("| model | " + " | ".join(f"{r} KL / top-1" for r in recipes) + " |")
     print("|---|" + "---|" * len(recipes))
