@@ -20,10 +20,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma.checkpoint.memory import buffer_bytes
-from mlx_diffusiongemma.diffusion import sampler
 from mlx_diffusiongemma.diffusion.engine import Request, run
 from mlx_diffusiongemma.diffusion.events import GenerationResult
 from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+from mlx_diffusiongemma.model import args as model_args
 from mlx_diffusiongemma.model.args import parse_model_args
 from mlx_diffusiongemma.model.model import Model
 
@@ -73,12 +73,12 @@ def main() -> None:
                     help="rows per chunk of the step's vocabulary-sized work (default: the library's byte budget)")
     a = ap.parse_args()
     if a.chunk_rows is not None:
-        sampler.CHUNK_BYTES = a.chunk_rows * 4 * a.vocab
+        model_args.STEP_CHUNK_BYTES = a.chunk_rows * 4 * a.vocab
     model = tiny_large_vocab(a.vocab, a.canvas)
     weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
     plan = buffer_bytes(model.text, a.canvas, PROMPT + a.canvas)["decoder"]
-    if hasattr(sampler, "chunk_rows"):  # (absent before the chunked step: the script also measures that code)
-        print(f"rows per chunk: {sampler.chunk_rows(a.vocab)}")
+    if hasattr(model_args, "step_chunk_rows"):  # (absent before the chunked step: the script also measures that code)
+        print(f"rows per chunk: {model_args.step_chunk_rows(a.vocab)}")
     logits = 4 * a.canvas * a.vocab
     print(f"vocab {a.vocab}, canvas {a.canvas}: weights {weights / 2**20:.1f} MiB, one float32 [canvas, vocab] "
           f"{logits / 2**20:.1f} MiB; plan's decoder buffers {plan / 2**20:.1f} MiB ({plan / logits:.2f} arrays)")

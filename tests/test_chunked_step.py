@@ -14,6 +14,7 @@ from mlx_diffusiongemma.diffusion.canvas import CanvasState
 from mlx_diffusiongemma.diffusion.engine import Request, run
 from mlx_diffusiongemma.diffusion.events import StepEvent
 from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+from mlx_diffusiongemma.model import args
 
 ROWS = 3  # rows per chunk when forced: a canvas of 16 runs as 6 chunks, the last one short
 
@@ -28,8 +29,8 @@ def model(request, tmp_path_factory):
 
 
 def _force(monkeypatch, vocab: int) -> None:
-    monkeypatch.setattr(sampler, "CHUNK_BYTES", ROWS * 4 * vocab)
-    assert sampler.chunk_rows(vocab) == ROWS
+    monkeypatch.setattr(args, "STEP_CHUNK_BYTES", ROWS * 4 * vocab)
+    assert args.step_chunk_rows(vocab) == ROWS
 
 
 def _generate(model, hooked=True, **kw):
@@ -57,7 +58,7 @@ def _generate(model, hooked=True, **kw):
 ])
 def test_chunked_rows_give_the_one_chunk_bits(model, mode, monkeypatch):
     one = _generate(model, **mode)
-    assert sampler.chunk_rows(model.vocab_size) >= model.canvas_length  # the default: one chunk
+    assert args.step_chunk_rows(model.vocab_size) >= model.canvas_length  # the default: one chunk
     _force(monkeypatch, model.vocab_size)
     chunked = _generate(model, **mode)
     assert chunked[0] == one[0] and chunked[1] == one[1]  # tokens, every step's canvases and mean entropy

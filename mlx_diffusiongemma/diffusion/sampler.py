@@ -33,6 +33,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from ..model.args import step_chunk_rows
 from .topk import top_k_stats
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
     "RowResult",
     "row_step",
     "canvas_step",
-    "chunk_rows",
     "chunked_step",
 ]
 
@@ -428,24 +428,12 @@ constants per value, and the graph is traced once per set of optional arguments 
 _compiled_rows = mx.compile(row_step)
 _compiled_canvas = mx.compile(canvas_step)
 
-# Bytes of one float32 `[rows, vocab]` array a step computes at once: the rows of a canvas go
-# through `row_step` in chunks of `chunk_rows(vocab)`, each evaluated before the next, so a step's
-# vocabulary-sized transients are those of one chunk. 64 MiB: 64 rows of the released model's
-# 262144-token vocabulary (4 chunks for its canvas of 256); the small models (vocabularies of
-# 32K and less, canvases of 64 and less) run as one chunk, `compiled_step` itself.
-CHUNK_BYTES = 64 * 2**20
-
-
-def chunk_rows(vocab: int) -> int:
-    """Canvas rows per chunk of a step's vocabulary-sized work."""
-    return max(1, CHUNK_BYTES // (4 * vocab))
-
 
 def chunked_step(logits: mx.array, canvas: mx.array, t: float | mx.array, u: mx.array, noise_ids: mx.array,
                  entropy_bound: float, *, keep=None, pinned: mx.array | None = None, ids: mx.array | None = None,
                  valid: mx.array | None = None, allowed: mx.array | None = None, top_k: int | None = None,
                  with_gap: bool = False) -> tuple[StepResult, list]:
-    """`compiled_step` with the rows taken `chunk_rows(V)` at a time: the same bits (every
+    """`compiled_step` with the rows taken `model.args.step_chunk_rows(V)` at a time: the same bits (every
     vocabulary-sized op is per row, and MLX's CPU matmuls and reductions give every row the same
     bits whatever the row count: tests/test_lean_step.py checks it), with the vocabulary-sized
     arrays of one chunk alive at a time instead of the whole canvas's.
@@ -455,13 +443,15 @@ def chunked_step(logits: mx.array, canvas: mx.array, t: float | mx.array, u: mx.
     chunk; the kept lists come back, one per chunk, and the result's `processed_logits` is left
     out (shape (0,)). One chunk runs as `compiled_step` itself."""
     n = logits.shape[1]
-    size = chunk_rows(logits.shape[-1])
+    size = step_chunk_rows(logits.shape[-1])
     rows_args = (pinned, ids, allowed)
     if size >= n:
         res = compiled_step(logits, canvas, t, u, noise_ids, entropy_bound, pinned=pinned, ids=ids, valid=valid,
                             allowed=allowed, top_k=top_k, with_gap=with_gap)
         kept = [] if keep is None else keep(res.processed_logits, res.top_k_ids)
-        return res._replace(processed_logits=mx.zeros(_EMPTY, dtype=mx.float32)), [kept]
+        res = StepResult(res.next_canvas, res.argmax, res.accepted, mx.zeros(_EMPTY, dtype=mx.float32),
+                         res.token_entropy, res.gap, res.top_k_ids)
+        return res, [kept]
     parts, kept = [], []
     for start in range(0, n, size):
         rows = slice(start, start + size)
@@ -471,7 +461,8 @@ def chunked_step(logits: mx.array, canvas: mx.array, t: float | mx.array, u: mx.
 
         part = _compiled_rows(logits[:, rows], t, u[:, rows], *(cut(a) for a in rows_args), top_k, with_gap)
         kept.append([] if keep is None else keep(part.processed_logits, part.top_k_ids))
-        small = part._replace(processed_logits=mx.zeros(_EMPTY, dtype=mx.float32))
+        small = RowResult(part.denoiser, part.argmax, part.token_entropy, part.gap,
+                          mx.zeros(_EMPTY, dtype=mx.float32), part.top_k_ids)
         mx.eval(small, kept[-1])  # this chunk's vocabulary-sized arrays are done
         parts.append(small)
     joined = RowResult(*(mx.concatenate(f, axis=1) if f[0].size or f[0].ndim > 1 else f[0] for f in zip(*parts)))
