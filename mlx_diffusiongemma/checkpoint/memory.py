@@ -20,7 +20,7 @@ The peak is the larger of
 The counts of float32 arrays were fitted on MLX's measured peak of decoder steps and their
 sampler work on small quantized models: the logits' on a bfloat16 4-bit model of vocabulary 64K
 and canvas 256 (`scripts/decoder_memory.py`: the exact path 7.25 arrays in one chunk and 3.50 in
-chunks of 64 rows; fast mode's first pass less), the attention's on vocabularies 4K-32K,
+chunks of 64 rows, the same at 262K; fast mode's first pass less), the attention's on vocabularies 4K-32K,
 contexts 64-2048 and 4-16 heads (+8% / -16% where the attention dominates).
 
 Not counted: Python, the tokenizer, MLX's buffer cache (freed buffers MLX keeps for reuse; it
