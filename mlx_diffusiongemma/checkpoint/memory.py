@@ -11,14 +11,18 @@ The peak is the larger of
   window and two steps, K and V in bfloat16, or with `kv_bits` as `mx.quantize` packs them: the
   codes plus a bfloat16 scale and bias per group), plus the larger of two transients: a prefill chunk
   (`args.PREFILL_CHUNK` rows: one full layer's float32 attention arrays over the context, its
-  dense and expert MLP activations) and a decoder step over the canvas rows (`DECODER_LOGITS`
-  float32 `[rows, vocab]` arrays: the logits before and after the softcap, the kept
-  self-conditioning probabilities, the sampler's probabilities, noise and log-probabilities;
-  one layer's attention arrays over prefix + canvas; fast mode's canvas K/V of every layer).
+  dense and expert MLP activations) and a decoder step over `rows` canvas rows: `DECODER_LOGITS`
+  float32 `[rows, vocab]` arrays held over all the rows (the logits the decoder pass returns, the
+  self-conditioning kept from the previous step and the one made for the next), `DECODER_CHUNK`
+  more over one chunk of rows (the sampler's float32 work, which `sampler.chunked_step` does
+  `args.step_chunk_rows(vocab)` rows at a time: 64 of the released 262K vocabulary); one
+  layer's attention arrays over prefix + canvas; fast mode's canvas K/V of every layer.
 
-The two counts of float32 arrays were checked against MLX's measured peak of one decoder pass
-and its sampler work on small quantized models (vocabulary 4K-32K, contexts 64-2048, 4-16
-heads): within 1% where the logits dominate, +8% / -16% where the attention does.
+The counts of float32 arrays were fitted on MLX's measured peak of decoder steps and their
+sampler work on small quantized models: the logits' on a bfloat16 4-bit model of vocabulary 64K
+and canvas 256 (`scripts/decoder_memory.py`: the exact path 7.25 arrays in one chunk and 3.50 in
+chunks of 64 rows, the same at 262K; fast mode's first pass less), the attention's on vocabularies 4K-32K,
+contexts 64-2048 and 4-16 heads (+8% / -16% where the attention dominates).
 
 Not counted: Python, the tokenizer, MLX's buffer cache (freed buffers MLX keeps for reuse; it
 gives them back under pressure). The plan for the released model's shape is compared with a
@@ -38,13 +42,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MemoryLimitError
-from ..model.args import PREFILL_CHUNK, ModelArgs, TextArgs
+from ..model.args import PREFILL_CHUNK, ModelArgs, TextArgs, step_chunk_rows
 from ..model.cache import STEP
 from ..model.model import Model
 from .recipes import EXPERT_BITS, quant_predicate, quantize_from_config, smaller_recipes
 
 DEFAULT_CONTEXT = 1024  # what `load` plans for when no context is asked: a chat turn and its reply
-DECODER_LOGITS = 6
+DECODER_LOGITS = 2.5  # float32 [rows, vocab] arrays over all of a step's rows
+DECODER_CHUNK = 5  # and over one chunk of them (`step_chunk_rows`)
 # float32 `[heads, rows, keys]` arrays of one layer's attention alive at once (the scores of the
 # prefix and canvas parts, their exponentials, the masks); fitted on measured peaks (below).
 SCORE_ARRAYS = 2.5
@@ -83,7 +88,8 @@ def buffer_bytes(t: TextArgs, canvas: int, context: int, rows: int | None = None
 
     prefill = activations(chunk, context + chunk)
     canvas_kv = sum(2 * canvas * t.kv_heads[i] * t.head_dims[i] * KV_BYTES for i in range(t.num_hidden_layers))
-    decoder = 4 * DECODER_LOGITS * rows * v + activations(rows, context + canvas) + canvas_kv
+    logits = 4 * v * (DECODER_LOGITS * rows + DECODER_CHUNK * min(rows, step_chunk_rows(v)))
+    decoder = int(logits + activations(rows, context + canvas)) + canvas_kv
     return {"prefill": prefill, "decoder": decoder}
 
 

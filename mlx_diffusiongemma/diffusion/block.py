@@ -71,6 +71,11 @@ class RowsCall:
 DecoderCall = DenoiseCall | RowsCall
 
 
+def join_rows(chunks: Sequence[mx.array]) -> mx.array:
+    """Per-chunk `[B, rows, ...]` arrays (`sampler.chunked_step`'s kept outputs) as one."""
+    return chunks[0] if len(chunks) == 1 else mx.concatenate(list(chunks), axis=1)
+
+
 def run_calls(model, calls: Sequence[DecoderCall]) -> list[mx.array]:
     """Logits `[1, C or L, V]` for each call: the batchable ones together in one decoder pass
     (`Model.denoise_batch`), the others one by one."""
@@ -194,6 +199,7 @@ def _denoise_steps(model, block: int, opts: SamplerOptions, request, noise, run:
         t = mx.array(sampler.temperature_f32(cur_step, n, opts.t_min, opts.t_max), dtype=mx.float32)
         u, r = noise.step(block, index, 1, c, vocab)
         out = run.sample(logits, call, canvas, argmax, t, u, r, state, opts.entropy_bound)
+        logits = call = None  # the step's vocabulary-sized inputs can go as soon as nothing else holds them
         stop, new_history = sampler.stop_check(history, out.argmax, out.token_entropy, opts.confidence_threshold,
                                                out.counted)
         mean_entropy = sampler.mean_entropy(out.token_entropy, out.counted)[0]

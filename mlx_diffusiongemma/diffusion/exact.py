@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from ..model.cache import PromptCache
 from . import sampler
-from .block import DenoiseCall, StepOutput
+from .block import DenoiseCall, StepOutput, join_rows
 from .canvas import CanvasState
 
 
@@ -42,17 +42,23 @@ class _ExactBlock:
         return DenoiseCall(canvas, self.d.cache, self.self_conditioning, self.d.top_k)
 
     def sample(self, logits, call, canvas, argmax, t, u, noise_ids, state, entropy_bound) -> StepOutput:
+        dtype = self.d.model.embed_dtype
+
+        def keep(processed, _):  # the next step's self-conditioning; hooks (a state) also read the logits
+            return [processed.astype(dtype)] if state is None else [processed.astype(dtype), processed]
+
         if state is None:  # the reference step, op for op
-            res = sampler.compiled_step(logits, canvas, t, u, noise_ids, entropy_bound)
+            res, kept = sampler.chunked_step(logits, canvas, t, u, noise_ids, entropy_bound, keep=keep)
             counted = None
         else:
             allowed = None if state.allowed is None else state.allowed[None]
-            res = sampler.compiled_step(logits, canvas, t, u, noise_ids, entropy_bound, pinned=state.pinned[None],
-                                        ids=state.ids[None], allowed=allowed)
+            res, kept = sampler.chunked_step(logits, canvas, t, u, noise_ids, entropy_bound, keep=keep,
+                                             pinned=state.pinned[None], ids=state.ids[None], allowed=allowed)
             counted = ~state.pinned[None]  # the stop test averages over LIVE positions
-        self.processed = res.processed_logits.astype(self.d.model.embed_dtype)  # next step's self-conditioning
+        self.processed = join_rows([k[0] for k in kept])
+        processed = None if state is None else join_rows([k[1] for k in kept])[0]
         return StepOutput(res.next_canvas, res.argmax, res.accepted, res.token_entropy, counted,
-                          processed_logits=res.processed_logits[0])
+                          processed_logits=processed)
 
     def advance(self, stopped: mx.array, deferred: bool) -> None:
         processed = self.processed

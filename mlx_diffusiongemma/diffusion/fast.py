@@ -71,7 +71,7 @@ import mlx.core as mx
 from ..model.cache import PromptCache
 from . import canvas as canvas_state
 from . import sampler
-from .block import RowsCall, StepOutput
+from .block import RowsCall, StepOutput, join_rows
 from .canvas import CanvasState, StepView
 from .options import FastOptions
 
@@ -244,10 +244,22 @@ class _FastBlock:
         allowed = None
         if state.allowed is not None:
             allowed = mx.concatenate([state.allowed, state.allowed[:1]], axis=0)[rows][None]
-        res = sampler.compiled_step(logits, pad(canvas)[:, rows], t, pad(u)[:, rows], pad(noise_ids)[:, rows],
-                                    entropy_bound, pinned=pad(state.pinned)[rows][None],
-                                    ids=pad(state.ids)[rows][None], valid=valid, allowed=allowed, top_k=fast.top_k,
-                                    with_gap=True)
+        top_k = fast.top_k
+
+        def keep(processed, top_ids):
+            # Self-conditioning for the next step, per row (a row's embedding depends on its row only).
+            if top_k is None:  # cast first, as the exact path (and the reference) do
+                soft = model.soft_embeddings(processed.astype(model.embed_dtype))
+            else:
+                soft = model.soft_embeddings_top_k(top_ids, processed)
+            if fast.confidence_commit is None:
+                return [soft]
+            return [soft, _top_probability(processed, top_k is not None)]
+
+        res, kept = sampler.chunked_step(logits, pad(canvas)[:, rows], t, pad(u)[:, rows], pad(noise_ids)[:, rows],
+                                         entropy_bound, keep=keep, pinned=pad(state.pinned)[rows][None],
+                                         ids=pad(state.ids)[rows][None], valid=valid, allowed=allowed, top_k=top_k,
+                                         with_gap=True)
 
         def scatter(full, part, fill=None):
             base = pad(full if fill is None else mx.full(full.shape, fill, dtype=part.dtype))
@@ -263,13 +275,9 @@ class _FastBlock:
             before = canvas[0] if self.kv_ids is None else self.kv_ids
             self.kv_ids = mx.put_along_axis(pad(before), rows, pad(canvas[0])[rows], axis=-1)[:c]
         if fast.confidence_commit is not None:
-            top_p = _top_probability(res.processed_logits, fast.top_k is not None)
+            top_p = join_rows([k[1] for k in kept])
             self.rule.top_p = mx.where(state.frozen, 1.0, scatter(argmax, top_p, 0.0)[0])
-        # Self-conditioning for the next step, per row (a row's embedding depends on its row only).
-        if fast.top_k is None:  # cast first, as the exact path (and the reference) do
-            soft_rows = model.soft_embeddings(res.processed_logits.astype(model.embed_dtype))
-        else:
-            soft_rows = model.soft_embeddings_top_k(res.top_k_ids, res.processed_logits)
+        soft_rows = join_rows([k[0] for k in kept])
         if self.soft is None:
             self.soft = mx.zeros((1, c + 1, soft_rows.shape[-1]), dtype=soft_rows.dtype)
         index = mx.broadcast_to(rows[None, :, None], soft_rows.shape)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from ..model.args import step_chunk_rows
 from .topk import top_k_stats
 
 __all__ = [
@@ -57,6 +58,10 @@ __all__ = [
     "StepResult",
     "step",
     "compiled_step",
+    "RowResult",
+    "row_step",
+    "canvas_step",
+    "chunked_step",
 ]
 
 _F32_MIN = float(np.finfo(np.float32).min)  # torch.finfo(float32).min, the clamp used by Categorical.entropy
@@ -313,6 +318,71 @@ class StepResult(NamedTuple):
     top_k_ids: mx.array  # [B, C, k] int32 token ids of `processed_logits` with top_k; shape (0,) otherwise
 
 
+class RowResult(NamedTuple):
+    """The per-row part of a step (`row_step`): every field is a function of its own row."""
+
+    denoiser: mx.array  # [B, L] int32 the drawn tokens (pinned: their token)
+    argmax: mx.array  # [B, L] int32
+    token_entropy: mx.array  # [B, L] float32 (0 at pinned positions)
+    gap: mx.array  # [B, L] float32, shape (0,) unless asked
+    processed_logits: mx.array  # [B, L, V] float32; top-k: [B, L, k] log-probs
+    top_k_ids: mx.array  # [B, L, k] int32 with top_k; shape (0,) otherwise
+
+
+def row_step(
+    logits: mx.array,
+    t: float | mx.array,
+    u: mx.array,
+    pinned: mx.array | None = None,
+    ids: mx.array | None = None,
+    allowed: mx.array | None = None,
+    top_k: int | None = None,
+    with_gap: bool = False,
+) -> RowResult:
+    """The vocabulary-sized part of `step`, row by row: processed logits, draw, argmax, gap,
+    entropy (pinned rows forced). Nothing in it mixes rows, so any split of the rows gives the
+    same bits per row (`chunked_step`)."""
+    if allowed is not None:
+        logits = mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
+    processed = logits.astype(mx.float32) / t
+    if top_k is None:
+        denoiser = draw_tokens(processed, u)
+        greedy = argmax_canvas(processed)
+        gap = mx.zeros(_EMPTY, dtype=mx.float32)
+        if with_gap:
+            top2 = mx.topk(processed, 2, axis=-1) if processed.shape[-1] > 1 else mx.concatenate([processed] * 2, -1)
+            gap = top2.max(-1) - top2.min(-1)
+        token_entropy = entropy(processed)
+        signal, token_ids = processed, mx.zeros(_EMPTY, dtype=mx.int32)
+    else:
+        denoiser, greedy, token_entropy, gap, signal, token_ids = top_k_stats(processed, u, top_k)
+    if pinned is not None:
+        ids = ids.astype(mx.int32)
+        denoiser = mx.where(pinned, ids, denoiser)
+        greedy = mx.where(pinned, ids, greedy)
+        token_entropy = mx.where(pinned, mx.array(0.0, dtype=mx.float32), token_entropy)
+        if gap.size:
+            gap = mx.where(pinned, mx.inf, gap)
+    return RowResult(denoiser, greedy, token_entropy, gap, signal, token_ids)
+
+
+def canvas_step(rows: RowResult, canvas: mx.array, noise_ids: mx.array, entropy_bound: float,
+                pinned: mx.array | None = None, valid: mx.array | None = None) -> StepResult:
+    """The canvas-wide part of `step`: the acceptance over all rows' entropies, then renoising."""
+    rows = RowResult(*rows)  # (a plain tuple when it comes through `mx.compile`)
+    token_entropy = rows.token_entropy
+    if valid is not None:
+        token_entropy = mx.where(valid, token_entropy, _PAD_ENTROPY)
+    mask = accept_mask(token_entropy, entropy_bound)
+    if pinned is not None:
+        mask = mask | pinned
+    if valid is not None:
+        mask = mask & valid
+    accepted_canvas = accept(canvas.astype(mx.int32), rows.denoiser, mask)
+    next_canvas = renoise(accepted_canvas, mask, noise_ids)
+    return StepResult(next_canvas, rows.argmax, mask, rows.processed_logits, token_entropy, rows.gap, rows.top_k_ids)
+
+
 def step(
     logits: mx.array,
     canvas: mx.array,
@@ -344,40 +414,56 @@ def step(
     - `top_k`: the statistics from the top-k processed logits of each row (`topk.top_k_stats`);
       `processed_logits` then holds their log-probabilities and `top_k_ids` their token ids;
     - `with_gap`: also the top-2 gap of the processed logits (always computed with `top_k`).
+
+    It is `row_step` (per row, vocabulary-sized) followed by `canvas_step` (across rows, `[B, C]`).
     """
-    if allowed is not None:
-        logits = mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
-    processed = logits.astype(mx.float32) / t
-    if top_k is None:
-        denoiser = draw_tokens(processed, u)
-        greedy = argmax_canvas(processed)
-        gap = mx.zeros(_EMPTY, dtype=mx.float32)
-        if with_gap:
-            top2 = mx.topk(processed, 2, axis=-1) if processed.shape[-1] > 1 else mx.concatenate([processed] * 2, -1)
-            gap = top2.max(-1) - top2.min(-1)
-        token_entropy = entropy(processed)
-        signal, token_ids = processed, mx.zeros(_EMPTY, dtype=mx.int32)
-    else:
-        denoiser, greedy, token_entropy, gap, signal, token_ids = top_k_stats(processed, u, top_k)
-    if pinned is not None:
-        ids = ids.astype(mx.int32)
-        denoiser = mx.where(pinned, ids, denoiser)
-        greedy = mx.where(pinned, ids, greedy)
-        token_entropy = mx.where(pinned, mx.array(0.0, dtype=mx.float32), token_entropy)
-        if gap.size:
-            gap = mx.where(pinned, mx.inf, gap)
-    if valid is not None:
-        token_entropy = mx.where(valid, token_entropy, _PAD_ENTROPY)
-    mask = accept_mask(token_entropy, entropy_bound)
-    if pinned is not None:
-        mask = mask | pinned
-    if valid is not None:
-        mask = mask & valid
-    accepted_canvas = accept(canvas.astype(mx.int32), denoiser, mask)
-    next_canvas = renoise(accepted_canvas, mask, noise_ids)
-    return StepResult(next_canvas, greedy, mask, signal, token_entropy, gap, token_ids)
+    rows = row_step(logits, t, u, pinned, ids, allowed, top_k, with_gap)
+    return canvas_step(rows, canvas, noise_ids, entropy_bound, pinned, valid)
 
 
 compiled_step = mx.compile(step)
 """`step` under `mx.compile` (same results; `entropy_bound`, `top_k` and `with_gap` are baked in as
 constants per value, and the graph is traced once per set of optional arguments given)."""
+
+_compiled_rows = mx.compile(row_step)
+_compiled_canvas = mx.compile(canvas_step)
+
+
+def chunked_step(logits: mx.array, canvas: mx.array, t: float | mx.array, u: mx.array, noise_ids: mx.array,
+                 entropy_bound: float, *, keep=None, pinned: mx.array | None = None, ids: mx.array | None = None,
+                 valid: mx.array | None = None, allowed: mx.array | None = None, top_k: int | None = None,
+                 with_gap: bool = False) -> tuple[StepResult, list]:
+    """`compiled_step` with the rows taken `model.args.step_chunk_rows(V)` at a time: the same bits (every
+    vocabulary-sized op is per row, and MLX's CPU matmuls and reductions give every row the same
+    bits whatever the row count: tests/test_lean_step.py checks it), with the vocabulary-sized
+    arrays of one chunk alive at a time instead of the whole canvas's.
+
+    `keep(processed_logits, top_k_ids)` says what a denoiser keeps of each chunk's vocabulary-sized
+    outputs (a list of arrays, e.g. the self-conditioning for the next step), evaluated with the
+    chunk; the kept lists come back, one per chunk, and the result's `processed_logits` is left
+    out (shape (0,)). One chunk runs as `compiled_step` itself."""
+    n = logits.shape[1]
+    size = step_chunk_rows(logits.shape[-1])
+    rows_args = (pinned, ids, allowed)
+    if size >= n:
+        res = compiled_step(logits, canvas, t, u, noise_ids, entropy_bound, pinned=pinned, ids=ids, valid=valid,
+                            allowed=allowed, top_k=top_k, with_gap=with_gap)
+        kept = [] if keep is None else keep(res.processed_logits, res.top_k_ids)
+        res = StepResult(res.next_canvas, res.argmax, res.accepted, mx.zeros(_EMPTY, dtype=mx.float32),
+                         res.token_entropy, res.gap, res.top_k_ids)
+        return res, [kept]
+    parts, kept = [], []
+    for start in range(0, n, size):
+        rows = slice(start, start + size)
+
+        def cut(a):
+            return None if a is None else a[:, rows] if a.shape[1] == n else a
+
+        part = _compiled_rows(logits[:, rows], t, u[:, rows], *(cut(a) for a in rows_args), top_k, with_gap)
+        kept.append([] if keep is None else keep(part.processed_logits, part.top_k_ids))
+        small = RowResult(part.denoiser, part.argmax, part.token_entropy, part.gap,
+                          mx.zeros(_EMPTY, dtype=mx.float32), part.top_k_ids)
+        mx.eval(small, kept[-1])  # this chunk's vocabulary-sized arrays are done
+        parts.append(small)
+    joined = RowResult(*(mx.concatenate(f, axis=1) if f[0].size or f[0].ndim > 1 else f[0] for f in zip(*parts)))
+    return _compiled_canvas(joined, canvas, noise_ids, entropy_bound, pinned, valid), kept

@@ -34,6 +34,19 @@ SAMPLER_DEFAULTS = {
 # long prompts to chunk x (window or prefix) instead of N x N.
 PREFILL_CHUNK = 512
 
+# Bytes of one float32 `[rows, vocab]` array a denoising step computes at once: the step's
+# vocabulary-sized work goes through the canvas rows in chunks of `step_chunk_rows(vocab)`, each
+# evaluated before the next (`diffusion.sampler.chunked_step`; the memory plan counts one chunk).
+# 64 MiB: 64 rows of the released model's 262144-token vocabulary (4 chunks for its canvas of 256);
+# the small models (vocabularies of 32K and less, canvases of 64 and less) run as one chunk.
+STEP_CHUNK_BYTES = 64 * 2**20
+
+
+def step_chunk_rows(vocab: int) -> int:
+    """Canvas rows per chunk of a denoising step's vocabulary-sized work."""
+    return max(1, STEP_CHUNK_BYTES // (4 * vocab))
+
+
 # Upper bounds on config.json values, far above any real DiffusionGemma (the released model has
 # 30 layers, hidden 2816, vocab 262144, 128 experts, canvas 256): a hostile or corrupt config must
 # not make the loader build a model that exhausts memory before a single weight is checked.
