@@ -435,7 +435,7 @@ def chunked_step(logits: mx.array, canvas: mx.array, t: float | mx.array, u: mx.
                  with_gap: bool = False) -> tuple[StepResult, list]:
     """`compiled_step` with the rows taken `model.args.step_chunk_rows(V)` at a time: the same bits (every
     vocabulary-sized op is per row, and MLX's CPU matmuls and reductions give every row the same
-    bits whatever the row count: tests/test_lean_step.py checks it), with the vocabulary-sized
+    bits whatever the row count: tests/test_chunked_step.py checks it), with the vocabulary-sized
     arrays of one chunk alive at a time instead of the whole canvas's.
 
     `keep(processed_logits, top_k_ids)` says what a denoiser keeps of each chunk's vocabulary-sized
