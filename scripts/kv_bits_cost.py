@@ -64,6 +64,21 @@ def plan_table(tmp: Path) -> None:
         cache = " / ".join(f"{p.kv / 1e9:.2f}" for p in plans["mixed-3bit"])
         peaks = [" / ".join(f"{p.peak / 1e9:.2f}" for p in plans[r]) for r in plans]
         print(f"| {context // 1024}K | {cache} GB | {peaks[0]} GB | {peaks[1]} GB |")
+    # The longest context under the default GPU limit of a 16 and a 24 GB Mac (Metal's recommended
+    # working set: about two thirds of the memory, in GiB).
+    from dataclasses import replace
+
+    macs = {"16 GB Mac (11.45 GB)": int(16 * 2**30 * 2 / 3), "24 GB Mac (17.18 GB)": int(24 * 2**30 * 2 / 3)}
+    print()
+    print("| recipe | " + " | ".join(f"longest context, {m}: bf16 / 8-bit / 4-bit cache" for m in macs) + " |")
+    print("|---|" + "---|" * len(macs))
+    for recipe in ("mixed-4bit", "mixed-3bit", "mixed-2bit"):
+        cells = []
+        for limit in macs.values():
+            longest = [replace(plan(folder, kv_bits=b).converted(recipe), limit=limit).longest_context()
+                       for b in (None, 8, 4)]
+            cells.append(" / ".join(f"{n:,}" if n else "none" for n in longest))
+        print(f"| {recipe} | " + " | ".join(cells) + " |")
 
 
 def _logits(model, prompt: list[int], canvas: mx.array) -> list[mx.array]:
