@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,9 +146,11 @@ def test_stuck_rank_ends_within_the_bound(checkpoints, tmp_path):
     out = tmp_path / "results.npz"
     proc, seconds = _launch(2, [{"name": "e4", "folder": str(checkpoints["e4"]), "tp": []}], out,
                             "--fail", "hang", "--timeout", "4")
-    assert "error: rank 0: no answer from the other ranks within 4 s" in proc.stderr, proc.stderr
+    # Rank 0 normally reports it; on a loaded machine the hanging rank can reach a collective 4 s
+    # before rank 0 does and report first (seen once in CI): either way one line names the bound.
+    assert re.search(r"error: rank [01]: no answer from the other ranks within 4 s", proc.stderr), proc.stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial*"))
-    print(f"\nstuck rank: rank 0 stopped after {seconds:.1f} s (launch and load included)")
+    print(f"\nstuck rank: stopped after {seconds:.1f} s (launch and load included)")
 
 
 def test_unreachable_host_ends_within_the_bound(tmp_path):
