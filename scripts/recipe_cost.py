@@ -45,12 +45,12 @@ from mlx_diffusiongemma.prompts.render import render_messages  # noqa: E402
 MIXED = ("mixed-4bit", "mixed-3bit", "mixed-2bit")
 
 
-def accuracy(per_family: int) -> dict[str, dict[str, float]]:
+def accuracy(per_family: int, recipes=("bf16",) + MIXED, families=tuple(FAMILIES)) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for recipe in ("bf16",) + MIXED:
+    for recipe in recipes:
         model, tok = load("demo", quantize=None if recipe == "bf16" else recipe)
         out[recipe] = {}
-        for family in FAMILIES:
+        for family in families:
             cases = [(family, q, a) for q, a in held_out_set(family, per_family)]
             out[recipe][family] = eval_ours(model, tok, cases, 0)["accuracy"]
         print(f"{recipe}: mean {statistics.mean(out[recipe].values()):.1%} {json.dumps(out[recipe])}", file=sys.stderr, flush=True)
@@ -123,13 +123,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=24, help="prompts per model for the KL")
     p.add_argument("--models", default="demo,tiny,small")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--recipes", default=",".join(("bf16",) + MIXED), help="recipes of the accuracy table")
+    p.add_argument("--families", default=",".join(FAMILIES), help="demo families of the accuracy table")
     p.add_argument("--manystep", type=Path, help="the many-step instrument's folder: its exact-path validity per recipe")
     p.add_argument("--manystep-per-family", type=int, default=10)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     results: dict = {}
     if not args.skip_accuracy:
-        results["accuracy"] = accuracy(args.per_family)
+        results["accuracy"] = accuracy(args.per_family, tuple(args.recipes.split(",")), tuple(args.families.split(",")))
     if args.manystep:
         results["manystep"] = manystep_validity(args.manystep, args.manystep_per_family)
     results["divergence"] = {}
@@ -147,11 +149,12 @@ def main(argv=None) -> int:
     recipes = ("bf16",) + MIXED
     if "accuracy" in results:
         acc = results["accuracy"]
-        print("| family | " + " | ".join(recipes) + " |")
-        print("|---|" + "---|" * len(recipes))
-        for family in FAMILIES:
-            print(f"| {family} | " + " | ".join(f"{acc[r][family]:.0%}" for r in recipes) + " |")
-        print("| **mean** | " + " | ".join(f"{statistics.mean(acc[r].values()):.1%}" for r in recipes) + " |")
+        names = list(acc)
+        print("| family | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for family in acc[names[0]]:
+            print(f"| {family} | " + " | ".join(f"{acc[r][family]:.0%}" for r in names) + " |")
+        print("| **mean** | " + " | ".join(f"{statistics.mean(acc[r].values()):.1%}" for r in names) + " |")
         print()
     if "manystep" in results:
         val = results["manystep"]
