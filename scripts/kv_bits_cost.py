@@ -19,6 +19,7 @@ shape at long contexts with each cache (`--plan-only` prints just that). Prints 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_models  # noqa: E402
+import full_shape  # noqa: E402
 
 import mlx_diffusiongemma as dg  # noqa: E402
 from mlx_diffusiongemma.checkpoint.loading import load_model  # noqa: E402
@@ -39,14 +41,10 @@ from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set  # noqa: E402
 from mlx_diffusiongemma.prompts.render import render_messages  # noqa: E402
 
 BITS = (8, 4)
-# The released model's text shape (config only: the plan needs no weights).
-RELEASED = {
-    "model_type": "diffusion_gemma", "canvas_length": 256,
-    "text_config": dict(vocab_size=262144, hidden_size=2816, num_hidden_layers=30, num_attention_heads=16,
-                        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
-                        intermediate_size=2112, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-                        sliding_window=1024, max_position_embeddings=262144),
-}
+# The released model's shape (scripts/full_shape.py's config; the plan needs no weights), with
+# positions up to the 256K the table below plans for.
+RELEASED = copy.deepcopy(full_shape.RELEASED)
+RELEASED["text_config"]["max_position_embeddings"] = 262144
 
 
 def plan_table(tmp: Path) -> None:

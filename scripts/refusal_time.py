@@ -22,13 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RELEASED = {
-    "model_type": "diffusion_gemma", "canvas_length": 256,
-    "text_config": dict(vocab_size=262144, hidden_size=2816, num_hidden_layers=30, num_attention_heads=16,
-                        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
-                        intermediate_size=2112, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-                        sliding_window=1024),
-}
+from full_shape import RELEASED  # noqa: E402  (the released model's config, one copy for the scripts)
+
 # The CLI in its own process, the machine made small before the command runs.
 _CLI = """
 import sys
