@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from docs_block import write_block  # noqa: E402  (scripts/, this file's folder)
+from docs_block import write_results  # noqa: E402  (scripts/, this file's folder)
 
 DOCS_BEGIN = "<!-- bench-demo:begin -->"
 DOCS_END = "<!-- bench-demo:end -->"
@@ -363,12 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "shape_26b": shape_26b({k: runs[k] for k in top_k}, model.canvas_length, top_k),
     }
     results["minutes"] = (time.perf_counter() - t0) / 60
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    md = render(results)
-    (args.out / "results.md").write_text(md + "\n")
-    print(md)
-    if args.update_docs:
-        write_block(ROOT / "docs" / "performance.md", DOCS_BEGIN, DOCS_END, md)
+    write_results(args.out, results, render(results),
+                  (ROOT / "docs" / "performance.md", DOCS_BEGIN, DOCS_END) if args.update_docs else None)
     return 0
 
 

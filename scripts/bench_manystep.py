@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_demo import run_ours, summarize  # noqa: E402  (scripts/, this file's folder)
-from docs_block import write_block  # noqa: E402
+from docs_block import write_results  # noqa: E402
 
 DOCS_BEGIN = "<!-- bench-manystep:begin -->"
 DOCS_END = "<!-- bench-manystep:end -->"
@@ -227,14 +227,9 @@ def merge(paths: list[Path], out: Path, update_docs: bool) -> int:
         for key in ("profile", "profile_config", "reference"):
             if part.get(key):
                 results[key] = part[key]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     md = render(results) + "\n\n(Merged from " + ", ".join(str(p) for p in paths) + ": runs in parallel, so the " \
         "tokens/s of rows from different runs compare less well than the other columns.)"
-    (out / "results.md").write_text(md + "\n")
-    print(md)
-    if update_docs:
-        write_block(ROOT / "docs" / "fast-mode.md", DOCS_BEGIN, DOCS_END, md)
+    write_results(out, results, md, (ROOT / "docs" / "fast-mode.md", DOCS_BEGIN, DOCS_END) if update_docs else None)
     return 0
 
 
@@ -363,12 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, seed in zip(runs[label]["prompts"], seeds):
             row["seed"] = seed
     results["minutes"] = (time.perf_counter() - t0) / 60
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    md = render(results)
-    (args.out / "results.md").write_text(md + "\n")
-    print(md)
-    if args.update_docs:
-        write_block(ROOT / "docs" / "fast-mode.md", DOCS_BEGIN, DOCS_END, md)
+    write_results(args.out, results, render(results),
+                  (ROOT / "docs" / "fast-mode.md", DOCS_BEGIN, DOCS_END) if args.update_docs else None)
     return 0
 
 

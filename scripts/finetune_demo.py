@@ -40,6 +40,9 @@ from mlx_diffusiongemma import generate, load
 from mlx_diffusiongemma.train.finetune import FinetuneRun, FinetuneSettings
 from mlx_diffusiongemma.train.memory import finetune_memory
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_block import write_results  # noqa: E402  (scripts/, this file's folder)
+
 PROMPT = "Sort these numbers from largest to smallest: {}"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 MARK_START, MARK_END = "<!-- finetune-demo:start -->", "<!-- finetune-demo:end -->"
@@ -191,14 +194,7 @@ def main(argv=None) -> int:
                 + (f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if "OPENBLAS_CORETYPE" in os.environ else ""),
         "command": "python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    md = render(results)
-    (out / "results.md").write_text(md + "\n")
-    print(md)
-    if args.update_docs:
-        text = DOCS.read_text()
-        a, b = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-        DOCS.write_text(text[:a] + "\n" + md + "\n" + text[b:])
+    write_results(out, results, render(results), (DOCS, MARK_START, MARK_END) if args.update_docs else None, indent=2)
     return 0
 
 
