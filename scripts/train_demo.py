@@ -102,6 +102,23 @@ def init_qk_norms(model: Model) -> None:
         attn.k_norm.weight = mx.full(attn.k_norm.weight.shape, w)
 
 
+def validation_batches(tok, ids: dict, canvas: int, families: dict, per_family: int = 8) -> list:
+    """The fixed validation set: `per_family` held-out prompts of each family (seed 99), as canvas
+    items in batches of 32."""
+    items = []
+    for name in families:
+        for prompt, answer in held_out_set(name, per_family, seed=99, families=families):
+            items += canvas_items(encode_pair(tok, prompt, answer, ids["<turn|>"]), canvas, ids["<eos>"])
+    return [make_batch(items[i : i + 32], pad_id=ids["<pad>"]) for i in range(0, len(items), 32)]
+
+
+def warmup_cosine(learning_rate: float, warmup: int, iters: int):
+    """Linear warm-up from 1e-6 over `warmup` steps, then cosine decay to 5% at `iters`."""
+    return optim.join_schedules(
+        [optim.linear_schedule(1e-6, learning_rate, warmup),
+         optim.cosine_decay(learning_rate, max(1, iters - warmup), learning_rate * 0.05)], [warmup])
+
+
 def save(model: Model, folder: Path, source: Path, meta: dict) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,17 +189,8 @@ def main(argv=None) -> int:
     print(f"{n_params / 1e6:.2f}M parameters, canvas {model.canvas_length}, vocab {model.vocab_size}", flush=True)
 
     canvas = model.canvas_length
-    val_items = []
-    for name in FAMILIES:
-        for prompt, answer in held_out_set(name, 8, seed=99):
-            val_items += canvas_items(encode_pair(tok, prompt, answer, ids["<turn|>"]), canvas, ids["<eos>"])
-    val_batches = [make_batch(val_items[i : i + 32], pad_id=ids["<pad>"]) for i in range(0, len(val_items), 32)]
-
-    warm = args.warmup
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, args.learning_rate, warm),
-         optim.cosine_decay(args.learning_rate, max(1, args.iters - warm), args.learning_rate * 0.05)], [warm])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    val_batches = validation_batches(tok, ids, canvas, FAMILIES)
+    optimizer = optim.AdamW(learning_rate=warmup_cosine(args.learning_rate, args.warmup, args.iters), weight_decay=0.01)
     optimizer.state["step"] = mx.array(args.start_step, mx.uint64)  # the schedule resumes; moments restart
     # The stages behind a continued run travel with its weights (training.json), so a shipped
     # model's folder says how all of it was made.

@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from train_demo import encode_pair, save  # noqa: E402  (scripts/, this file's folder)
+from train_demo import encode_pair, save, validation_batches, warmup_cosine  # noqa: E402  (scripts/, this file's folder)
 
 from mlx_diffusiongemma.demo.build import special_ids  # noqa: E402
-from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES, MANY_STEP_WEIGHTS, held_out_set, sample  # noqa: E402
+from mlx_diffusiongemma.demo.tasks import MANY_STEP_FAMILIES, MANY_STEP_WEIGHTS, sample  # noqa: E402
 from mlx_diffusiongemma.model.args import parse_model_args  # noqa: E402
 from mlx_diffusiongemma.model.model import Model  # noqa: E402
 from mlx_diffusiongemma.train.loop import evaluate, train  # noqa: E402
@@ -45,11 +45,11 @@ from mlx_diffusiongemma.train.objective import canvas_items, make_batch  # noqa:
 DEMO = ROOT / "mlx_diffusiongemma" / "demo" / "model"
 
 
-def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int):
-    """Endless batches from the training side of the many-step families, weighted by MANY_STEP_WEIGHTS."""
+def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int, mix: dict[str, float]):
+    """Endless batches from the training side of the many-step families, weighted by `mix`."""
     rng = random.Random(seed)
-    names = list(MANY_STEP_WEIGHTS)
-    weights = [MANY_STEP_WEIGHTS[n] for n in names]
+    names = list(mix)
+    weights = [mix[n] for n in names]
     pending = []
     while True:
         while len(pending) < batch_size:
@@ -58,6 +58,17 @@ def batches(tok, ids: dict, canvas: int, batch_size: int, seed: int):
             pending += canvas_items(encode_pair(tok, prompt, answer, ids["<turn|>"]), canvas, ids["<eos>"])
         yield make_batch(pending[:batch_size], pad_id=ids["<pad>"])
         pending = pending[batch_size:]
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`pick=3,sort=1` -> {"pick": 3.0, "sort": 1.0}, each a family of MANY_STEP_FAMILIES."""
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in MANY_STEP_FAMILIES or not weight:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected family=weight, family one of {', '.join(MANY_STEP_FAMILIES)}")
+        mix[name] = float(weight)
+    return mix
 
 
 def main(argv=None) -> int:
@@ -71,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=31)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--mix", type=parse_mix, default=dict(MANY_STEP_WEIGHTS),
+                   help="family=weight,... (default: demo.tasks.MANY_STEP_WEIGHTS)")
     args = p.parse_args(argv)
 
     from mlx_lm.tokenizer_utils import load as load_tok
@@ -89,23 +102,14 @@ def main(argv=None) -> int:
     print(f"{n_params / 1e6:.2f}M parameters, canvas {model.canvas_length}", flush=True)
 
     canvas = model.canvas_length
-    val_items = []
-    for name in MANY_STEP_FAMILIES:
-        for prompt, answer in held_out_set(name, 8, seed=99, families=MANY_STEP_FAMILIES):
-            val_items += canvas_items(encode_pair(tok, prompt, answer, ids["<turn|>"]), canvas, ids["<eos>"])
-    val_batches = [make_batch(val_items[i : i + 32], pad_id=ids["<pad>"]) for i in range(0, len(val_items), 32)]
-
-    warm = args.warmup
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, args.learning_rate, warm),
-         optim.cosine_decay(args.learning_rate, max(1, args.iters - warm), args.learning_rate * 0.05)], [warm])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    val_batches = validation_batches(tok, ids, canvas, MANY_STEP_FAMILIES)
+    optimizer = optim.AdamW(learning_rate=warmup_cosine(args.learning_rate, args.warmup, args.iters), weight_decay=0.01)
     previous = args.init_from / "training.json"
     previous_stage = json.loads(previous.read_text()) if previous.exists() else None
     meta_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     log = open(out / "train_log.jsonl", "a")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed), iters=args.iters,
+    reports = train(model, optimizer, batches(tok, ids, canvas, args.batch_size, args.seed, args.mix), iters=args.iters,
                     seed=args.seed, report_every=25, steps_per_eval=100, validate=lambda: evaluate(model, val_batches))
     for r in reports:
         elapsed = time.perf_counter() - t0
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
         log.flush()
         if r.step % args.save_every == 0 or r.step == args.iters or over:
             save(model, out / "model", args.init_from, {
-                "step": r.step, "args": meta_args, "families": dict(MANY_STEP_WEIGHTS), "elapsed_s": row["elapsed_s"],
+                "step": r.step, "args": meta_args, "families": args.mix, "elapsed_s": row["elapsed_s"],
                 "loss": r.loss, "val_loss": r.val_loss, **({"previous_stage": previous_stage} if previous_stage else {})})
             model.train()
         if over:
