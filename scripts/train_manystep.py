@@ -4,8 +4,8 @@
 
 Real text takes 20-34 denoising steps per canvas; the demo's families settle in 2-6, where
 freezing settled positions is safe. This model answers the free-choice families of
-`demo.tasks.MANY_STEP_FAMILIES` (pick 5-12 or 24-40 increasing numbers in a range, name 4-10
-different words from a list: many right answers, so the distribution stays spread and the
+`demo.tasks.MANY_STEP_FAMILIES` (pick 5-12 or 24-40 different increasing numbers in a range:
+many right answers, so the distribution stays spread and the
 reference's entropy budget accepts few positions per step) plus sorting as a deterministic
 control. It starts from the shipped demo model (`mlx_diffusiongemma/demo/model`: its tokenizer,
 config and weights) and trains with the package's trainer (`train.loop.train`, float32, AdamW,

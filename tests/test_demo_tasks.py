@@ -117,6 +117,4 @@ def test_many_step_families_judge_validity_and_keep_the_split():
     q = "Pick 3 different numbers from 10 to 40 in increasing order."
     assert pick(q, "", "11 20 40") and not pick(q, "", "11 20 20") and not pick(q, "", "20 11 30")
     assert not pick(q, "", "5 20 30") and not pick(q, "", "11 20 41") and not pick(q, "", "11 20")
-    words = many["words"].judge
-    q = "Name 3 different words from: red cat sun moon"
-    assert words(q, "", "moon red cat") and not words(q, "", "moon red moon") and not words(q, "", "moon red dog")
+    assert set(many) >= {"pick", "pick_long", "sort"}

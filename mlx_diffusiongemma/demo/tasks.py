@@ -253,6 +253,8 @@ def held_out_set(family: str, n: int, seed: int = 1234,
 # Free-choice families whose answers have many right forms: a trained model's distribution stays
 # spread over them, so the reference sampler's entropy budget accepts few positions per step and a
 # canvas takes 20+ decoder passes, as real text does (docs/fast-mode.md). Judged by validity.
+# A third free-choice family ("name n different words from a list") was dropped: it settled in 14
+# passes (under the regime) and the 2.9M-parameter model did not learn to copy from the list.
 
 
 def _pick_between(rng, low_n: int, high_n: int):
@@ -271,27 +273,14 @@ def _judge_pick_between(prompt, reference, produced):
             and all(a < b for a, b in zip(values, values[1:])))
 
 
-def _words(rng):
-    n = rng.randint(4, 10)
-    pool = rng.sample(WORDS, min(len(WORDS), n + rng.randint(2, 8)))
-    return f"Name {n} different words from: {' '.join(pool)}", " ".join(rng.sample(pool, n))
-
-
-def _judge_words(prompt, reference, produced):
-    n = int(prompt.split()[1])
-    pool = set(prompt.split(": ", 1)[1].split())
-    words = produced.split()
-    return len(words) == n and len(set(words)) == n and all(w in pool for w in words)
-
-
 MANY_STEP_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("pick", lambda rng: _pick_between(rng, 5, 12), _judge_pick_between,
            "free choice: 5-12 increasing numbers in a range", "Pick 8 different numbers from 10 to 60 in increasing order."),
     Family("pick_long", lambda rng: _pick_between(rng, 24, 40), _judge_pick_between,
            "free choice, long: 24-40 increasing numbers in a range (most of a canvas)",
            "Pick 30 different numbers from 5 to 90 in increasing order."),
-    Family("words", _words, _judge_words, "free choice: 4-10 different words of a given list, any order",
-           "Name 5 different words from: red cat sun moon tree fish bird"),
     Family("sort", _sort, _exact, "sort 4-10 numbers (deterministic control)", "Sort these numbers: 42 7 19 88 3"),
 ]}
-MANY_STEP_WEIGHTS = {"pick": 3, "pick_long": 4, "words": 3, "sort": 1}
+# The mix of the instrument's last training stage (scripts/train_manystep.py, docs/fast-mode.md):
+# the long family gets the most, sorting enough to keep what the demo learnt.
+MANY_STEP_WEIGHTS = {"pick": 3, "pick_long": 5, "sort": 2}
