@@ -46,7 +46,10 @@ many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
 - `refresh_frozen`: a position frozen at a token its K/V were not computed from (a monotone
   commit's sampled token, a tail frozen at first sight) runs through the decoder once more, its
   logits discarded, so that the live rows attend to K/V of its final token (the turbo forward set:
-  live rows plus just-frozen ones). Positions after a frozen end token are never refreshed.
+  live rows plus just-frozen ones). That includes an end-of-text tail frozen at first sight: its
+  tokens are cut by the commit, but every live row attends to its K/V, which were computed from
+  the noise the tail held at that step (on the many-step instrument those stale rows cost 6 of 12
+  `pick` answers; refreshed once, none: docs/fast-mode.md).
 - `confidence_commit` (and `confidence_commit_late` after `confidence_switch_step` steps: the
   two-stage threshold): a position whose top probability (of the processed logits) reaches the
   threshold is frozen at its argmax.
@@ -212,7 +215,7 @@ class _FastBlock:
         live = [i for i in range(c) if not frozen[i]]
         if not live:
             return None
-        refresh = self._refresh_rows(state, frozen) if self.d.options.refresh_frozen else []
+        refresh = self._refresh_rows(state) if self.d.options.refresh_frozen else []
         real = live + refresh
         width = bucket_rows(len(real), c) if self.d.options.bucket else len(real)
         self._rows = real + [c] * (width - len(real))
@@ -221,20 +224,14 @@ class _FastBlock:
         soft = None if self.soft is None else self.soft[:, rows]
         return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(real))
 
-    def _refresh_rows(self, state: CanvasState, frozen: list[bool]) -> list[int]:
+    def _refresh_rows(self, state: CanvasState) -> list[int]:
         """Frozen positions whose K/V were computed from another token than the one they are
-        frozen at (`refresh_frozen`), up to the first frozen end token (the tail after it is cut)."""
+        frozen at (`refresh_frozen`), the tail after a frozen end token included: the commit cuts
+        its tokens, but the live rows still attend to its K/V."""
         if self.kv_ids is None:
             return []
         stale = (state.frozen & (state.ids != self.kv_ids)).tolist()
-        ids = state.ids.tolist()
-        out = []
-        for i in range(self.c):
-            if frozen[i] and ids[i] in self.d.eos_ids and self.d.stop_at_eos:
-                break
-            if stale[i]:
-                out.append(i)
-        return out
+        return [i for i in range(self.c) if stale[i]]
 
     def sample(self, logits, call: RowsCall, canvas, argmax, t, u, noise_ids, state: CanvasState,
                entropy_bound) -> StepOutput:
