@@ -77,6 +77,8 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
         (f"fast mode (default: + early commit gap {full.commit_gap:g})", "fast", full),
         ("fast mode without the EOS tail", "fast", replace(full, eos_tail_gap=None)),
         (f"fast mode with early commit gap {commit_gap:g}", "fast", replace(full, commit_gap=commit_gap)),
+        # What holds validity on the many-step instrument (scripts/bench_manystep.py).
+        ("fast mode without early commit, refreshed forward set", "fast", replace(no_commit, refresh_frozen=True)),
     ]
 
 

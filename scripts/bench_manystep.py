@@ -56,6 +56,8 @@ def configurations() -> list[tuple[str, str, Any]]:
         ("exact (reference sampler)", "exact", None),
         ("fast mode (default)", "fast", full),
         ("freeze settled only (no EOS tail, no early commit)", "fast", replace(full, commit_gap=None, eos_tail_gap=None)),
+        ("fast without early commit", "fast", replace(full, commit_gap=None)),
+        ("fast without early commit + refreshed forward set", "fast", replace(full, commit_gap=None, refresh_frozen=True)),
         ("monotone commit instead of the settle rule", "fast", replace(full, freeze=False, monotone=True, commit_gap=None)),
         ("monotone + refreshed forward set", "fast", turbo),
         ("fast + refreshed forward set", "fast", replace(full, refresh_frozen=True)),
