@@ -283,13 +283,17 @@ class Experts(nn.Module):
     # go through `_dense_weight`.
     dense: bool = False
     fast_act: bool = False
+    # From this many (token, slot) routes on, the routes are sorted by expert before the gather
+    # matmuls (mlx_lm's SwitchGLU uses the same 64): below it the sort and its inverse cost more
+    # than contiguous expert reads save. scripts/few_rows_moe.py times both sides per row count.
+    sort_from: int = 64
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         if self.dense:
             return self._dense(x, idx, weights)
         shape = idx.shape
         x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
-        sort = idx.size >= 64
+        sort = idx.size >= self.sort_from
         if sort:
             x, sidx, inv = _sort_by_expert(x, idx)
         else:
