@@ -152,14 +152,16 @@ def render(proj: dict, families: dict[str, dict], labels: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path)
-    p.add_argument("--labels", default=None, help="comma-separated configuration labels to show (default: all)")
+    # Repeated rather than comma-separated: labels such as "freeze settled only (no EOS tail, no
+    # early commit)" hold commas.
+    p.add_argument("--label", action="append", default=[], help="a configuration label to show (repeatable; default: all)")
     p.add_argument("--family", action="append", default=[], help="also a table for this family alone")
     p.add_argument("--update-docs", action="store_true")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
     proj = project(results)
     fams = {f: project(results, f) for f in args.family}
-    labels = args.labels.split(",") if args.labels else list(results["runs"])
+    labels = args.label or list(results["runs"])
     md = render(proj, fams, labels)
     print(md)
     if args.update_docs:
