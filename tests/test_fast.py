@@ -430,8 +430,9 @@ def test_turbo_knobs_are_off_by_default_and_checked():
     full = FastOptions()
     assert (full.monotone, full.refresh_frozen, full.confidence_commit, full.flush_after, full.repair) == (
         False, False, None, None, False)
+    assert full.refresh_every is None
     for bad in ({"confidence_commit": 1.5}, {"confidence_commit": 0.0}, {"flush_after": 0},
-                {"confidence_commit_late": 0.5}, {"confidence_switch_step": 0}):
+                {"confidence_commit_late": 0.5}, {"confidence_switch_step": 0}, {"refresh_every": 0}):
         with pytest.raises(ValueError):
             FastOptions(**bad)
     two = FastOptions(confidence_commit=0.9, confidence_commit_late=0.5, confidence_switch_step=3)
@@ -468,6 +469,24 @@ def test_monotone_commit_freezes_accepted_rows_at_their_sampled_token(demo):
             tokens[accepted] = np.array(e.canvas)[accepted]
             frozen |= accepted
     assert refreshed > 0
+
+
+def test_refresh_every_recomputes_every_frozen_row_on_schedule(demo):
+    """With `refresh_every=k`, the step after every k-th step runs every row of the canvas (the
+    frozen ones for their K/V only); the steps between compute the live rows alone, as without it."""
+    model, tok = demo
+    c = model.canvas_length
+    prompt = render_messages(tok, [{"role": "user", "content": "Pick 8 different numbers in increasing order."}])
+    base = replace(FastOptions(), commit_gap=None, eos_tail_gap=None, bucket=False)
+    rows = {}
+    for every in (None, 2):
+        req = Request(prompt, max_tokens=c, seed=4, fast=replace(base, refresh_every=every))
+        rows[every] = [e.live_rows for e in run(model, req) if isinstance(e, StepEvent)]
+    on_schedule = [r for s, r in enumerate(rows[2], start=1) if s > 1 and (s - 1) % 2 == 0]
+    between = [r for s, r in enumerate(rows[2], start=1) if s > 1 and (s - 1) % 2 == 1]
+    assert on_schedule and all(r == c for r in on_schedule)
+    assert any(r < c for r in between)  # rows froze, and were skipped between refreshes
+    assert any(r < c for r in rows[None][2:])  # without it the same steps skip frozen rows
 
 
 class _Flipping(_Scripted):

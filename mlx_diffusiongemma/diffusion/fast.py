@@ -50,6 +50,10 @@ many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
   tokens are cut by the commit, but every live row attends to its K/V, which were computed from
   the noise the tail held at that step (on the many-step instrument those stale rows cost 6 of 12
   `pick` answers; refreshed once, none: docs/fast-mode.md).
+- `refresh_every`: every that many steps, every frozen position runs through the decoder once
+  more (its logits discarded), so the live rows attend to K/V computed against the canvas as it is
+  now rather than as it was when the position settled (Fast-dLLM's periodic cache refresh; not a
+  turbo technique, measured beside them).
 - `confidence_commit` (and `confidence_commit_late` after `confidence_switch_step` steps: the
   two-stage threshold): a position whose top probability (of the processed logits) reaches the
   threshold is frozen at its argmax.
@@ -215,7 +219,13 @@ class _FastBlock:
         live = [i for i in range(c) if not frozen[i]]
         if not live:
             return None
-        refresh = self._refresh_rows(state) if self.d.options.refresh_frozen else []
+        every = self.d.options.refresh_every
+        if every is not None and self.steps and self.steps % every == 0:
+            refresh = [i for i in range(c) if frozen[i]]  # periodic: every frozen row, fresh K/V
+        elif self.d.options.refresh_frozen:
+            refresh = self._refresh_rows(state)
+        else:
+            refresh = []
         real = live + refresh
         width = bucket_rows(len(real), c) if self.d.options.bucket else len(real)
         self._rows = real + [c] * (width - len(real))

@@ -169,6 +169,9 @@ class FastOptions:
                           "at its sampled token.")
     refresh_frozen: bool = knob(False, bool, "Positions frozen at a token their K/V were not computed from run "
                                 "once more (the turbo forward set: live plus just-frozen rows).")
+    refresh_every: int | None = knob(None, int, "Every this many steps, every frozen position runs through the "
+                                     "decoder once more, its logits discarded, so the live rows attend to fresh "
+                                     "K/V (None: never).", low=1, high=MAX_STEPS)
     confidence_commit: float | None = knob(None, float, "Freeze a position at its argmax once its top "
                                            "probability reaches this (None: off).", low=0.0, high=1.0, above=0.0)
     confidence_commit_late: float | None = knob(None, float, "Two-stage threshold: the value used after "
