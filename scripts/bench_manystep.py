@@ -67,6 +67,10 @@ def configurations() -> list[tuple[str, str, Any]]:
         ("fast + repair", "fast", replace(full, repair=True)),
         ("turbo in our harness (monotone, refresh, threshold 0.9, repair)", "fast",
          replace(turbo, confidence_commit=0.9, repair=True)),
+        ("freeze settled only + every frozen row refreshed every 2 steps", "fast",
+         replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=2)),
+        ("freeze settled only + every frozen row refreshed every 4 steps", "fast",
+         replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=4)),
     ]
 
 
