@@ -48,8 +48,9 @@ many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
   logits discarded, so that the live rows attend to K/V of its final token (the turbo forward set:
   live rows plus just-frozen ones). That includes an end-of-text tail frozen at first sight: its
   tokens are cut by the commit, but every live row attends to its K/V, which were computed from
-  the noise the tail held at that step (on the many-step instrument those stale rows cost 6 of 12
-  `pick` answers; refreshed once, none: docs/fast-mode.md).
+  the noise the tail held at that step (on the many-step instrument, without early commit, those
+  stale rows cost 15 of 50 `pick` and 16 of 50 `pick_long` answers against refreshing them once:
+  docs/fast-mode.md).
 - `refresh_every`: every that many steps, every frozen position runs through the decoder once
   more (its logits discarded), so the live rows attend to K/V computed against the canvas as it is
   now rather than as it was when the position settled (Fast-dLLM's periodic cache refresh; not a
