@@ -31,14 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench_models  # noqa: E402
 import full_shape  # noqa: E402
+from recipe_cost import demo_questions, divergence_inputs  # noqa: E402
 
 import mlx_diffusiongemma as dg  # noqa: E402
 from mlx_diffusiongemma.checkpoint.loading import load_model  # noqa: E402
-from mlx_diffusiongemma.demo import shipped_demo_dir  # noqa: E402
-from mlx_diffusiongemma.demo.tasks import FAMILIES, held_out_set  # noqa: E402
-from mlx_diffusiongemma.prompts.render import render_messages  # noqa: E402
 
 BITS = (8, 4)
 # The released model's shape (scripts/full_shape.py's config; the plan needs no weights), with
@@ -115,14 +112,9 @@ def divergence(name: str, folder: Path, prompts: list[list[int]], seed: int = 0)
     return out
 
 
-def demo_cases(n: int) -> list[str]:
-    per = max(1, n // len(FAMILIES))
-    return [q for family in FAMILIES for q, _ in held_out_set(family, per)][:n]
-
-
 def agreement(n: int) -> dict[str, dict[str, float]]:
     model, tok = dg.load("demo", dtype="float32")
-    questions = demo_cases(n)
+    questions = demo_questions(n)
     ref = [dg.generate(model, tok, q, seed=0).tokens for q in questions]
     out = {}
     for bits in BITS:
@@ -154,15 +146,7 @@ def main(argv=None) -> int:
     results: dict = {"divergence": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            if name == "demo":
-                _, tok = dg.load("demo")
-                folder = shipped_demo_dir()
-                prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q in demo_cases(args.prompts)]
-            else:
-                folder = bench_models.build_hf_checkpoint(name, Path(tmp) / name)
-                rng = np.random.default_rng(1)
-                vocab = bench_models.PRESETS[name]["vocab"]
-                prompts = [rng.integers(3, vocab, int(rng.integers(16, 400))).tolist() for _ in range(args.prompts)]
+            folder, prompts = divergence_inputs(name, Path(tmp), args.prompts, longest=400)
             results["divergence"][name] = divergence(name, folder, prompts)
     if args.generate:
         results["generate"] = agreement(args.generate)

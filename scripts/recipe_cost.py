@@ -110,11 +110,24 @@ def divergence(name: str, folder: Path, prompts: list[list[int]], seed: int = 0)
     return out
 
 
-def demo_prompts(n: int) -> list[list[int]]:
-    _, tok = load("demo")
+def demo_questions(n: int) -> list[str]:
+    """`n` held-out demo questions, spread over the families."""
     per = max(1, n // len(FAMILIES))
-    return [render_messages(tok, [{"role": "user", "content": q}])
-            for family in FAMILIES for q, _ in held_out_set(family, per)][:n]
+    return [q for family in FAMILIES for q, _ in held_out_set(family, per)][:n]
+
+
+def divergence_inputs(name: str, root: Path, n: int, longest: int) -> tuple[Path, list[list[int]]]:
+    """The checkpoint and prompt ids a divergence table runs on (here and in kv_bits_cost.py):
+    the shipped demo with `n` of its held-out questions through the chat template, or the
+    `bench_models` preset `name` written under `root` with `n` random prompts of 16 to `longest`
+    ids (seeded)."""
+    if name == "demo":
+        _, tok = load("demo")
+        return shipped_demo_dir(), [render_messages(tok, [{"role": "user", "content": q}]) for q in demo_questions(n)]
+    folder = bench_models.build_hf_checkpoint(name, root / name)
+    rng = np.random.default_rng(1)
+    vocab = bench_models.PRESETS[name]["vocab"]
+    return folder, [rng.integers(3, vocab, int(rng.integers(16, longest))).tolist() for _ in range(n)]
 
 
 def main(argv=None) -> int:
@@ -137,13 +150,7 @@ def main(argv=None) -> int:
     results["divergence"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m for m in args.models.split(",") if m]:
-            if name == "demo":
-                folder, prompts = shipped_demo_dir(), demo_prompts(args.prompts)
-            else:
-                folder = bench_models.build_hf_checkpoint(name, Path(tmp) / name)
-                rng = np.random.default_rng(1)
-                vocab = bench_models.PRESETS[name]["vocab"]
-                prompts = [rng.integers(3, vocab, int(rng.integers(16, 200))).tolist() for _ in range(args.prompts)]
+            folder, prompts = divergence_inputs(name, Path(tmp), args.prompts, longest=200)
             results["divergence"][name] = divergence(name, folder, prompts)
 
     recipes = ("bf16",) + MIXED
