@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError
 from ..model.args import parse_model_args
-from ..model.cache import check_kv_bits, default_group_size
+from ..model.cache import kv_group_size_for
 from ..model.model import Model, is_vision_key, map_key
 from .adapters import load_adapters, materialize
 from .config import load_generation_defaults, load_model_args
@@ -99,13 +99,12 @@ def load_model(
         args.vision = None
     shapes, stored = stored_tensors(folder)
     check_config_against_headers(args, shapes, str(folder))
-    kv_group_size = _kv_group_size(args, kv_bits, kv_group_size)
-    plan = plan_memory(folder, args, stored, quantize=quantize, dtype=dtype, context=context)
-    plan = replace(plan, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None)
+    plan = _with_kv(plan_memory(folder, args, stored, quantize=quantize, dtype=dtype, context=context),
+                    args, kv_bits, kv_group_size)
     plan.check()
     set_wired_limit()
     model = Model(args, load_generation_defaults(folder, config), folder)
-    model.set_kv_bits(kv_bits, kv_group_size)
+    model.set_kv_bits(kv_bits, plan.kv_group_size)
     model.memory_plan = plan
     weights: dict[str, mx.array] = {}
     for _, shard in iter_checkpoint(folder):
@@ -156,15 +155,14 @@ def plan(path_or_repo: str | Path, *, context: int | None = None, quantize: str 
     args = load_model_args(folder, read_json(folder / "config.json"))
     if text_only:
         args.vision = None
-    group = _kv_group_size(args, kv_bits, kv_group_size)
-    return replace(_plan_of(folder, args, quantize, context), kv_bits=kv_bits, kv_group_size=group if kv_bits else None)
+    return _with_kv(_plan_of(folder, args, quantize, context), args, kv_bits, kv_group_size)
 
 
-def _kv_group_size(args, kv_bits: int | None, kv_group_size: int | None) -> int:
-    """The quantized cache's group size (checked against the model, ValueError if unusable)."""
-    group = default_group_size(args.text.head_dims) if kv_group_size is None else kv_group_size
-    check_kv_bits(kv_bits, group, args.text.head_dims)
-    return group
+def _with_kv(plan: MemoryPlan, args, kv_bits: int | None, kv_group_size: int | None) -> MemoryPlan:
+    """`plan` with the prompt cache held at `kv_bits` (checked against the model: ValueError if
+    unusable); the group size is recorded only for a quantized cache."""
+    group = kv_group_size_for(kv_bits, kv_group_size, args.text.head_dims)
+    return replace(plan, kv_bits=kv_bits, kv_group_size=group if kv_bits else None)
 
 
 def _plan_of(folder: Path, args, quantize: str | None, context: int | None) -> MemoryPlan:

@@ -34,6 +34,14 @@ def default_group_size(head_dims) -> int:
     return KV_GROUP_SIZE if all(d % KV_GROUP_SIZE == 0 for d in head_dims) else 32
 
 
+def kv_group_size_for(kv_bits, group_size, head_dims) -> int:
+    """The quantized cache's group size: `group_size`, or (None) `default_group_size`; checked
+    with the bits against the model's head dims (`check_kv_bits`: ValueError if unusable)."""
+    group = default_group_size(head_dims) if group_size is None else group_size
+    check_kv_bits(kv_bits, group, head_dims)
+    return group
+
+
 def check_kv_bits(kv_bits, group_size, head_dims=()) -> None:
     """Raise ValueError (one line) unless `kv_bits`/`group_size` are a quantized cache this model
     can hold: bits in `KV_BITS` (or None), a group size in `KV_GROUP_SIZES` dividing every head dim."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import activations
 from .args import PREFILL_CHUNK, GenerationDefaults, ModelArgs, TextArgs, VisionArgs
-from .cache import KV_GROUP_SIZE, CanvasKV, LayerKV, PromptCache, check_kv_bits, default_group_size
+from .cache import KV_GROUP_SIZE, CanvasKV, LayerKV, PromptCache, kv_group_size_for
 from .layers import AttentionBiases, Layer, SelfConditioning, split_attention
 from .vision import MultimodalEmbedder, VisionTower
 
@@ -122,9 +122,7 @@ class Model(nn.Module):
         """Hold every new prompt cache's K/V quantized to `kv_bits` (4 or 8; None: float, exact),
         in groups of `group_size` (default `cache.default_group_size`), as mlx-lm's `--kv-bits` /
         `--kv-group-size`; ValueError for values this model cannot use."""
-        group_size = default_group_size(self.text.head_dims) if group_size is None else group_size
-        check_kv_bits(kv_bits, group_size, self.text.head_dims)
-        self.kv_bits, self.kv_group_size = kv_bits, group_size
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size_for(kv_bits, group_size, self.text.head_dims)
 
     # -- structure ---------------------------------------------------------------------------
     @property
