@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import mlx.core as mx
 import numpy as np
@@ -371,10 +371,17 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         api = generate(model, tok, prompt, max_tokens=32, seed=2, mode="fast", fast=options)
         assert json.loads(result.stdout)["text"] == api.text
+        assert json.loads(result.stdout)["fast"] == asdict(options)
         texts.add(api.text)
     assert len(texts) == 3
-    bad = runner.invoke(cli.app, [*args, "--fast-commit-gap", "2"], prog_name="dgemma")
-    assert bad.exit_code == 1 and "add --fast" in bad.output
+    windowed = runner.invoke(cli.app, [*args, "--fast", "--fast-bound-window", "4"], prog_name="dgemma")
+    assert windowed.exit_code == 0, windowed.output
+    assert json.loads(windowed.stdout)["fast"] == asdict(FastOptions(bound_window=4, thaw=True))
+    for extra in (["--fast-commit-gap", "2"], ["--fast-bound-window", "4"]):
+        bad = runner.invoke(cli.app, [*args, *extra], prog_name="dgemma")
+        assert bad.exit_code == 1 and "add --fast" in bad.output
+    too_wide = runner.invoke(cli.app, [*args, "--fast", "--fast-bound-window", "999"], prog_name="dgemma")
+    assert too_wide.exit_code == 2
 
 
 def test_fast_accounting_matches_the_exact_step_and_scales_with_rows():
@@ -536,3 +543,90 @@ def test_repair_pass_recomputes_the_committed_canvas_and_keeps_pins():
     assert fixed.tokens == [7, 8, 9, 10, 1] and fixed.live_rows == [[12, 12]]  # the repair pass is counted
     pinned = _go(_Flipping(), replace(sure, repair=True), canvases={0: CanvasState.from_lists(12, pins={1: 30})})
     assert pinned.tokens == [7, 30, 9, 10, 1]
+
+
+# -- bound_window: frozen neighbours of live rows count in the entropy bound -------------------------
+
+
+class _Even(_Scripted):
+    """Every row equally unsure of token 7 (entropy ~0.04 at a temperature of ~0.6): the entropy
+    bound of 0.1 accepts two or three rows a step, ties broken by canvas position. A vocabulary of
+    2048 keeps the noise off token 7 (a noisy row holding the argmax would settle by chance)."""
+
+    vocab_size = 2048
+
+    def _logits(self, rows):
+        self.calls += 1
+        return mx.where(mx.arange(self.vocab_size) == 7, 8.0, 0.0)[None, None] + mx.zeros((1, rows.shape[0], 1))
+
+
+def test_bound_window_counts_frozen_neighbours_in_the_entropy_bound():
+    """With every frozen row in the window, the rows a step accepts are the exact path's (frozen
+    rows take the share of the bound that the tokens they hold take there); counted as certain,
+    they leave the bound to the live rows, which then accept positions the exact path does not."""
+    sampler = SamplerOptions(max_denoising_steps=8, t_min=0.59, t_max=0.6, confidence_threshold=1e-6)
+
+    def accepted(fast):
+        req = Request([3, 4], max_tokens=12, seed=0, fast=fast, sampler=sampler)
+        return [np.array(e.accepted) for e in run(_Even(), req) if isinstance(e, StepEvent)]
+
+    exact = accepted(None)
+    freeze = replace(FastOptions.none(), freeze=True)
+    assert len(exact) == 8 and all(a.sum() < 12 for a in exact)  # the bound held rows back at every step
+    assert [a.tolist() for a in accepted(replace(freeze, bound_window=12))] == [a.tolist() for a in exact]
+    assert any((a != b).any() for a, b in zip(accepted(freeze), exact))
+
+
+def test_bound_window_runs_the_frozen_neighbours_of_live_rows(demo):
+    """Each step computes the live rows and the frozen ones within the window of a live row."""
+    model, tok = demo
+    c = model.canvas_length
+    prompt = render_messages(tok, [{"role": "user", "content": "Pick 8 different numbers in increasing order."}])
+    fast = replace(FastOptions(), commit_gap=None, eos_tail_gap=None, bucket=False, bound_window=2)
+    neighbours = 0
+    for e in run(model, Request(prompt, max_tokens=c, seed=4, fast=fast)):
+        if not isinstance(e, StepEvent):
+            continue
+        frozen = np.zeros(c, bool) if e.pinned is None else np.array(e.pinned)
+        live = np.flatnonzero(~frozen)
+        near = {j for i in live for j in range(max(0, i - 2), min(c, i + 3)) if frozen[j]}
+        assert e.live_rows == len(live) + len(near)
+        neighbours += len(near)
+    assert neighbours > 0
+    with pytest.raises(ValueError):
+        FastOptions(bound_window=0)
+
+
+class _Doubting(_Scripted):
+    """Sure of rows 0-5 for two decoder calls (they settle and freeze), then no longer sure of row 0
+    (flat logits: the largest entropy there is); rows 6-11 are noise forever (they stay live)."""
+
+    vocab_size = 2048
+
+    def _logits(self, rows):
+        self.calls += 1
+        sure = mx.where(mx.arange(self.vocab_size)[None] == (rows[:, None] + 7), 30.0, 0.0)[None]
+        noise = mx.random.normal((1, rows.shape[0], self.vocab_size), key=mx.random.key(self.calls)) * 0.1
+        logits = mx.where((rows < 6)[None, :, None], sure, noise)
+        if self.calls > 2:
+            logits = mx.where((rows == 0)[None, :, None], 0.0, logits)
+        return logits
+
+
+def test_thaw_renoises_a_frozen_row_the_bound_rejects():
+    """With `thaw`, a frozen row in the window whose entropy the bound no longer admits is renoised
+    and live again, as a held token the bound rejects is on the exact path; without it, it stays."""
+    base = replace(FastOptions.none(), freeze=True, bound_window=12)
+    trace = {}
+    for thaw in (False, True):
+        req = Request([3, 4], max_tokens=12, seed=0, fast=replace(base, thaw=thaw),
+                      sampler=SamplerOptions(max_denoising_steps=5, confidence_threshold=1e-6))
+        trace[thaw] = [e for e in run(_Doubting(), req) if isinstance(e, StepEvent)]
+    for events in trace.values():
+        assert np.array(events[2].pinned)[:6].all()  # rows 0-5 froze after step 2
+    assert not np.array(trace[True][2].accepted)[0]  # step 3's bound rejects row 0
+    assert np.array(trace[False][3].pinned)[0] and trace[False][2].canvas[0].item() == 7
+    assert not np.array(trace[True][3].pinned)[0] and trace[True][2].canvas[0].item() != 7
+    assert np.array(trace[True][3].pinned)[1:6].all()  # the others stay frozen
+    with pytest.raises(ValueError):
+        FastOptions(thaw=True)  # it reads the bound window's rows

@@ -25,6 +25,7 @@ import typer
 
 from mlx_diffusiongemma.diffusion.options import (
     GENERATION_KNOBS,
+    MAX_BOUND_WINDOW,
     FastOptions,
     GenerationOptions,
     Knob,
@@ -137,8 +138,9 @@ def knob_flag(name: str, default: Any = None) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-# Fast mode's flags: the path (`--fast/--exact`) and the two techniques whose best setting depends
-# on the model and the machine (the others are switched in Python, `FastOptions`).
+# Fast mode's flags: the path (`--fast/--exact`), the two techniques whose best setting depends
+# on the model and the machine, and the bound window that long free-choice text needs
+# (docs/fast-mode.md); the others are switched in Python, `FastOptions`.
 _FAST = FastOptions()
 FAST_FLAGS = [
     inspect.Parameter("fast", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
@@ -153,6 +155,12 @@ FAST_FLAGS = [
         Optional[bool], typer.Option("--fast-eos-tail/--no-fast-eos-tail",
                                      help="Fast mode: freeze a certain end-of-text tail right after the step that "
                                           "predicts it (default on).")]),
+    inspect.Parameter("fast_bound_window", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option("--fast-bound-window", min=0, max=MAX_BOUND_WINDOW,
+                                    help="Fast mode: frozen positions this close to a live one are recomputed, "
+                                         "count in the entropy bound and are renoised when it rejects them, as on "
+                                         "the exact path (0: off, the default; 4 holds long free-choice answers: "
+                                         "docs/fast-mode.md).")]),
 ]
 
 
@@ -162,18 +170,22 @@ def _finite(value: float) -> float:
     return value
 
 
-def fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None) -> FastOptions | None:
+def fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None,
+                 bound_window: int | None = None) -> FastOptions | None:
     """The FastOptions the fast-mode flags ask for (None: the exact path); the technique flags
     need `--fast`."""
     if not fast:
-        if commit_gap is not None or eos_tail is not None:
-            raise ValueError("--fast-commit-gap and --fast-eos-tail apply to fast mode: add --fast")
+        if commit_gap is not None or eos_tail is not None or bound_window is not None:
+            raise ValueError("--fast-commit-gap, --fast-eos-tail and --fast-bound-window apply to fast mode: "
+                             "add --fast")
         return None
     options = FastOptions()
     if commit_gap is not None:
         options = replace(options, commit_gap=commit_gap or None)
     if eos_tail is False:
         options = replace(options, eos_tail_gap=None)
+    if bound_window:  # with thaw: the window without it was measured worse (docs/fast-mode.md)
+        options = replace(options, bound_window=bound_window, thaw=True)
     return options
 
 
@@ -194,7 +206,7 @@ def generation_flags(*names: str, fast: bool = False, **defaults: Any):
             for p in MLX_LM_ONLY_FLAGS:  # refused by their callbacks when given
                 kwargs.pop(p.name)
             knobs = {n: kwargs.pop(n) for n in names}
-            path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else [False, None, None]
+            path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else [False, None, None, None]
             with handle_errors(kwargs.get("debug", False)):
                 sampler = {k: knobs.pop(k) for k in list(knobs) if k in sampler_keys and knobs[k] is not None}
                 options = GenerationOptions.from_kwargs(**{k: v for k, v in knobs.items() if v is not None},

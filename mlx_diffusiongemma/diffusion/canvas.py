@@ -16,7 +16,9 @@ Every canvas position is in one of three states:
 * FROZEN -- a position a schedule declared settled: it is PINNED (`pinned` is True, `ids` holds the
   token it settled on) and also flagged in `frozen`, which tells the decoder it MAY reuse the
   position's stale per-layer K/V instead of recomputing it (fast mode). The sampler treats
-  FROZEN exactly like PINNED. Invariant: `frozen` implies `pinned`.
+  FROZEN exactly like PINNED (except that fast mode's `bound_window` counts the frozen neighbours of
+  live positions in the entropy bound with their current entropy; their token stays). Invariant:
+  `frozen` implies `pinned`.
 
 `CanvasState` (per block, arrays of length C = canvas_length) holds `pinned [C] bool`,
 `ids [C] int32`, `frozen [C] bool`, optionally a warm start (`warm [C] int32` with `warm_mask
@@ -56,6 +58,7 @@ __all__ = [
     "live_state",
     "pin",
     "freeze",
+    "thaw",
     "initial_canvas",
     "state_for",
     "check_state",
@@ -115,6 +118,12 @@ def pin(state: CanvasState, mask: mx.array, ids: mx.array) -> CanvasState:
 def freeze(state: CanvasState, mask: mx.array, ids: mx.array) -> CanvasState:
     """`state` with the positions of `mask` FROZEN at `ids` (normally the step's argmax)."""
     return replace(pin(state, mask, ids), frozen=state.frozen | mask)
+
+
+def thaw(state: CanvasState, mask: mx.array) -> CanvasState:
+    """`state` with the FROZEN positions of `mask` LIVE again (the request's own pins stay)."""
+    mask = mask & state.frozen
+    return replace(state, pinned=state.pinned & ~mask, frozen=state.frozen & ~mask)
 
 
 class StepView(NamedTuple):

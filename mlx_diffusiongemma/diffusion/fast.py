@@ -55,6 +55,23 @@ many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
   more (its logits discarded), so the live rows attend to K/V computed against the canvas as it is
   now rather than as it was when the position settled (Fast-dLLM's periodic cache refresh; not a
   turbo technique, measured beside them).
+- `bound_window`: the frozen positions within this distance of a live one run through the decoder
+  at every step (their K/V refreshed too) and count in the step's entropy bound with the entropy
+  they have now, as the tokens a canvas holds do on the exact path (their tokens stay frozen).
+  Otherwise a frozen position counts as certain (entropy 0) and leaves the whole bound to the live
+  rows, which then accept more positions per step than the exact path would: on free-choice tasks
+  (`pick_long`, 24-40 different numbers in order) positions settle side by side on locally
+  plausible tokens, and the duplicates and order breaks that the exact path avoids are frozen in.
+- `thaw` (with `bound_window`): a frozen position in the window that the entropy bound does not
+  accept is renoised and live again, as a held token the bound rejects is on the exact path
+  (there it is replaced by noise at once). Settled tokens rarely move on the exact path (7 of 201
+  on 6 `pick_long` prompts), but one that does is often what makes a long answer valid. A frozen
+  row run again with its own token as input predicts that token (it was never thawed by an argmax
+  that moved: tried, 0-1 such rows per answer), so the bound's verdict is the signal.
+  On the many-step instrument freezing cost 20 of 43 `pick_long` answers; recomputing every frozen
+  row at every step without counting it in the bound recovered 1 of 5 lost in 12 prompts; the
+  window of 4 with thaw gives 40 of 50 against the exact path's 43 (36 against 37 on a second
+  draw), the window alone 34 (docs/fast-mode.md).
 - `confidence_commit` (and `confidence_commit_late` after `confidence_switch_step` steps: the
   two-stage threshold): a position whose top probability (of the processed logits) reaches the
   threshold is frozen at its argmax.
@@ -107,6 +124,7 @@ class SettleRule:
         self.tail_gap = fast.eos_tail_gap if stop_at_eos else None
         self._previous: mx.array | None = None  # the last step's draft
         self.top_p: mx.array | None = None  # [C] the last step's top probability (1 where not computed)
+        self.thawed: mx.array | None = None  # [C] frozen positions the last step's bound rejected (`thaw`)
 
     def _is_eos(self, argmax: mx.array) -> mx.array:
         return mx.any(argmax[:, None] == self.eos[None, :], axis=-1)
@@ -115,6 +133,10 @@ class SettleRule:
         # The previous step's draft as the block loop left it: forced to the pins of the state
         # this step ran with (pins take effect at once).
         state = view.state
+        thawed = self.thawed
+        if thawed is not None:  # live again from here: renoised, they cannot settle at this step
+            state = canvas_state.thaw(state, thawed)
+            self.thawed = None
         if self._previous is None:
             previous = mx.full(view.argmax.shape, -1, dtype=mx.int32)
         else:
@@ -125,15 +147,18 @@ class SettleRule:
         if threshold is not None and self.top_p is not None:
             confident = self.top_p >= threshold
         monotone = (view.accepted, view.canvas) if self.fast.monotone else None
-        return self.settle(state, view.step_input, view.argmax, previous, view.gap, confident, monotone)
+        return self.settle(state, view.step_input, view.argmax, previous, view.gap, confident, monotone, thawed)
 
     def settle(self, state: CanvasState, step_input: mx.array, argmax: mx.array, previous: mx.array,
                gap: mx.array, confident: mx.array | None = None,
-               monotone: tuple[mx.array, mx.array] | None = None) -> CanvasState:
+               monotone: tuple[mx.array, mx.array] | None = None, thawed: mx.array | None = None) -> CanvasState:
         """All arrays `[C]`; `gap` is +inf at rows not computed this step (they cannot settle by gap).
         `confident`: rows to freeze at their argmax (the confidence threshold); `monotone`: the
-        step's (accepted, next canvas), the accepted rows frozen at their sampled token."""
+        step's (accepted, next canvas), the accepted rows frozen at their sampled token; `thawed`:
+        rows just made live again (renoised: they do not settle on this step's input)."""
         same = (step_input == argmax) & ~state.pinned
+        if thawed is not None:
+            same = same & ~thawed
         settled = same & (argmax == previous)
         if self.fast.commit_gap is not None:
             settled = settled | (same & (gap >= self.fast.commit_gap) & mx.isfinite(gap))
@@ -207,6 +232,7 @@ class _FastBlock:
         self.padded_rows: list[int] = []
         self._rows: list[int] = []
         self._computed: list[bool] = []
+        self._bounded: list[bool] = []  # rows that are frozen positions counted in the entropy bound
         self.kv_ids: mx.array | None = None  # [C] the token each position's K/V were last computed from
         self.steps = 0
 
@@ -227,10 +253,14 @@ class _FastBlock:
             refresh = self._refresh_rows(state)
         else:
             refresh = []
-        real = live + refresh
+        window = self.d.options.bound_window
+        near = set() if window is None else _near(live, frozen, window)
+        # Live and bounded rows in canvas order: the bound breaks entropy ties by position, as the exact path does.
+        real = sorted(live + list(near)) + [r for r in refresh if r not in near]
         width = bucket_rows(len(real), c) if self.d.options.bucket else len(real)
         self._rows = real + [c] * (width - len(real))
         self._computed = [r < c and not frozen[r] for r in self._rows]  # rows whose step results count
+        self._bounded = [r in near for r in self._rows]
         rows = mx.array(self._rows, dtype=mx.int32)
         soft = None if self.soft is None else self.soft[:, rows]
         return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(real))
@@ -264,21 +294,29 @@ class _FastBlock:
                 return [soft]
             return [soft, _top_probability(processed, top_k is not None)]
 
+        pinned_rows = pad(state.pinned)[rows][None]
+        bounded = valid
+        if any(self._bounded):  # frozen neighbours enter the bound with their entropy (their token stays)
+            near = mx.array([self._bounded])
+            pinned_rows, bounded = pinned_rows & ~near, valid | near
         res, kept = sampler.chunked_step(logits, pad(canvas)[:, rows], t, pad(u)[:, rows], pad(noise_ids)[:, rows],
-                                         entropy_bound, keep=keep, pinned=pad(state.pinned)[rows][None],
-                                         ids=pad(state.ids)[rows][None], valid=valid, allowed=allowed, top_k=top_k,
-                                         with_gap=True)
+                                         entropy_bound, keep=keep, pinned=pinned_rows, ids=pad(state.ids)[rows][None],
+                                         valid=bounded, allowed=allowed, top_k=top_k, with_gap=True)
 
         def scatter(full, part, fill=None):
             base = pad(full if fill is None else mx.full(full.shape, fill, dtype=part.dtype))
             return mx.put_along_axis(base, rows[None], part.astype(base.dtype), axis=-1)[..., :c]
 
-        frozen = state.frozen[None]
+        frozen, pinned = state.frozen[None], state.pinned[None]
+        if fast.thaw and any(self._bounded):  # a frozen row the bound rejects is renoised, as on the exact path
+            rejected = scatter(argmax, mx.array([self._bounded]) & ~res.accepted, False)
+            frozen, pinned = frozen & ~rejected, pinned & ~rejected
+            self.rule.thawed = rejected[0]
         next_canvas = mx.where(frozen, canvas, scatter(canvas, res.next_canvas))
         next_argmax = mx.where(frozen, argmax, scatter(argmax, res.argmax))
-        accepted = state.pinned[None] | scatter(argmax, res.accepted, False)
-        entropy = scatter(argmax, res.token_entropy, 0.0).astype(mx.float32) * (~state.pinned[None])
-        gap = mx.where(state.frozen[None], mx.inf, scatter(argmax, res.gap, float("inf")).astype(mx.float32))
+        accepted = pinned | scatter(argmax, res.accepted, False)
+        entropy = scatter(argmax, res.token_entropy, 0.0).astype(mx.float32) * ~pinned
+        gap = mx.where(frozen, mx.inf, scatter(argmax, res.gap, float("inf")).astype(mx.float32))
         if fast.refresh_frozen:  # the token each computed row's K/V now hold
             before = canvas[0] if self.kv_ids is None else self.kv_ids
             self.kv_ids = mx.put_along_axis(pad(before), rows, pad(canvas[0])[rows], axis=-1)[:c]
@@ -330,6 +368,14 @@ class _FastBlock:
     def arrays(self) -> list[mx.array]:
         extra = [x for x in (self.kv_ids, self.rule.top_p) if x is not None]
         return ([] if self.soft is None else [self.soft]) + self.kv.state() + extra
+
+
+def _near(live: list[int], frozen: list[bool], window: int) -> set[int]:
+    """The frozen positions within `window` of a live one."""
+    near = set()
+    for i in live:
+        near.update(j for j in range(max(0, i - window), min(len(frozen), i + window + 1)) if frozen[j])
+    return near
 
 
 def _top_probability(signal: mx.array, top_k: bool) -> mx.array:

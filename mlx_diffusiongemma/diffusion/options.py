@@ -24,6 +24,7 @@ MAX_STEPS = 1024  # denoising steps per block, and steps of history for the stop
 MAX_BLOCKS = 4096  # canvases per reply (the noise keys are split this many ways)
 SEED_MAX = 2**64 - 1  # what `mx.random.key` takes
 MAX_TOP_K = 4096
+MAX_BOUND_WINDOW = 256  # the released canvas: a wider window already reaches every frozen position
 
 
 class KnobError(ValueError):
@@ -172,6 +173,12 @@ class FastOptions:
     refresh_every: int | None = knob(None, int, "Every this many steps, every frozen position runs through the "
                                      "decoder once more, its logits discarded, so the live rows attend to fresh "
                                      "K/V (None: never).", low=1, high=MAX_STEPS)
+    bound_window: int | None = knob(None, int, "Frozen positions within this distance of a live one run "
+                                    "through the decoder at every step and count in the entropy bound with their "
+                                    "current entropy, as held tokens do on the exact path (None: frozen positions "
+                                    "count as certain).", low=1, high=MAX_BOUND_WINDOW)
+    thaw: bool = knob(False, bool, "With bound_window: a frozen position the entropy bound does not accept is "
+                      "live again, renoised, as a held token the bound rejects is on the exact path.")
     confidence_commit: float | None = knob(None, float, "Freeze a position at its argmax once its top "
                                            "probability reaches this (None: off).", low=0.0, high=1.0, above=0.0)
     confidence_commit_late: float | None = knob(None, float, "Two-stage threshold: the value used after "
@@ -188,6 +195,8 @@ class FastOptions:
         _check_fields(self)
         if self.confidence_commit_late is not None and self.confidence_commit is None:
             raise ValueError("confidence_commit_late needs confidence_commit (the first stage's threshold)")
+        if self.thaw and self.bound_window is None:
+            raise ValueError("thaw needs bound_window (the frozen rows whose entropy the bound sees)")
 
     @classmethod
     def none(cls) -> "FastOptions":
