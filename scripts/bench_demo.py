@@ -79,6 +79,12 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
         (f"fast mode with early commit gap {commit_gap:g}", "fast", replace(full, commit_gap=commit_gap)),
         # What holds validity on the many-step instrument (scripts/bench_manystep.py).
         ("fast mode without early commit, refreshed forward set", "fast", replace(no_commit, refresh_frozen=True)),
+        ("fast mode without early commit, refreshed forward set, neighbours within 4 + thaw", "fast",
+         replace(no_commit, refresh_frozen=True, bound_window=4, thaw=True)),
+        ("freeze settled only, neighbours within 4 + thaw", "fast",
+         replace(no_commit, eos_tail_gap=None, bound_window=4, thaw=True)),
+        ("fast mode, refreshed forward set, neighbours within 4 + thaw", "fast",
+         replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
     ]
 
 

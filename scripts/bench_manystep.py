@@ -71,6 +71,18 @@ def configurations() -> list[tuple[str, str, Any]]:
          replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=2)),
         ("freeze settled only + every frozen row refreshed every 4 steps", "fast",
          replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=4)),
+        ("freeze settled only + frozen neighbours within 4 in the entropy bound", "fast",
+         replace(full, commit_gap=None, eos_tail_gap=None, bound_window=4)),
+        ("fast without early commit + refreshed forward set + neighbours within 4 in the bound", "fast",
+         replace(full, commit_gap=None, refresh_frozen=True, bound_window=4)),
+        ("fast + refreshed forward set + neighbours within 4 in the bound", "fast",
+         replace(full, refresh_frozen=True, bound_window=4)),
+        ("freeze settled only + neighbours within 4 in the bound + thaw", "fast",
+         replace(full, commit_gap=None, eos_tail_gap=None, bound_window=4, thaw=True)),
+        ("fast without early commit + refreshed forward set + neighbours within 4 + thaw", "fast",
+         replace(full, commit_gap=None, refresh_frozen=True, bound_window=4, thaw=True)),
+        ("fast + refreshed forward set + neighbours within 4 + thaw", "fast",
+         replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
     ]
 
 
