@@ -85,6 +85,8 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
          replace(no_commit, eos_tail_gap=None, bound_window=4, thaw=True)),
         ("fast mode, refreshed forward set, neighbours within 4 + thaw", "fast",
          replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
+        ("fast mode, refreshed forward set, neighbours within 4 + thaw, early commit gap 3", "fast",
+         replace(full, refresh_frozen=True, bound_window=4, thaw=True, commit_gap=3.0)),
     ]
 
 

@@ -83,6 +83,8 @@ def configurations() -> list[tuple[str, str, Any]]:
          replace(full, commit_gap=None, refresh_frozen=True, bound_window=4, thaw=True)),
         ("fast + refreshed forward set + neighbours within 4 + thaw", "fast",
          replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
+        ("fast + refreshed forward set + neighbours within 4 + thaw, early commit gap 3", "fast",
+         replace(full, refresh_frozen=True, bound_window=4, thaw=True, commit_gap=3.0)),
     ]
 
 

@@ -376,7 +376,7 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
     assert len(texts) == 3
     windowed = runner.invoke(cli.app, [*args, "--fast", "--fast-bound-window", "4"], prog_name="dgemma")
     assert windowed.exit_code == 0, windowed.output
-    assert json.loads(windowed.stdout)["fast"] == asdict(FastOptions(bound_window=4, thaw=True))
+    assert json.loads(windowed.stdout)["fast"] == asdict(FastOptions(bound_window=4, thaw=True, refresh_frozen=True))
     for extra in (["--fast-commit-gap", "2"], ["--fast-bound-window", "4"]):
         bad = runner.invoke(cli.app, [*args, *extra], prog_name="dgemma")
         assert bad.exit_code == 1 and "add --fast" in bad.output

@@ -159,7 +159,8 @@ FAST_FLAGS = [
         Optional[int], typer.Option("--fast-bound-window", min=0, max=MAX_BOUND_WINDOW,
                                     help="Fast mode: frozen positions this close to a live one are recomputed, "
                                          "count in the entropy bound and are renoised when it rejects them, as on "
-                                         "the exact path (0: off, the default; 4 holds long free-choice answers: "
+                                         "the exact path; frozen positions with stale K/V are refreshed (0: off, "
+                                         "the default; 4 with --fast-commit-gap 3 holds long free-choice answers: "
                                          "docs/fast-mode.md).")]),
 ]
 
@@ -184,8 +185,8 @@ def fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None,
         options = replace(options, commit_gap=commit_gap or None)
     if eos_tail is False:
         options = replace(options, eos_tail_gap=None)
-    if bound_window:  # with thaw: the window without it was measured worse (docs/fast-mode.md)
-        options = replace(options, bound_window=bound_window, thaw=True)
+    if bound_window:  # the setting measured on the many-step instrument: without thaw or the refresh it did worse
+        options = replace(options, bound_window=bound_window, thaw=True, refresh_frozen=True)
     return options
 
 
