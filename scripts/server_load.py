@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max_denoising_steps (default: the model's)")
+    ap.add_argument("--mode", choices=("exact", "fast"), default=None,
+                    help="the requests' path (default: the server's); fast requests are not batched yet (issue 31)")
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
             "max_tokens": args.max_tokens}
     if args.steps:
         base["max_denoising_steps"] = args.steps
+    if args.mode:
+        base["mode"] = args.mode
     rows, failed = [], False
     try:
         # Warm-up (compilation, first allocations), not measured.
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"model {args.model} · {args.requests} streaming requests per client · max_tokens {args.max_tokens}"
-          f" · steps {args.steps or 'default'} · server RSS after warm-up {rss0:.0f} MB · {os.cpu_count()} CPUs")
+          f" · steps {args.steps or 'default'} · mode {args.mode or 'server default'} · server RSS after warm-up {rss0:.0f} MB · {os.cpu_count()} CPUs")
     print()
     print("| clients | responses ok | completion tokens | wall s | aggregate tok/s | mean first text s | mean latency s | server RSS MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
