@@ -17,8 +17,9 @@ Every canvas position is in one of three states:
   token it settled on) and also flagged in `frozen`, which tells the decoder it MAY reuse the
   position's stale per-layer K/V instead of recomputing it (fast mode). The sampler treats
   FROZEN exactly like PINNED (except that fast mode's `bound_window` counts the frozen neighbours of
-  live positions in the entropy bound with their current entropy; their token stays). Invariant:
-  `frozen` implies `pinned`.
+  live positions in the entropy bound with their current entropy, their token kept, and its
+  `thaw` makes one the bound rejects LIVE again: `thaw(state, mask)`). Invariant: `frozen` implies
+  `pinned`.
 
 `CanvasState` (per block, arrays of length C = canvas_length) holds `pinned [C] bool`,
 `ids [C] int32`, `frozen [C] bool`, optionally a warm start (`warm [C] int32` with `warm_mask

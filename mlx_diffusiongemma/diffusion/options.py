@@ -173,6 +173,8 @@ class FastOptions:
     refresh_every: int | None = knob(None, int, "Every this many steps, every frozen position runs through the "
                                      "decoder once more, its logits discarded, so the live rows attend to fresh "
                                      "K/V (None: never).", low=1, high=MAX_STEPS)
+    # What keeps long free-choice answers valid on the many-step instrument, off by default:
+    # `--fast-bound-window` turns both on, with `refresh_frozen` (docs/fast-mode.md).
     bound_window: int | None = knob(None, int, "Frozen positions within this distance of a live one run "
                                     "through the decoder at every step and count in the entropy bound with their "
                                     "current entropy, as held tokens do on the exact path (None: frozen positions "
