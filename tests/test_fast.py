@@ -437,7 +437,7 @@ def test_turbo_knobs_are_off_by_default_and_checked():
     full = FastOptions()
     assert (full.monotone, full.refresh_frozen, full.confidence_commit, full.flush_after, full.repair) == (
         False, False, None, None, False)
-    assert full.refresh_every is None
+    assert full.refresh_every is None and full.bound_window is None and not full.thaw
     for bad in ({"confidence_commit": 1.5}, {"confidence_commit": 0.0}, {"flush_after": 0},
                 {"confidence_commit_late": 0.5}, {"confidence_switch_step": 0}, {"refresh_every": 0}):
         with pytest.raises(ValueError):
