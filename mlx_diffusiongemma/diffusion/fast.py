@@ -232,7 +232,7 @@ class _FastBlock:
         self.padded_rows: list[int] = []
         self._rows: list[int] = []
         self._computed: list[bool] = []
-        self._bounded: list[bool] = []  # rows that are frozen positions counted in the entropy bound
+        self._bounded: mx.array | None = None  # [1, rows] frozen positions counted in the entropy bound (None: none)
         self.kv_ids: mx.array | None = None  # [C] the token each position's K/V were last computed from
         self.steps = 0
 
@@ -260,7 +260,7 @@ class _FastBlock:
         width = bucket_rows(len(real), c) if self.d.options.bucket else len(real)
         self._rows = real + [c] * (width - len(real))
         self._computed = [r < c and not frozen[r] for r in self._rows]  # rows whose step results count
-        self._bounded = [r in near for r in self._rows]
+        self._bounded = mx.array([[r in near for r in self._rows]]) if near else None
         rows = mx.array(self._rows, dtype=mx.int32)
         soft = None if self.soft is None else self.soft[:, rows]
         return RowsCall(canvas, rows, self.d.cache, self.kv, soft, len(real))
@@ -296,9 +296,8 @@ class _FastBlock:
 
         pinned_rows = pad(state.pinned)[rows][None]
         bounded = valid
-        if any(self._bounded):  # frozen neighbours enter the bound with their entropy (their token stays)
-            near = mx.array([self._bounded])
-            pinned_rows, bounded = pinned_rows & ~near, valid | near
+        if self._bounded is not None:  # frozen neighbours enter the bound with their entropy (their token stays)
+            pinned_rows, bounded = pinned_rows & ~self._bounded, valid | self._bounded
         res, kept = sampler.chunked_step(logits, pad(canvas)[:, rows], t, pad(u)[:, rows], pad(noise_ids)[:, rows],
                                          entropy_bound, keep=keep, pinned=pinned_rows, ids=pad(state.ids)[rows][None],
                                          valid=bounded, allowed=allowed, top_k=top_k, with_gap=True)
@@ -308,8 +307,8 @@ class _FastBlock:
             return mx.put_along_axis(base, rows[None], part.astype(base.dtype), axis=-1)[..., :c]
 
         frozen, pinned = state.frozen[None], state.pinned[None]
-        if fast.thaw and any(self._bounded):  # a frozen row the bound rejects is renoised, as on the exact path
-            rejected = scatter(argmax, mx.array([self._bounded]) & ~res.accepted, False)
+        if fast.thaw and self._bounded is not None:  # a frozen row the bound rejects is renoised, as on the exact path
+            rejected = scatter(argmax, self._bounded & ~res.accepted, False)
             frozen, pinned = frozen & ~rejected, pinned & ~rejected
             self.rule.thawed = rejected[0]
         next_canvas = mx.where(frozen, canvas, scatter(canvas, res.next_canvas))
