@@ -207,7 +207,7 @@ def generation_flags(*names: str, fast: bool = False, **defaults: Any):
             for p in MLX_LM_ONLY_FLAGS:  # refused by their callbacks when given
                 kwargs.pop(p.name)
             knobs = {n: kwargs.pop(n) for n in names}
-            path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else [False, None, None, None]
+            path = [kwargs.pop(p.name) if fast else p.default for p in FAST_FLAGS]
             with handle_errors(kwargs.get("debug", False)):
                 sampler = {k: knobs.pop(k) for k in list(knobs) if k in sampler_keys and knobs[k] is not None}
                 options = GenerationOptions.from_kwargs(**{k: v for k, v in knobs.items() if v is not None},
