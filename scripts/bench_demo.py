@@ -59,6 +59,7 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
     off = FastOptions.none()
     full = FastOptions()
     no_commit = replace(full, commit_gap=None)
+    thawing = {"bound_window": 4, "thaw": True}  # the frozen neighbours in the entropy bound, and thaw
     return [
         ("exact (reference sampler)", "exact", None),
         ("fast loop, every technique off", "fast", off),
@@ -80,13 +81,12 @@ def configurations(commit_gap: float) -> list[tuple[str, str, Any]]:
         # What holds validity on the many-step instrument (scripts/bench_manystep.py).
         ("fast mode without early commit, refreshed forward set", "fast", replace(no_commit, refresh_frozen=True)),
         ("fast mode without early commit, refreshed forward set, neighbours within 4 + thaw", "fast",
-         replace(no_commit, refresh_frozen=True, bound_window=4, thaw=True)),
-        ("freeze settled only, neighbours within 4 + thaw", "fast",
-         replace(no_commit, eos_tail_gap=None, bound_window=4, thaw=True)),
+         replace(no_commit, refresh_frozen=True, **thawing)),
+        ("freeze settled only, neighbours within 4 + thaw", "fast", replace(no_commit, eos_tail_gap=None, **thawing)),
         ("fast mode, refreshed forward set, neighbours within 4 + thaw", "fast",
-         replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
+         replace(full, refresh_frozen=True, **thawing)),
         ("fast mode, refreshed forward set, neighbours within 4 + thaw, early commit gap 3", "fast",
-         replace(full, refresh_frozen=True, bound_window=4, thaw=True, commit_gap=3.0)),
+         replace(full, refresh_frozen=True, commit_gap=3.0, **thawing)),
     ]
 
 

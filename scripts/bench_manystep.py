@@ -52,39 +52,38 @@ def configurations() -> list[tuple[str, str, Any]]:
 
     full = FastOptions()
     turbo = replace(full, freeze=False, monotone=True, refresh_frozen=True, commit_gap=None)
+    settled = replace(full, commit_gap=None, eos_tail_gap=None)  # "freeze settled only"
+    no_commit = replace(full, commit_gap=None)
+    refreshed = replace(full, refresh_frozen=True)
+    window = {"bound_window": 4}
+    thawing = {"bound_window": 4, "thaw": True}
     return [
         ("exact (reference sampler)", "exact", None),
         ("fast mode (default)", "fast", full),
-        ("freeze settled only (no EOS tail, no early commit)", "fast", replace(full, commit_gap=None, eos_tail_gap=None)),
-        ("fast without early commit", "fast", replace(full, commit_gap=None)),
-        ("fast without early commit + refreshed forward set", "fast", replace(full, commit_gap=None, refresh_frozen=True)),
+        ("freeze settled only (no EOS tail, no early commit)", "fast", settled),
+        ("fast without early commit", "fast", no_commit),
+        ("fast without early commit + refreshed forward set", "fast", replace(no_commit, refresh_frozen=True)),
         ("monotone commit instead of the settle rule", "fast", replace(full, freeze=False, monotone=True, commit_gap=None)),
         ("monotone + refreshed forward set", "fast", turbo),
-        ("fast + refreshed forward set", "fast", replace(full, refresh_frozen=True)),
+        ("fast + refreshed forward set", "fast", refreshed),
         ("fast + two-stage threshold 0.95 -> 0.8 at step 8", "fast",
          replace(full, confidence_commit=0.95, confidence_commit_late=0.8, confidence_switch_step=8)),
         ("fast + flush after 16 + repair", "fast", replace(full, flush_after=16, repair=True)),
         ("fast + repair", "fast", replace(full, repair=True)),
         ("turbo in our harness (monotone, refresh, threshold 0.9, repair)", "fast",
          replace(turbo, confidence_commit=0.9, repair=True)),
-        ("freeze settled only + every frozen row refreshed every 2 steps", "fast",
-         replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=2)),
-        ("freeze settled only + every frozen row refreshed every 4 steps", "fast",
-         replace(full, commit_gap=None, eos_tail_gap=None, refresh_every=4)),
-        ("freeze settled only + frozen neighbours within 4 in the entropy bound", "fast",
-         replace(full, commit_gap=None, eos_tail_gap=None, bound_window=4)),
+        ("freeze settled only + every frozen row refreshed every 2 steps", "fast", replace(settled, refresh_every=2)),
+        ("freeze settled only + every frozen row refreshed every 4 steps", "fast", replace(settled, refresh_every=4)),
+        ("freeze settled only + frozen neighbours within 4 in the entropy bound", "fast", replace(settled, **window)),
         ("fast without early commit + refreshed forward set + neighbours within 4 in the bound", "fast",
-         replace(full, commit_gap=None, refresh_frozen=True, bound_window=4)),
-        ("fast + refreshed forward set + neighbours within 4 in the bound", "fast",
-         replace(full, refresh_frozen=True, bound_window=4)),
-        ("freeze settled only + neighbours within 4 in the bound + thaw", "fast",
-         replace(full, commit_gap=None, eos_tail_gap=None, bound_window=4, thaw=True)),
+         replace(no_commit, refresh_frozen=True, **window)),
+        ("fast + refreshed forward set + neighbours within 4 in the bound", "fast", replace(refreshed, **window)),
+        ("freeze settled only + neighbours within 4 in the bound + thaw", "fast", replace(settled, **thawing)),
         ("fast without early commit + refreshed forward set + neighbours within 4 + thaw", "fast",
-         replace(full, commit_gap=None, refresh_frozen=True, bound_window=4, thaw=True)),
-        ("fast + refreshed forward set + neighbours within 4 + thaw", "fast",
-         replace(full, refresh_frozen=True, bound_window=4, thaw=True)),
+         replace(no_commit, refresh_frozen=True, **thawing)),
+        ("fast + refreshed forward set + neighbours within 4 + thaw", "fast", replace(refreshed, **thawing)),
         ("fast + refreshed forward set + neighbours within 4 + thaw, early commit gap 3", "fast",
-         replace(full, refresh_frozen=True, bound_window=4, thaw=True, commit_gap=3.0)),
+         replace(refreshed, commit_gap=3.0, **thawing)),
     ]
 
 
