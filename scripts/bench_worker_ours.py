@@ -175,7 +175,7 @@ def main() -> None:
             mem.reset()
             t = time.perf_counter()
             r = generate(model, tok, prompt, max_tokens=max_tokens, seed=100 + i,
-                         max_denoising_steps=e["steps"], confidence_threshold=conf, **extra)
+                         max_denoising_steps=e["steps"], confidence_threshold=conf, mode="exact", **extra)
             wall = time.perf_counter() - t
             if i >= e["warmup"]:
                 runs.append({

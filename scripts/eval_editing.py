@@ -61,7 +61,8 @@ def eval_sudoku(model, tok, n: int, seed: int) -> list[dict]:
         t0 = time.perf_counter()
         for i, cells in enumerate(puzzles):
             if mode == "plain":
-                r = generate(model, tok, sudoku.prompt(cells), max_tokens=model.canvas_length, seed=seed + i)
+                r = generate(model, tok, sudoku.prompt(cells), max_tokens=model.canvas_length, seed=seed + i,
+                             mode="exact")
                 text, p = r.answer, r.decoder_passes
             else:
                 out = None
@@ -89,7 +90,8 @@ def eval_card(model, tok, n: int, seed: int) -> list[dict]:
         for i, (prompt, answer) in enumerate(items):
             ref = card_fields(answer)
             if mode == "plain generation":
-                got = card_fields(generate(model, tok, prompt, max_tokens=2 * model.canvas_length, seed=seed + i).answer)
+                got = card_fields(generate(model, tok, prompt, max_tokens=2 * model.canvas_length, seed=seed + i,
+                                           mode="exact").answer)
             elif mode == "holes of the right length":
                 # The space after the colon goes into the hole (tokenizers that join it to the word).
                 k = {f: len(tok.encode(" " + ref[f], add_special_tokens=False)) for f in fields}
@@ -131,7 +133,7 @@ def eval_read(model, tok, n: int, seed: int) -> dict:
         res = score(model, tok, prompt, ["yes", "no"], seed=seed + i)
         t_read += time.perf_counter() - t0
         t0 = time.perf_counter()
-        r = generate(model, tok, prompt, max_tokens=model.canvas_length, seed=seed + i)
+        r = generate(model, tok, prompt, max_tokens=model.canvas_length, seed=seed + i, mode="exact")
         t_gen += time.perf_counter() - t0
         produced = r.answer.strip()
         gen_passes += r.decoder_passes

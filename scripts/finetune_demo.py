@@ -93,7 +93,7 @@ def accuracy(model, tokenizer, pairs, seed: int) -> dict:
     for i, (prompt, answer) in enumerate(pairs):
         if i and i % 10 == 0:
             print(f"  {i}/{len(pairs)} evaluated", flush=True)
-        r = generate(model, tokenizer, prompt, max_tokens=64, seed=seed + i)  # one canvas of the demo
+        r = generate(model, tokenizer, prompt, max_tokens=64, seed=seed + i, mode="exact")  # one canvas of the demo
         ok = r.answer.strip() == answer
         correct += ok
         tpf.append(r.tokens_per_forward)

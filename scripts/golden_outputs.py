@@ -12,6 +12,12 @@ score / sudoku (pinned canvases, allowed-token masks, hooks), the HTTP server wi
 requests (batched decoder passes, fast mode, in-canvas streaming, drafts), the CLI, and a 2-rank
 `mlx.launch` run. Every record holds token ids (or, over HTTP, the text) and steps per block.
 Exits 1 when `--compare` finds a difference. Takes a few minutes on 2 CPU cores.
+
+Each record names its path: "exact" records ask for the exact path, "fast" records for the
+few-step setting (`FastOptions.few_steps()`, fast mode's default when these records were first
+made), so they compare across the change of default; "default" records run with no mode at all
+(fast mode's default since the many-step instrument). Over HTTP a request cannot choose the fast
+techniques: the server's "fast" records run the server's fast mode, whatever its default.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +40,18 @@ sys.path.insert(0, str(ROOT / "tests"))  # conftest's reference-checkpoint build
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _few_steps():
+    from mlx_diffusiongemma import FastOptions
+
+    return FastOptions.few_steps()
+
+
+FEW = _few_steps()
+PATHS = {"exact": {"mode": "exact"}, "fast": {"mode": "fast", "fast": FEW}, "default": {}}
+# The same setting from the command line.
+FEW_FLAGS = ["--fast", "--fast-bound-window", "0", "--fast-commit-gap", "1.5"]
 
 
 def _record(result) -> dict:
@@ -50,39 +69,43 @@ def demo_model(out: dict) -> None:
     model, tok = dg.load("demo")
     for family in FAMILIES:
         for i, (prompt, _) in enumerate(held_out_set(family, 4, seed=77)):
-            for mode in ("exact", "fast"):
-                r = dg.generate(model, tok, prompt, seed=100 + i, mode=mode)
+            for mode, options in PATHS.items():
+                r = dg.generate(model, tok, prompt, seed=100 + i, **options)
                 out[f"demo/{family}/{i}/{mode}"] = _record(r)
     prompt = held_out_set("sort", 1, seed=5)[0][0]
     variants = {
-        "steps10_bound05": dict(max_denoising_steps=10, entropy_bound=0.5),
-        "interval4": dict(stop_check_interval=4),
-        "sc_top_k16": dict(self_conditioning_top_k=16),
-        "t_min0": dict(t_min=0.0, t_max=0.5, stability_threshold=2, confidence_threshold=0.01),
-        "thinking": dict(thinking=True),
+        "steps10_bound05": dict(max_denoising_steps=10, entropy_bound=0.5, mode="exact"),
+        "interval4": dict(stop_check_interval=4, mode="exact"),
+        "sc_top_k16": dict(self_conditioning_top_k=16, mode="exact"),
+        "t_min0": dict(t_min=0.0, t_max=0.5, stability_threshold=2, confidence_threshold=0.01, mode="exact"),
+        "thinking": dict(thinking=True, mode="exact"),
         "fast_none": dict(mode="fast", fast=FastOptions.none()),
-        "fast_no_gap": dict(mode="fast", fast=FastOptions(commit_gap=None)),
-        "fast_no_tail": dict(mode="fast", fast=FastOptions(eos_tail_gap=None, stop_mean_over_canvas=False)),
-        "fast_top_k_none": dict(mode="fast", fast=FastOptions(top_k=None, bucket=False)),
+        "fast_no_gap": dict(mode="fast", fast=replace(FEW, commit_gap=None)),
+        "fast_no_tail": dict(mode="fast", fast=replace(FEW, eos_tail_gap=None, stop_mean_over_canvas=False)),
+        "fast_top_k_none": dict(mode="fast", fast=replace(FEW, top_k=None, bucket=False)),
+        "default_steps10": dict(max_denoising_steps=10),
+        "default_thinking": dict(thinking=True),
     }
     for name, options in variants.items():
         out[f"demo/variant/{name}"] = _record(dg.generate(model, tok, prompt, seed=9, **options))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
-    out["demo/messages"] = _record(dg.generate(model, tok, messages, seed=3))
+    out["demo/messages"] = _record(dg.generate(model, tok, messages, seed=3, mode="exact"))
 
-    chat = dg.ChatSession(model, tok, seed=4)
+    chat = dg.ChatSession(model, tok, seed=4, mode="exact")
     for turn, text in enumerate(["Sort these numbers: 42 7 19 88 3", "Reverse the words: sun moon star rain"]):
         r = chat.send(text)
         out[f"demo/chat/{turn}"] = _record(r) | {"encoded": r.encoded_tokens}
-    fast_chat = dg.ChatSession(model, tok, seed=5, mode="fast")
+    fast_chat = dg.ChatSession(model, tok, seed=5, **PATHS["fast"])
+    default_chat = dg.ChatSession(model, tok, seed=5)
     for turn, text in enumerate(["Count from 5 to 70.", "Is 37 greater than 12?"]):
         out[f"demo/chat_fast/{turn}"] = _record(fast_chat.send(text))
+        out[f"demo/chat_default/{turn}"] = _record(default_chat.send(text))
 
     # Canvas powers: pins, allowed-token masks and hooks.
     card = "Make a card for Ada, 36, from Paris."
     template = "Name:{{name:..6}}\nAge:{{age:..3}}\nCity:{{city:..6}}"
     for mode in ("exact", "fast"):
-        r = dg.infill(model, tok, card, template, seed=1, mode=mode)
+        r = dg.infill(model, tok, card, template, seed=1, **PATHS[mode])
         out[f"demo/infill/{mode}"] = {"text": r.text, "holes": r.holes} | _record(r.result)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
                                                "age": {"type": "integer"},
@@ -116,7 +139,7 @@ def random_models(out: dict, home: Path) -> None:
 
     model, tok = dg.load(ensure_demo(home / "demo-random"))
     for prompt in ("Hello there", "Tell me a story."):
-        for name, options in {"exact": {}, "fast": dict(mode="fast"), "interval3": dict(stop_check_interval=3),
+        for name, options in {**PATHS, "interval3": dict(stop_check_interval=3, mode="exact"),
                               "fast_none": dict(mode="fast", fast=FastOptions.none())}.items():
             r = dg.generate(model, tok, prompt, seed=11, max_tokens=96, max_denoising_steps=6, **options)
             out[f"random/{prompt}/{name}"] = _record(r)
@@ -135,16 +158,16 @@ def random_models(out: dict, home: Path) -> None:
         folder = save_checkpoint(ref, home / f"ref-{name}")
         ours, _ = load_model(folder, dtype=mx.float32)
         ours.generation = load_generation_defaults(folder)
-        for mode in ("exact", "fast"):
-            fast = {"fast": FastOptions()} if mode == "fast" else {}
+        for mode in ("exact", "fast", "default"):
+            fast = {"fast": {"exact": None, "fast": FEW, "default": FastOptions()}[mode]}
             request = Request([2, 5, 17, 30, 44, 9], max_tokens=40, sampler=SamplerOptions(max_denoising_steps=12),
                               seed=21, **fast)
             result = list(run(ours, request))[-1]
             out[f"reference/{name}/{mode}"] = _record(result)
 
     model, tok = dg.load(ROOT / "tests" / "fixtures" / "mlxvlm_tiny" / "mlxvlm-4bit")
-    for mode in ("exact", "fast"):
-        r = dg.generate(model, tok, [2, 5, 17, 30, 44, 9, 60], seed=3, max_tokens=32, max_denoising_steps=5, mode=mode)
+    for mode, options in PATHS.items():
+        r = dg.generate(model, tok, [2, 5, 17, 30, 44, 9, 60], seed=3, max_tokens=32, max_denoising_steps=5, **options)
         out[f"mlxvlm-4bit/{mode}"] = _record(r)
 
 
@@ -211,16 +234,18 @@ def server(out: dict) -> None:
                 steps = data.get("timings", {}).get("steps_per_block", steps)
         return {"text": "".join(pieces), "drafts": drafts, "steps": steps}
 
-    jobs = [(chat, i, p, {}) for i, p in enumerate(prompts)]  # concurrent: batched decoder passes
+    exact = {"mode": "exact"}
+    jobs = [(chat, i, p, exact) for i, p in enumerate(prompts)]  # concurrent: batched decoder passes
     jobs += [(chat, 10 + i, p, {"mode": "fast"}) for i, p in enumerate(prompts[:3])]
-    jobs += [(stream, 20, prompts[0], {"stream_options": {"in_canvas": True}}),
-             (stream, 21, prompts[2], {"stream_options": {"include_drafts": True}})]
+    jobs += [(chat, 40 + i, p, {}) for i, p in enumerate(prompts[3:])]  # the server's default path
+    jobs += [(stream, 20, prompts[0], {"stream_options": {"in_canvas": True}, **exact}),
+             (stream, 21, prompts[2], {"stream_options": {"include_drafts": True}, **exact})]
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {f"server/{fn.__name__}/{i}": pool.submit(fn, i, p, extra) for fn, i, p, extra in jobs}
         for key, future in futures.items():
             out[key] = future.result()
     r = json.loads(post("/v1/completions", {"model": "demo", "prompt": "Sort these numbers: 5 1 3", "seed": 1,
-                                            "max_tokens": 64}).read())
+                                            "max_tokens": 64, **exact}).read())
     out["server/completions"] = {"text": r["choices"][0]["text"]}
     srv.should_exit = True
     thread.join(timeout=30)
@@ -230,8 +255,9 @@ def cli(out: dict, home: Path) -> None:
     env = dict(os.environ, MLX_DIFFUSIONGEMMA_HOME=str(home))
     dgemma = [sys.executable, "-m", "mlx_diffusiongemma.cli.app"]
     prompt = "Sort these numbers: 42 7 19 88 3"
-    runs = {"exact": [], "fast": ["--fast"], "fast_gap0": ["--fast", "--fast-commit-gap", "0"],
-            "fast_no_tail": ["--fast", "--no-fast-eos-tail"], "steps": ["--steps", "7", "--entropy-bound", "0.3"]}
+    runs = {"exact": ["--exact"], "fast": FEW_FLAGS, "fast_gap0": ["--fast", "--fast-bound-window", "0", "--fast-commit-gap", "0"],
+            "fast_no_tail": [*FEW_FLAGS, "--no-fast-eos-tail"], "steps": ["--exact", "--steps", "7", "--entropy-bound", "0.3"],
+            "default": [], "default_window0": ["--fast-bound-window", "0"]}
     for name, flags in runs.items():
         p = subprocess.run([*dgemma, "generate", "--model", "demo", "-p", prompt, "--seed", "8", "--json", *flags],
                            capture_output=True, text=True, env=env, timeout=600)
@@ -243,7 +269,7 @@ def cli(out: dict, home: Path) -> None:
 
     # Two ranks on loopback: the model split over processes gives the same tokens.
     launch = "from mlx._distributed_utils.launch import main; main()"
-    for name, flags in {"exact": [], "fast": ["--fast"]}.items():
+    for name, flags in {"exact": ["--exact"], "fast": FEW_FLAGS, "default": []}.items():
         p = subprocess.run([sys.executable, "-c", launch, "--backend", "ring", "-n", "2", "--starting-port",
                             str(_free_port()), "--", sys.executable, "-m", "mlx_diffusiongemma.cli.app", "generate",
                             "--model", "demo", "-p", prompt, "--seed", "8", "--json", *flags],

@@ -80,7 +80,7 @@ def main() -> int:
 
         model, tok = dg.load("demo")
         model.memory_plan.limit = model.memory_plan.at(512).peak
-        s, m = timed(lambda: dg.generate(model, tok, "hello", max_tokens=2048))
+        s, m = timed(lambda: dg.generate(model, tok, "hello", max_tokens=2048, mode="exact"))
         rows.append(("demo model, a 2048-token reply over the memory", "API (`generate`)", s, m))
         with running(create_app(model, tok, ServerConfig(model_id="demo", max_tokens_limit=4096))) as url:
             c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Bounded loopback load test of `dgemma serve`: N concurrent streaming clients, checked and timed.
 
-    python scripts/server_load.py --model demo --clients 1,2,4,8 --requests 3 --max-tokens 128
+    python scripts/server_load.py --model demo --clients 1,2,4,8 --requests 3 --max-tokens 128 [--mode exact,fast]
 
 Starts `dgemma serve` on a free loopback port (or uses --url), then for each client count runs
 that many threads, each sending `--requests` streaming chat requests one after another. Every
 stream is parsed and checked (valid JSON chunks, one id, one finish_reason, a usage chunk, the
 closing [DONE]); the server's resident memory is sampled between levels. Prints a Markdown table
 (aggregate completion tokens/s, mean time to first content, memory) and exits non-zero if any
-response was malformed or missing. Only loopback addresses are accepted; every loop is bounded.
+response was malformed or missing. `--mode exact,fast` runs each client count once per mode, in
+turn, on the same server (one run, side by side), and prints the server's decoder passes by the
+number of requests in them (`/health`'s batch_sizes). Only loopback addresses are accepted; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -129,12 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="max_denoising_steps (default: the model's)")
-    ap.add_argument("--mode", choices=("exact", "fast"), default=None,
-                    help="the requests' path (default: the server's); fast requests are not batched yet (issue 31)")
+    ap.add_argument("--mode", default=None, help="the requests' path: exact, fast, or both as exact,fast "
+                    "(default: the server's)")
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
+    modes = args.mode.split(",") if args.mode else [None]
+    if any(m not in ("exact", "fast", None) for m in modes):
+        ap.error("--mode takes exact, fast or exact,fast")
 
     proc = None
     url = args.url
@@ -166,32 +171,38 @@ def main(argv=None) -> int:
             "max_tokens": args.max_tokens}
     if args.steps:
         base["max_denoising_steps"] = args.steps
-    if args.mode:
-        base["mode"] = args.mode
-    rows, failed = [], False
+    rows, failed, batches = [], False, {}
     try:
         # Warm-up (compilation, first allocations), not measured.
         sse_request(url, dict(base, seed=0, messages=[{"role": "user", "content": "warm up"}]), args.timeout)
         rss0 = rss_mb(proc.pid) if proc else float("nan")
         for n in levels:
-            level = run_level(url, n, args.requests, base, args.timeout)
-            level["rss"] = rss_mb(proc.pid) if proc else float("nan")
-            rows.append(level)
-            failed |= bool(level["errors"]) or level["responses"] != level["expected"]
-            for e in level["errors"][:3]:
-                print(f"error ({n} clients): {e}", file=sys.stderr)
+            for mode in modes:
+                level = run_level(url, n, args.requests, base if mode is None else dict(base, mode=mode), args.timeout)
+                level["rss"] = rss_mb(proc.pid) if proc else float("nan")
+                level["mode"] = mode or "server default"
+                rows.append(level)
+                failed |= bool(level["errors"]) or level["responses"] != level["expected"]
+                for e in level["errors"][:3]:
+                    print(f"error ({n} clients, {level['mode']}): {e}", file=sys.stderr)
+        c = http.client.HTTPConnection(urllib.parse.urlparse(url).hostname, urllib.parse.urlparse(url).port, timeout=10)
+        c.request("GET", "/health")
+        batches = json.loads(c.getresponse().read()).get("batch_sizes", {})
     finally:
         if proc:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"model {args.model} · {args.requests} streaming requests per client · max_tokens {args.max_tokens}"
-          f" · steps {args.steps or 'default'} · mode {args.mode or 'server default'} · server RSS after warm-up {rss0:.0f} MB · {os.cpu_count()} CPUs")
+          f" · steps {args.steps or 'default'} · server RSS after warm-up {rss0:.0f} MB · {os.cpu_count()} CPUs")
     print()
-    print("| clients | responses ok | completion tokens | wall s | aggregate tok/s | mean first text s | mean latency s | server RSS MB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | mode | responses ok | completion tokens | wall s | aggregate tok/s | mean first text s | mean latency s | server RSS MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['responses']}/{r['expected']} | {r['tokens']} | {r['wall']:.1f} | {r['tps']:.1f} "
-              f"| {r['ttft']:.2f} | {r['latency']:.2f} | {r['rss']:.0f} |")
+        print(f"| {r['clients']} | {r['mode']} | {r['responses']}/{r['expected']} | {r['tokens']} | {r['wall']:.1f} "
+              f"| {r['tps']:.1f} | {r['ttft']:.2f} | {r['latency']:.2f} | {r['rss']:.0f} |")
+    print()
+    print("decoder passes by requests in them (the whole run, warm-up included): "
+          + ", ".join(f"{n}: {k}" for n, k in batches.items()))
     return 1 if failed else 0
 
 

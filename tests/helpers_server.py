@@ -80,11 +80,24 @@ class ScriptedModel:
     def denoise_batch(self, canvases, caches, self_conditioning, top_k):
         return _one_by_one(self, canvases, caches, self_conditioning, top_k)
 
+    def denoise_rows(self, canvas_ids, rows, cache, canvas_kv, soft=None):
+        """Fast mode's rows: the script at those positions (padding rows read position 0)."""
+        full = self.denoise(canvas_ids, cache)
+        return mx.concatenate([full, full[:, :1]], axis=1)[:, rows]
+
+    def denoise_rows_batch(self, canvases, rows, caches, canvas_kvs, softs):
+        return _rows_one_by_one(self, canvases, rows, caches, canvas_kvs, softs)
+
 
 def _one_by_one(model, canvases, caches, self_conditioning, top_k):
     """`denoise_batch` of a stand-in model: its own `denoise` per request."""
     return mx.concatenate([model.denoise(c, k, s, self_conditioning_top_k=t)
                            for c, k, s, t in zip(canvases, caches, self_conditioning, top_k)], axis=0)
+
+
+def _rows_one_by_one(model, canvases, rows, caches, canvas_kvs, softs):
+    """`denoise_rows_batch` of a stand-in model: its own `denoise_rows` per request."""
+    return [model.denoise_rows(*call) for call in zip(canvases, rows, caches, canvas_kvs, softs)]
 
 
 class EndlessModel:
@@ -99,13 +112,21 @@ class EndlessModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def denoise(self, canvas_ids, cache, self_conditioning=None, **kw):
-        logits = self._model.denoise(canvas_ids, cache, self_conditioning, **kw)
+    def _no_end(self, logits):
         is_end = (mx.arange(logits.shape[-1])[:, None] == self._ends[None, :]).any(axis=-1)
         return mx.where(is_end, -1e4, logits)  # softcapped logits stay within +-30
 
+    def denoise(self, canvas_ids, cache, self_conditioning=None, **kw):
+        return self._no_end(self._model.denoise(canvas_ids, cache, self_conditioning, **kw))
+
     def denoise_batch(self, canvases, caches, self_conditioning, top_k):
         return _one_by_one(self, canvases, caches, self_conditioning, top_k)
+
+    def denoise_rows(self, *args):
+        return self._no_end(self._model.denoise_rows(*args))
+
+    def denoise_rows_batch(self, *args):
+        return [self._no_end(logits) for logits in self._model.denoise_rows_batch(*args)]
 
 
 class GatedModel:
@@ -129,3 +150,13 @@ class GatedModel:
         if not self.gate.wait(timeout=60):
             raise RuntimeError("the test's gate was never opened")
         return self._model.denoise_batch(*args, **kw)
+
+    def denoise_rows(self, *args, **kw):
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test's gate was never opened")
+        return self._model.denoise_rows(*args, **kw)
+
+    def denoise_rows_batch(self, *args, **kw):
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test's gate was never opened")
+        return self._model.denoise_rows_batch(*args, **kw)

@@ -68,17 +68,24 @@ class CountingTokenizer:
         return getattr(self._tok, name)
 
 
-def count_calls(monkeypatch, obj, name):
-    """Wrap obj.name so its calls are counted; returns the counter list (its length)."""
+def count_calls(monkeypatch, obj, *names):
+    """Wrap obj's methods `names` so their calls are counted; returns the counter list (its length)."""
     calls = []
-    original = getattr(obj, name)
+    for name in names:
+        original = getattr(obj, name)
 
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+        def wrapper(*args, original=original, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(obj, name, wrapper)
+        monkeypatch.setattr(obj, name, wrapper)
     return calls
+
+
+def count_decoder_passes(monkeypatch, model):
+    """Count the model's decoder passes of either path: the exact path's whole-canvas `denoise`,
+    fast mode's `denoise_rows_batch` (which `denoise_rows` runs)."""
+    return count_calls(monkeypatch, model, "denoise", "denoise_rows_batch")
 
 
 def split(events):
@@ -180,6 +187,27 @@ def _run(model, tok, prompt="Hi", **kw):
     kw.setdefault("max_denoising_steps", 3)
     events = list(dg.stream_generate(model, tok, prompt, **kw))
     return [e.argmax.tolist() for e in events if isinstance(e, StepEvent)], events[-1]
+
+
+def test_fast_mode_is_the_default_and_exact_gives_the_engine_reference_path(demo):
+    """Without a mode, generate runs fast mode with its default techniques; mode="exact" gives the
+    engine's reference path token for token (a hand-built Request, which names no technique); the
+    canvas verbs run the exact path unless asked."""
+    from mlx_diffusiongemma.diffusion.engine import Request, run
+    from mlx_diffusiongemma.diffusion.options import FastOptions, SamplerOptions
+
+    model, tok = demo
+    ids = prompt_ids(tok, "Hello there")
+    kw = dict(max_tokens=2 * CANVAS, seed=5, max_denoising_steps=6)
+    default = dg.generate(model, tok, ids, **kw)
+    exact = dg.generate(model, tok, ids, mode="exact", **kw)
+    assert default.mode == "fast" and default.fast == FastOptions() and exact.mode == "exact"
+    engine = list(run(model, Request(ids, max_tokens=2 * CANVAS, seed=5, sampler=SamplerOptions(max_denoising_steps=6))))
+    assert exact.tokens == engine[-1].tokens and exact.steps_per_block == engine[-1].steps_per_block
+    assert dg.generate(model, tok, ids, mode="fast", **kw).tokens == default.tokens
+    assert dg.ChatSession(model, tok, **kw).send("Hello there").mode == "fast"
+    assert dg.infill(model, tok, "Hello there", "A {{x:4}} B", seed=5).result.mode == "exact"
+    assert dg.infill(model, tok, "Hello there", "A {{x:4}} B", seed=5, mode="fast").result.mode == "fast"
 
 
 def test_same_seed_same_output(demo, eos):
@@ -357,7 +385,7 @@ def test_context_length_error_before_any_work(demo, monkeypatch):
     monkeypatch.setattr(model.text, "max_position_embeddings", 64)
     n_prompt = len(prompt_ids(tok, "Hi"))
     assert n_prompt + CANVAS <= 64 < n_prompt + 2 * CANVAS
-    denoise = count_calls(monkeypatch, model, "denoise")
+    denoise = count_decoder_passes(monkeypatch, model)
     extend = count_calls(monkeypatch, model, "extend")
     gen = dg.stream_generate(model, tok, "Hi", seed=0, max_tokens=CANVAS + 1, max_denoising_steps=3)
     with pytest.raises(dg.ContextLengthError, match="context is 64"):
@@ -440,7 +468,7 @@ def test_chat_session_per_turn_overrides(demo, eos):
 
 def test_closing_the_stream_stops_the_work(demo, monkeypatch):
     model, tok = demo
-    denoise = count_calls(monkeypatch, model, "denoise")
+    denoise = count_decoder_passes(monkeypatch, model)
     gen = dg.stream_generate(model, tok, "Hi", seed=0, max_tokens=96, max_denoising_steps=6)
     first = next(gen)
     assert isinstance(first, StepEvent) and first.step == 1

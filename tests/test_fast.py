@@ -160,7 +160,7 @@ def test_every_technique_off_gives_the_exact_path(which, demo, sharp):
 
 def test_frozen_positions_keep_their_token_and_leave_the_decoder(sharp):
     exact, _ = _events(sharp)
-    result, steps = _events(sharp, fast=FastOptions())
+    result, steps = _events(sharp, fast=FastOptions.few_steps())  # no thaw: a frozen row stays frozen
     c = sharp.canvas_length
     frozen_at: dict[tuple[int, int], int] = {}
     last_block, prev = -1, None
@@ -236,9 +236,15 @@ def _certain(answer):
     return model
 
 
+def few(**changes) -> FastOptions:
+    """The few-step setting with some techniques changed: the technique tests below isolate one
+    technique each, without the bound window of the default (tested on its own further down)."""
+    return replace(FastOptions.few_steps(), **changes)
+
+
 def _scripted(mode, fast=None, steps=10):
     model = _Scripted()
-    req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or FastOptions()) if mode == "fast" else None,
+    req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or few()) if mode == "fast" else None,
                   sampler=SamplerOptions(max_denoising_steps=steps, confidence_threshold=0.5))
     return list(run(model, req))[-1]
 
@@ -246,19 +252,19 @@ def _scripted(mode, fast=None, steps=10):
 def test_a_settled_eos_ends_the_canvas():
     exact = _scripted("exact")
     assert exact.steps_per_block == [10]  # the uncertain tail never lets the reference stop
-    for fast in (FastOptions(eos_stop=True, freeze=True, commit_gap=None),
-                 FastOptions(eos_stop=True, freeze=False, top_k=None, commit_gap=None)):
+    for fast in (few(eos_stop=True, freeze=True, commit_gap=None),
+                 few(eos_stop=True, freeze=False, top_k=None, commit_gap=None)):
         result = _scripted("fast", fast)
         assert result.tokens == [7, 8, 9, 10, 1] == exact.tokens
         assert result.steps_per_block[0] < 10
         assert sum(result.live_rows[0]) < 12 * 10
         print(f"\n{fast}: steps {result.steps_per_block}, rows {result.live_rows}")
-    no_eos = _scripted("fast", FastOptions(eos_stop=False, commit_gap=None))
+    no_eos = _scripted("fast", few(eos_stop=False, commit_gap=None))
     assert no_eos.steps_per_block == [10]
     # Early commit looks only up to a certain EOS: the uncertain tail after it does not block it.
-    early = _scripted("fast", FastOptions(commit_gap=5.0))
+    early = _scripted("fast", few(commit_gap=5.0))
     assert early.tokens == exact.tokens and early.steps_per_block == [1]
-    assert _scripted("fast", FastOptions(commit_gap=5.0, eos_stop=False)).steps_per_block == [10]
+    assert _scripted("fast", few(commit_gap=5.0, eos_stop=False)).steps_per_block == [10]
 
 
 def test_a_certain_eos_tail_freezes_at_first_sight():
@@ -271,18 +277,18 @@ def test_a_certain_eos_tail_freezes_at_first_sight():
         return list(run(model, req))[-1]
 
     answer = [7, 8, 9, 10, 1] + [1] * 7
-    late = go(_certain(answer), FastOptions(eos_tail_gap=None, commit_gap=None))
-    early = go(_certain(answer), FastOptions(commit_gap=None))
+    late = go(_certain(answer), few(eos_tail_gap=None, commit_gap=None))
+    early = go(_certain(answer), few(commit_gap=None))
     assert early.tokens == late.tokens == [7, 8, 9, 10, 1]
     assert late.live_rows == [[12, 12]]
     assert early.live_rows == [[12, 4]]
     # A sure EOS at 2, but position 6 is not an end token: only the suffix from 7 is a tail.
-    mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), FastOptions(eos_stop=False, freeze=False, commit_gap=None))
+    mixed = go(_certain([7, 8, 1, 1, 1, 1, 9] + [1] * 5), few(eos_stop=False, freeze=False, commit_gap=None))
     assert mixed.live_rows[0][:2] == [12, 7]
     # An uncertain tail (fresh noise after the EOS at every call) is never frozen at first sight.
-    assert _scripted("fast", FastOptions(freeze=False, commit_gap=None)).live_rows[0][1] == 12
+    assert _scripted("fast", few(freeze=False, commit_gap=None)).live_rows[0][1] == 12
     # With stop_at_eos off (templates, infill), end tokens are content: nothing freezes early.
-    req = Request([3, 4], max_tokens=12, seed=0, fast=FastOptions(commit_gap=None), stop_at_eos=False,
+    req = Request([3, 4], max_tokens=12, seed=0, fast=few(commit_gap=None), stop_at_eos=False,
                   sampler=SamplerOptions(max_denoising_steps=10))
     assert list(run(_certain(answer), req))[-1].live_rows[0][1] > 4
 
@@ -298,11 +304,11 @@ def test_the_stop_mean_counts_frozen_rows_as_certain():
         rows < 5, 3.0, 30.0)[None, :, None]
 
     def go(mode, threshold, fast=None):
-        req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or FastOptions()) if mode == "fast" else None,
+        req = Request([3, 4], max_tokens=12, seed=0, fast=(fast or few()) if mode == "fast" else None,
                       sampler=SamplerOptions(max_denoising_steps=10, confidence_threshold=threshold))
         return list(run(model, req))
 
-    only_tail = FastOptions(freeze=False, eos_stop=False, top_k=None, commit_gap=None)
+    only_tail = few(freeze=False, eos_stop=False, top_k=None, commit_gap=None)
     probe = [e.mean_entropy for e in go("exact", 1e-9) if isinstance(e, StepEvent)]
     over_canvas = [e for e in go("fast", 1e-9, only_tail) if isinstance(e, StepEvent)]
     computed = [e for e in go("fast", 1e-9, replace(only_tail, stop_mean_over_canvas=False))
@@ -323,7 +329,7 @@ def test_commit_gap_commits_a_certain_canvas_at_once():
     model = _certain([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1])
     req = lambda **kw: Request([3], max_tokens=12, seed=0, sampler=SamplerOptions(max_denoising_steps=10), **kw)  # noqa: E731
     exact = list(run(model, req()))[-1]
-    early = list(run(model, req(fast=FastOptions(commit_gap=5.0))))[-1]
+    early = list(run(model, req(fast=few(commit_gap=5.0))))[-1]
     assert early.tokens == exact.tokens == model.answer.tolist()
     assert early.steps_per_block == [1] and exact.steps_per_block[0] >= 2
 
@@ -360,26 +366,30 @@ def test_cli_fast_flag(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["mode"] == mode
     # The technique flags build the FastOptions the API takes: the same text as generate(...),
-    # on a prompt where the three settings give three different texts.
+    # on a prompt where the four settings give four different texts.
     model, tok = load("demo")
     prompt = "Reverse: 3 8 1 9"
     texts = set()
     for extra, options in (([], FastOptions()), (["--fast-commit-gap", "0"], FastOptions(commit_gap=None)),
-                           (["--no-fast-eos-tail", "--fast-commit-gap", "3"], FastOptions(eos_tail_gap=None, commit_gap=3.0))):
-        result = runner.invoke(cli.app, ["generate", "--model", "demo", "--max-tokens", "32", "--seed", "2",
+                           (["--fast-bound-window", "0", "--fast-commit-gap", "1.5"], FastOptions.few_steps()),
+                           (["--no-fast-eos-tail", "--fast-commit-gap", "1"], FastOptions(eos_tail_gap=None, commit_gap=1.0))):
+        result = runner.invoke(cli.app, ["generate", "--model", "demo", "--max-tokens", "32", "--seed", "3",
                                          "-p", prompt, "--json", "--fast", *extra], prog_name="dgemma")
         assert result.exit_code == 0, result.output
-        api = generate(model, tok, prompt, max_tokens=32, seed=2, mode="fast", fast=options)
+        api = generate(model, tok, prompt, max_tokens=32, seed=3, mode="fast", fast=options)
         assert json.loads(result.stdout)["text"] == api.text
         assert json.loads(result.stdout)["fast"] == asdict(options)
         texts.add(api.text)
-    assert len(texts) == 3
-    windowed = runner.invoke(cli.app, [*args, "--fast", "--fast-bound-window", "4"], prog_name="dgemma")
+    assert len(texts) == 4
+    windowed = runner.invoke(cli.app, [*args, "--fast-bound-window", "2"], prog_name="dgemma")
     assert windowed.exit_code == 0, windowed.output
-    assert json.loads(windowed.stdout)["fast"] == asdict(FastOptions(bound_window=4, thaw=True, refresh_frozen=True))
+    assert json.loads(windowed.stdout)["fast"] == asdict(FastOptions(bound_window=2, thaw=True, refresh_frozen=True))
+    default = runner.invoke(cli.app, args, prog_name="dgemma")  # fast mode by default, as the API's
+    assert json.loads(default.stdout)["mode"] == "fast"
+    assert json.loads(default.stdout)["fast"] == asdict(FastOptions())
     for extra in (["--fast-commit-gap", "2"], ["--fast-bound-window", "4"]):
-        bad = runner.invoke(cli.app, [*args, *extra], prog_name="dgemma")
-        assert bad.exit_code == 1 and "add --fast" in bad.output
+        bad = runner.invoke(cli.app, [*args, "--exact", *extra], prog_name="dgemma")
+        assert bad.exit_code == 1 and "not to --exact" in bad.output
     too_wide = runner.invoke(cli.app, [*args, "--fast", "--fast-bound-window", "999"], prog_name="dgemma")
     assert too_wide.exit_code == 2
 
@@ -435,9 +445,14 @@ def test_fast_mode_keeps_pins_and_runs_hooks(sharp):
 
 def test_turbo_knobs_are_off_by_default_and_checked():
     full = FastOptions()
-    assert (full.monotone, full.refresh_frozen, full.confidence_commit, full.flush_after, full.repair) == (
-        False, False, None, None, False)
-    assert full.refresh_every is None and full.bound_window is None and not full.thaw
+    assert (full.monotone, full.confidence_commit, full.flush_after, full.repair) == (False, None, None, False)
+    assert full.refresh_every is None
+    # On by default: the refreshed forward set with the bound window and thaw (the many-step
+    # instrument's setting C, docs/fast-mode.md); off in the few-step setting and in none().
+    assert (full.refresh_frozen, full.bound_window, full.thaw, full.commit_gap) == (True, 4, True, 3.0)
+    for off in (FastOptions.few_steps(), FastOptions.none()):
+        assert (off.refresh_frozen, off.bound_window, off.thaw) == (False, None, False)
+    assert FastOptions.few_steps().commit_gap == 1.5
     for bad in ({"confidence_commit": 1.5}, {"confidence_commit": 0.0}, {"flush_after": 0},
                 {"confidence_commit_late": 0.5}, {"confidence_switch_step": 0}, {"refresh_every": 0}):
         with pytest.raises(ValueError):
@@ -484,7 +499,7 @@ def test_refresh_every_recomputes_every_frozen_row_on_schedule(demo):
     model, tok = demo
     c = model.canvas_length
     prompt = render_messages(tok, [{"role": "user", "content": "Pick 8 different numbers in increasing order."}])
-    base = replace(FastOptions(), commit_gap=None, eos_tail_gap=None, bucket=False)
+    base = few(commit_gap=None, eos_tail_gap=None, bucket=False)
     rows = {}
     for every in (None, 2):
         req = Request(prompt, max_tokens=c, seed=4, fast=replace(base, refresh_every=every))
@@ -582,7 +597,7 @@ def test_bound_window_runs_the_frozen_neighbours_of_live_rows(demo):
     model, tok = demo
     c = model.canvas_length
     prompt = render_messages(tok, [{"role": "user", "content": "Pick 8 different numbers in increasing order."}])
-    fast = replace(FastOptions(), commit_gap=None, eos_tail_gap=None, bucket=False, bound_window=2)
+    fast = few(commit_gap=None, eos_tail_gap=None, bucket=False, bound_window=2)
     neighbours = 0
     for e in run(model, Request(prompt, max_tokens=c, seed=4, fast=fast)):
         if not isinstance(e, StepEvent):
@@ -629,4 +644,4 @@ def test_thaw_renoises_a_frozen_row_the_bound_rejects():
     assert not np.array(trace[True][3].pinned)[0] and trace[True][2].canvas[0].item() != 7
     assert np.array(trace[True][3].pinned)[1:6].all()  # the others stay frozen
     with pytest.raises(ValueError):
-        FastOptions(thaw=True)  # it reads the bound window's rows
+        FastOptions(thaw=True, bound_window=None)  # it reads the bound window's rows

@@ -17,6 +17,7 @@ from mlx_diffusiongemma.diffusion.options import (
     SamplerOptions,
 )
 from mlx_diffusiongemma.server import protocol as P
+from mlx_diffusiongemma.diffusion.engine import Request
 
 BAD = [  # (knob, value, words of the one message)
     ("max_denoising_steps", 0, "max_denoising_steps must be between 1 and 1024"),
@@ -71,7 +72,12 @@ def test_the_command_line_flags_are_the_declarations():
 
 
 def test_options_from_keywords():
-    assert GenerationOptions.from_kwargs().fast is None  # the exact path by default
+    # Fast mode by default (docs/fast-mode.md, "The default"), in keywords and in the options object;
+    # a request built by hand for the engine is the reference path unless it names fast mode.
+    assert GenerationOptions.from_kwargs().fast == GenerationOptions().fast == FastOptions()
+    assert GenerationOptions.from_kwargs().mode == "fast"
+    assert GenerationOptions.from_kwargs(mode="exact").fast is None
+    assert Request([1]).fast is None and Request.of([1], GenerationOptions()).fast == FastOptions()
     assert GenerationOptions.from_kwargs(mode="fast").fast == FastOptions()
     custom = FastOptions(commit_gap=None)
     assert GenerationOptions.from_kwargs(fast=custom).fast == custom  # fast options alone mean fast mode

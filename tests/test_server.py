@@ -241,9 +241,21 @@ def test_server_default_mode(demo):
     model, tok = demo
     with pytest.raises(ValueError, match="default_mode"):
         create_app(model, tok, ServerConfig(default_mode="quick"))
-    with running(create_app(model, tok, ServerConfig(model_id="demo", default_mode="fast"))) as url:
-        r = client(url).completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body=FAST)
-        assert r.model_extra["timings"]["mode"] == "fast"
+    assert ServerConfig().default_mode == "fast"  # fast mode by default, as the CLI and the Python API
+    for mode in ("fast", "exact"):
+        with running(create_app(model, tok, ServerConfig(model_id="demo", default_mode=mode))) as url:
+            c = client(url)
+            r = c.completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body=FAST)
+            assert r.model_extra["timings"]["mode"] == mode
+            other = "exact" if mode == "fast" else "fast"  # a request's own "mode" wins
+            r = c.completions.create(model="demo", prompt="Hi", max_tokens=8, seed=1, extra_body={**FAST, "mode": other})
+            assert r.model_extra["timings"]["mode"] == other
+            # A canvas verb (a suffix: infill) runs the exact path unless the request asks, as in Python.
+            r = c.completions.create(model="demo", prompt="Hi", suffix=" end", max_tokens=8, seed=1, extra_body=FAST)
+            assert r.model_extra["timings"]["mode"] == "exact"
+            r = c.completions.create(model="demo", prompt="Hi", suffix=" end", max_tokens=8, seed=1,
+                                     extra_body={**FAST, "mode": "fast"})
+            assert r.model_extra["timings"]["mode"] == "fast"
 
 
 def test_concurrent_streams_each_equal_their_solo_result(server):
@@ -627,15 +639,17 @@ def test_prefix_streamer_pins_what_it_emits(demo):
 
 def test_in_canvas_stream_over_http(scripted, demo):
     """Scripted (certain) predictions with stability 1: each block's text leaves after its first
-    step, before the block commits at its second; the text is the block-only text."""
+    step, before the block commits at its second; the text is the block-only text. On the exact
+    path: fast mode commits so certain a canvas at its first step (the early commit)."""
     _, tok = demo
     script = "In-canvas streaming sends settled text early. " * 2
     c = client(scripted(script))
-    kw = dict(model="demo", messages=[{"role": "user", "content": "?"}], max_tokens=96, stream=True)
+    kw = dict(model="demo", messages=[{"role": "user", "content": "?"}], max_tokens=96, stream=True,
+              extra_body={"mode": "exact"})
     plain = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw) if ch.choices)
     chunks = list(c.chat.completions.create(
-        **kw, stream_options={"in_canvas": True, "include_drafts": True},
-        extra_body={"in_canvas_stability": 1, "in_canvas_max_entropy": 0.1}))
+        **{**kw, "extra_body": {"in_canvas_stability": 1, "in_canvas_max_entropy": 0.1, "mode": "exact"}},
+        stream_options={"in_canvas": True, "include_drafts": True}))
     order = []  # ("draft", block, step) and ("text", n chars) in arrival order
     for ch in chunks:
         d = ch.model_extra.get("draft")
@@ -683,6 +697,43 @@ def test_batched_decoder_rows_equal_single_passes(demo_home):
         alone = model.denoise(canvas, cache, cond, self_conditioning_top_k=top_k)
         assert mx.allclose(batched[r : r + 1], alone, atol=1e-4, rtol=1e-4).item()
         assert (batched[r].argmax(-1) == alone[0].argmax(-1)).all().item()
+
+
+def test_batched_fast_rows_equal_single_passes(demo_home):
+    """Model.denoise_rows_batch (fast mode's passes of several requests in one) over requests with
+    different prefixes, different live rows (padding included) and with or without
+    self-conditioning: each request's logits, and the canvas K/V it writes, equal its own
+    denoise_rows pass to float32 tolerance, with the same argmax."""
+    import mlx.core as mx
+
+    from mlx_diffusiongemma.checkpoint.loading import load_model
+
+    model, _ = load_model(demo_folder(demo_home), dtype=mx.float32)
+    key = mx.random.key(5)
+    calls, alone_kv = [], []
+    for r, (n, rows, soft) in enumerate([(5, [0, 3, 4, CANVAS], False), (100, list(range(CANVAS)), True),
+                                         (40, [7, 1, 30, 31, CANVAS, CANVAS], True)]):
+        cache = model.make_cache()
+        model.extend(cache, [(5 * i + r) % model.vocab_size for i in range(n)])
+        k1, k2, key = mx.random.split(key, 3)
+        canvas = mx.random.randint(0, model.vocab_size, (1, CANVAS), key=k1)
+        kvs = []
+        for _ in range(2):  # the same canvas K/V for the batched and the solo pass
+            kv = model.make_canvas_kv()
+            model.denoise_rows(canvas, mx.arange(CANVAS), cache, kv)  # a first pass fills every row
+            kvs.append(kv)
+        cond = mx.random.normal((1, len(rows), model.text.hidden_size), key=k2) if soft else None
+        calls.append((canvas, mx.array(rows, dtype=mx.int32), cache, kvs[0], cond))
+        alone_kv.append(kvs[1])
+    batched = model.denoise_rows_batch(*zip(*calls))
+    assert len(batched) == len(calls)
+    for (canvas, rows, cache, kv, cond), solo_kv, got in zip(calls, alone_kv, batched):
+        alone = model.denoise_rows(canvas, rows, cache, solo_kv, cond)
+        assert got.shape == alone.shape == (1, rows.shape[0], model.vocab_size)
+        assert mx.allclose(got, alone, atol=1e-4, rtol=1e-4).item()
+        assert (got[0].argmax(-1) == alone[0].argmax(-1)).all().item()
+        for a, b in zip(kv.keys + kv.values, solo_kv.keys + solo_kv.values):
+            assert mx.allclose(a, b, atol=1e-5, rtol=1e-5).item()
 
 
 # ----------------------------------------------------------------------------------- bounded load

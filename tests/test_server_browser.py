@@ -165,9 +165,9 @@ def test_web_chat_shows_blocks_condensing(page_url, browser, tmp_path):
         shutil.copy(shot, Path(os.environ["DGEMMA_SCREENSHOT_DIR"]) / shot.name)
 
 
-def test_web_chat_fast_mode_checkbox(page_url, browser):
-    """The "fast mode" box sends `mode: "fast"`: the reply is the API's fast reply for the same
-    request, and the stats line names the mode."""
+def test_web_chat_exact_path_checkbox(page_url, browser):
+    """The "exact path" box sends `mode: "exact"`: the reply is the API's exact reply for the same
+    request (the default, unchecked, is the server's fast mode), and the stats line names the mode."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -176,11 +176,11 @@ def test_web_chat_fast_mode_checkbox(page_url, browser):
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("96")
     browser.find_element(By.ID, "seed").send_keys("11")
-    browser.find_element(By.ID, "fast").click()
+    browser.find_element(By.ID, "exact").click()
     browser.find_element(By.ID, "prompt").send_keys("Tell me about diffusion")
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
     answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .answer").get_attribute("textContent")
     reply = lambda mode: _api_reply(page_url, mode=mode)["choices"][0]["message"]["content"] or ""  # noqa: E731
-    assert answer == reply("fast") != reply("exact")
-    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text.endswith("· fast")
+    assert answer == reply("exact") != reply("fast")
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .stats").text.endswith("· exact")

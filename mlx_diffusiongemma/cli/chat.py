@@ -253,7 +253,8 @@ class ChatLoop:
         s = self.session
         # A template or an edit takes the session's seed, thinking and sampler knobs (the canvas
         # sets the length; the exact path, as the canvas verbs' default).
-        options = GenerationOptions(seed=s.options.seed, thinking=s.options.thinking, sampler=s.options.sampler)
+        options = GenerationOptions(seed=s.options.seed, thinking=s.options.thinking, sampler=s.options.sampler,
+                                    fast=None)
         view = CanvasView(self.out, self.labels) if self.live else None
         try:
             out = run_events(start(options=options), view=view)

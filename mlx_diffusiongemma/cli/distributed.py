@@ -48,7 +48,6 @@ def _generate(*, prompt: str, model: str, system: str | None, options, as_json: 
     from mlx_diffusiongemma.diffusion.options import fresh_seed
     from mlx_diffusiongemma.parallel.group import Watchdog, init_group, share, stop_on_termination
     from mlx_diffusiongemma.parallel.load import load_sharded
-    from mlx_diffusiongemma.parallel.plan import DistributedError
     from mlx_diffusiongemma.prompts.render import render_messages
 
     from .views import PlainView, render
@@ -60,9 +59,6 @@ def _generate(*, prompt: str, model: str, system: str | None, options, as_json: 
     with Watchdog(timeout, f"rank {rank}: no answer from the other ranks within {timeout:g} s "
                            f"(a rank is stuck or a host is unreachable; {ENV_TIMEOUT} sets the bound); stopping.") as dog:
         folder = demo.folder_for(model) or resolve(model, offline=offline or None)
-        if options.fast is not None and "attention" in tensor_parallel:
-            # Fast mode's canvas K/V buffers are sized by the model's (global) KV heads.
-            raise DistributedError("--fast does not combine with --tensor-parallel attention yet")
         llm, _ = load_sharded(folder, group, tensor_parallel=tensor_parallel)
         dog.pet()
         tokenizer = None

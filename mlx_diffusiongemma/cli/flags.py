@@ -138,19 +138,21 @@ def knob_flag(name: str, default: Any = None) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-# Fast mode's flags: the path (`--fast/--exact`), the two techniques whose best setting depends
-# on the model and the machine, and the bound window that long free-choice text needs
-# (docs/fast-mode.md); the others are switched in Python, `FastOptions`.
+# Fast mode's flags: the path (`--fast/--exact`; fast mode is the default of the commands that
+# take these flags), the two techniques whose best setting depends on the model and the machine,
+# and the bound window that long free-choice text needs (docs/fast-mode.md); the others are
+# switched in Python, `FastOptions`.
 _FAST = FastOptions()
 FAST_FLAGS = [
-    inspect.Parameter("fast", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
-        "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; see docs/fast-mode.md) "
-                               "or the exact reference sampler.")]),
+    inspect.Parameter("fast", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[bool, typer.Option(
+        "--fast/--exact", help="Fast mode (settled positions frozen, live rows only; within a few prompts of the "
+                               "exact path on every measured task: docs/fast-mode.md) or the exact reference "
+                               "sampler, token for token.")]),
     inspect.Parameter("fast_commit_gap", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[float], typer.Option("--fast-commit-gap", min=0, callback=lambda v: v if v is None else _finite(v),
                                       help="Fast mode: commit a canvas once every live position's top-2 gap of "
-                                           f"logits reaches this (0: off; default {_FAST.commit_gap:g}, tuned on the "
-                                           "demo model: measure it on yours).")]),
+                                           f"logits reaches this (0: off; default {_FAST.commit_gap:g}, measured on "
+                                           "the demo model and the many-step instrument: measure it on yours).")]),
     inspect.Parameter("fast_eos_tail", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[bool], typer.Option("--fast-eos-tail/--no-fast-eos-tail",
                                      help="Fast mode: freeze a certain end-of-text tail right after the step that "
@@ -159,9 +161,10 @@ FAST_FLAGS = [
         Optional[int], typer.Option("--fast-bound-window", min=0, max=MAX_BOUND_WINDOW,
                                     help="Fast mode: frozen positions this close to a live one are recomputed, "
                                          "count in the entropy bound and are renoised when it rejects them, as on "
-                                         "the exact path; frozen positions with stale K/V are refreshed (0: off, "
-                                         "the default; 4 with --fast-commit-gap 3 holds long free-choice answers: "
-                                         "docs/fast-mode.md).")]),
+                                         "the exact path; frozen positions with stale K/V are refreshed (default "
+                                         f"{_FAST.bound_window}; 0: off, which with --fast-commit-gap 1.5 is the "
+                                         "setting tuned on tasks that settle in a few steps: faster there, but it "
+                                         "loses long free-choice answers: docs/fast-mode.md).")]),
 ]
 
 
@@ -173,20 +176,21 @@ def _finite(value: float) -> float:
 
 def fast_options(fast: bool, commit_gap: float | None, eos_tail: bool | None,
                  bound_window: int | None = None) -> FastOptions | None:
-    """The FastOptions the fast-mode flags ask for (None: the exact path); the technique flags
-    need `--fast`."""
+    """The FastOptions the fast-mode flags ask for (None: the exact path, `--exact`); the
+    technique flags apply to fast mode only."""
     if not fast:
         if commit_gap is not None or eos_tail is not None or bound_window is not None:
-            raise ValueError("--fast-commit-gap, --fast-eos-tail and --fast-bound-window apply to fast mode: "
-                             "add --fast")
+            raise ValueError("--fast-commit-gap, --fast-eos-tail and --fast-bound-window apply to fast mode, "
+                             "not to --exact")
         return None
     options = FastOptions()
     if commit_gap is not None:
         options = replace(options, commit_gap=commit_gap or None)
     if eos_tail is False:
         options = replace(options, eos_tail_gap=None)
-    if bound_window:  # the setting measured on the many-step instrument: without thaw or the refresh it did worse
-        options = replace(options, bound_window=bound_window, thaw=True, refresh_frozen=True)
+    if bound_window is not None:  # the window, its thaw and the refresh go together: each alone did worse
+        on = bound_window > 0
+        options = replace(options, bound_window=bound_window or None, thaw=on, refresh_frozen=on)
     return options
 
 
@@ -207,11 +211,14 @@ def generation_flags(*names: str, fast: bool = False, **defaults: Any):
             for p in MLX_LM_ONLY_FLAGS:  # refused by their callbacks when given
                 kwargs.pop(p.name)
             knobs = {n: kwargs.pop(n) for n in names}
-            path = [kwargs.pop(p.name) if fast else p.default for p in FAST_FLAGS]
+            path = [kwargs.pop(p.name) for p in FAST_FLAGS] if fast else None
             with handle_errors(kwargs.get("debug", False)):
+                # A command without fast mode's flags (the canvas verbs) runs the exact path.
+                techniques = fast_options(*path) if path else None
                 sampler = {k: knobs.pop(k) for k in list(knobs) if k in sampler_keys and knobs[k] is not None}
                 options = GenerationOptions.from_kwargs(**{k: v for k, v in knobs.items() if v is not None},
-                                                        **sampler, fast=fast_options(*path))
+                                                        **sampler, mode="exact" if techniques is None else "fast",
+                                                        fast=techniques)
             return command(options=options, **kwargs)
 
         parameters = own + added

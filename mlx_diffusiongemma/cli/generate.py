@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from mlx_diffusiongemma.checkpoint.files import DEFAULT_MODEL
-from mlx_diffusiongemma.diffusion.options import FastOptions, GenerationOptions
+from mlx_diffusiongemma.diffusion.options import GenerationOptions
 
 from .errors import check_text, fail, handle_errors, is_terminal, read_stdin_text
 from .flags import (
@@ -70,8 +70,6 @@ def generate(
         if not prompt.strip():
             fail("empty prompt")
         if distributed.launched():  # docs/distributed.md
-            if options.fast is not None and options.fast != FastOptions():
-                fail("--fast-commit-gap / --fast-eos-tail are not supported under mlx.launch yet")
             if image:
                 fail("--image is not supported under mlx.launch yet")
             if adapter_path:

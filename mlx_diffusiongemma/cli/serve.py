@@ -41,8 +41,8 @@ def serve(
         "memory budget leaves beside the running requests).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
     fast: Annotated[bool, typer.Option(
-        "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode, or the exact "
-        "reference sampler (default; batched across requests).")] = False,
+        "--fast/--exact", help="Default path of a request that sends no 'mode': fast mode (the default), or "
+        "the exact reference sampler. Both are batched across requests.")] = True,
     image_dir: Annotated[Optional[str], typer.Option(
         "--image-dir", help="Let requests name image files inside this folder (default: data: URLs only).")] = None,
     kv_bits: KvBits = None,

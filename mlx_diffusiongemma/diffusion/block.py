@@ -5,10 +5,12 @@ block) written once: the initial canvas, the temperature schedule, the noise, th
 hooks and pins, the NaN check, the host synchronisations and the events. A *denoiser* says how a
 step's decoder pass and sampler math are computed:
 
-- `exact.ExactDenoiser`: the reference's, over the whole canvas; its passes can be batched with
-  other requests' (the server does).
+- `exact.ExactDenoiser`: the reference's, over the whole canvas.
 - `fast.FastDenoiser`: only the canvas rows that are still changing (docs/fast-mode.md); its
   settle rule is a step hook, run before the request's own.
+
+Either's passes can be batched with other requests' passes of the same kind (the server does:
+`run_calls`).
 
 A denoiser's `begin(block, state)` returns the block's run, which gives `call(canvas, state)` (the
 decoder pass the next step needs, or None when every position is settled) and `sample(...)` (the
@@ -33,13 +35,12 @@ from .options import SamplerOptions
 @dataclass(eq=False)
 class DenoiseCall:
     """A decoder pass over a whole canvas: `model.denoise(canvas, cache, self_conditioning, ...)`.
-    Such passes of several requests can run as one batched pass (`run_calls`)."""
+    Such passes of several requests run as one batched pass (`run_calls`, `Model.denoise_batch`)."""
 
     canvas: mx.array  # [1, C]
     cache: PromptCache
     self_conditioning: mx.array | None
     top_k: int | None
-    batchable = True
 
     def run(self, model) -> mx.array:
         return model.denoise(self.canvas, self.cache, self.self_conditioning, self_conditioning_top_k=self.top_k)
@@ -51,7 +52,8 @@ class DenoiseCall:
 @dataclass(eq=False)
 class RowsCall:
     """A decoder pass over some canvas rows (fast mode): `model.denoise_rows(...)`. The rows after
-    the first `live` are padding (shape buckets). Runs on its own."""
+    the first `live` are padding (shape buckets). Such passes of several requests run as one
+    batched pass (`run_calls`, `Model.denoise_rows_batch`)."""
 
     canvas: mx.array  # [1, C]
     rows: mx.array  # [L] int32; C marks a padding row
@@ -59,7 +61,6 @@ class RowsCall:
     canvas_kv: CanvasKV
     soft: mx.array | None
     live: int
-    batchable = False
 
     def run(self, model) -> mx.array:
         return model.denoise_rows(self.canvas, self.rows, self.cache, self.canvas_kv, self.soft)
@@ -76,19 +77,30 @@ def join_rows(chunks: Sequence[mx.array]) -> mx.array:
     return chunks[0] if len(chunks) == 1 else mx.concatenate(list(chunks), axis=1)
 
 
+def batches(calls: Sequence[DecoderCall]) -> list[list[int]]:
+    """The indices of `calls` that `run_calls` runs together: the whole-canvas passes in one batch,
+    fast mode's row passes in another (two decoder passes at most, whatever the number of calls)."""
+    groups = [[i for i, c in enumerate(calls) if isinstance(c, kind)] for kind in (DenoiseCall, RowsCall)]
+    return [g for g in groups if g]
+
+
 def run_calls(model, calls: Sequence[DecoderCall]) -> list[mx.array]:
-    """Logits `[1, C or L, V]` for each call: the batchable ones together in one decoder pass
-    (`Model.denoise_batch`), the others one by one."""
+    """Logits `[1, C or L, V]` for each call, each batch of `batches(calls)` in one decoder pass
+    (`Model.denoise_batch`, `Model.denoise_rows_batch`): the weights are read once per batch
+    instead of once per request."""
     out: list[mx.array | None] = [None] * len(calls)
-    batch = [i for i, c in enumerate(calls) if c.batchable]
-    if batch:
-        logits = model.denoise_batch([calls[i].canvas for i in batch], [calls[i].cache for i in batch],
-                                     [calls[i].self_conditioning for i in batch], [calls[i].top_k for i in batch])
-        for r, i in enumerate(batch):
-            out[i] = logits[r : r + 1]
-    for i, call in enumerate(calls):
-        if out[i] is None:
-            out[i] = call.run(model)
+    for batch in batches(calls):
+        group = [calls[i] for i in batch]
+        if isinstance(group[0], DenoiseCall):
+            logits = model.denoise_batch([c.canvas for c in group], [c.cache for c in group],
+                                         [c.self_conditioning for c in group], [c.top_k for c in group])
+            parts = [logits[r : r + 1] for r in range(len(group))]
+        else:
+            parts = model.denoise_rows_batch([c.canvas for c in group], [c.rows for c in group],
+                                             [c.cache for c in group], [c.canvas_kv for c in group],
+                                             [c.soft for c in group])
+        for i, part in zip(batch, parts):
+            out[i] = part
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 import mlx.core as mx
@@ -26,7 +26,7 @@ from .events import BlockEvent, GenerationResult, StepEvent
 from .exact import ExactDenoiser
 from .fast import FastDenoiser
 from .noise import NoiseSource
-from .options import GenerationOptions
+from .options import FastOptions, GenerationOptions
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class Request(GenerationOptions):
     fields, given by keyword) and what the canvas powers add."""
 
     prompt_ids: list[int]
+    # A request built by hand runs the reference path unless it names fast mode's techniques: the
+    # engine's requests say exactly what runs. The faces build theirs from `GenerationOptions`,
+    # whose default is fast mode (`Request.of`).
+    fast: FastOptions | None = field(default=None, kw_only=True)
     # Canvas position states (canvas.py): per-block pins / warm starts / allowed tokens, as a
     # {block: CanvasState} mapping or a sequence; per-step hooks that may pin or freeze more.
     # None / () is the exact reference path.

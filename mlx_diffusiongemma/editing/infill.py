@@ -158,7 +158,9 @@ def canvas_options(options: GenerationOptions | None, kwargs: dict[str, Any],
         raise TypeError("templates take no max_tokens: the template sets the length")
     if thinking is not None:
         kwargs = dict(kwargs, thinking=thinking)
-    base = options or GenerationOptions()
+    # The canvas verbs run the exact path unless asked for fast mode: their accuracy is measured
+    # there (docs/editing.md), not on fast mode's instruments.
+    base = options or GenerationOptions(fast=None)
     return base.updated(**kwargs) if kwargs else base
 
 

@@ -349,10 +349,13 @@ class Model(nn.Module):
     def make_canvas_kv(self, batch: int = 1) -> CanvasKV:
         """Empty per-layer canvas K/V for `denoise_rows` (filled by its first, all-rows pass)."""
         c = self.canvas_length
-        dtype = self.model.decoder.layers[0].self_attn.q_proj.weight.dtype
+        proj = self.model.decoder.layers[0].self_attn.q_proj
+        proj = getattr(proj, "linear", proj)  # a LoRA adapter (mlx-lm's LoRALinear) wraps the projection
+        dtype = proj.weight.dtype
         if dtype not in (mx.float32, mx.float16, mx.bfloat16):  # quantized projections
             dtype = self.embed_dtype
-        shapes = [(batch, self.text.kv_heads[i], c + 1, self.text.head_dims[i]) for i in range(len(self.layers))]
+        # The heads each layer's attention holds here: a rank of a tensor-parallel split holds its share.
+        shapes = [(batch, layer.self_attn.n_kv_heads, c + 1, layer.self_attn.head_dim) for layer in self.layers]
         return CanvasKV([mx.zeros(s, dtype=dtype) for s in shapes], [mx.zeros(s, dtype=dtype) for s in shapes])
 
     def soft_embeddings_top_k(self, indices: mx.array, log_probs: mx.array) -> mx.array:
@@ -386,30 +389,51 @@ class Model(nn.Module):
         `soft` `[1, L, D]` is the rows' self-conditioning embedding (`soft_embeddings(...)` or
         `soft_embeddings_top_k(...)` of their previous processed logits), None at the first step.
         """
-        ids = _as_ids(canvas_ids)
-        c = ids.shape[1]
-        rows = rows.astype(mx.int32)
-        padded = mx.concatenate([ids, mx.zeros((1, 1), dtype=mx.int32)], axis=1)  # slot C: padding
-        pos = cache.length
-        embeds = self._embed(padded[:, rows])
-        if soft is None:
-            soft = mx.zeros_like(embeds)
-        h = self.model.decoder.self_conditioning(embeds, soft.astype(embeds.dtype))
-        positions = rows + pos
-        index = rows[None, None, :, None]
-        for i, layer in enumerate(self.layers):
-            prefix_k, prefix_v = cache.layers[i].view()
+        return self.denoise_rows_batch([canvas_ids], [rows], [cache], [canvas_kv], [soft])[0]
 
-            def attend(q, k, v, i=i, pk=prefix_k, pv=prefix_v):
-                ck = mx.put_along_axis(canvas_kv.keys[i], mx.broadcast_to(index, k.shape), k.astype(canvas_kv.keys[i].dtype), axis=2)
-                cv = mx.put_along_axis(canvas_kv.values[i], mx.broadcast_to(index, v.shape), v.astype(canvas_kv.values[i].dtype), axis=2)
-                canvas_kv.keys[i], canvas_kv.values[i] = ck, cv
-                own = (ck[:, :, :c], cv[:, :, :c], None)
-                return split_attention(q, [own] if pk is None else [(pk, pv, None), own])
+    def denoise_rows_batch(self, canvases: Sequence[Any], rows: Sequence[mx.array], caches: Sequence[PromptCache],
+                           canvas_kvs: Sequence["CanvasKV"], softs: Sequence[mx.array | None]) -> list[mx.array]:
+        """`denoise_rows` for several requests in one decoder pass: logits `[1, len(rows[r]), V]`
+        per request, each equal to its own `denoise_rows(...)` up to rounding.
+
+        As in `denoise_batch`, every request's rows are laid end to end as one sequence, each row
+        with its own position, so that everything that reads weights (embeddings, projections,
+        the dense MLP, the routed experts, the LM head) reads them once for all requests' rows;
+        attention stays per request, over its own cached prefix and its own canvas K/V."""
+        embeds, soft_rows, positions, index, spans = [], [], [], [], []
+        start = 0
+        for ids, r, cache, soft in zip(canvases, rows, caches, softs):
+            ids = _as_ids(ids)
+            r = r.astype(mx.int32)
+            padded = mx.concatenate([ids, mx.zeros((1, 1), dtype=mx.int32)], axis=1)  # slot C: padding
+            e = self._embed(padded[:, r])
+            embeds.append(e)
+            soft_rows.append(mx.zeros_like(e) if soft is None else soft.astype(e.dtype))
+            positions.append(r + cache.length)
+            index.append(r[None, None, :, None])
+            spans.append((start, start + r.shape[0], ids.shape[1]))
+            start += r.shape[0]
+        join = (lambda xs, axis: xs[0]) if len(embeds) == 1 else (lambda xs, axis: mx.concatenate(xs, axis=axis))
+        h = self.model.decoder.self_conditioning(join(embeds, 1), join(soft_rows, 1))
+        positions = join(positions, 0)
+        for i, layer in enumerate(self.layers):
+            views = [cache.layers[i].view() for cache in caches]
+
+            def attend(q, k, v, i=i, views=views):
+                out = []
+                for (pk, pv), kv, idx, (a, b, c) in zip(views, canvas_kvs, index, spans):
+                    kr, vr = k[:, :, a:b], v[:, :, a:b]
+                    ck = mx.put_along_axis(kv.keys[i], mx.broadcast_to(idx, kr.shape), kr.astype(kv.keys[i].dtype), axis=2)
+                    cv = mx.put_along_axis(kv.values[i], mx.broadcast_to(idx, vr.shape), vr.astype(kv.values[i].dtype), axis=2)
+                    kv.keys[i], kv.values[i] = ck, cv
+                    own = (ck[:, :, :c], cv[:, :, :c], None)
+                    out.append(split_attention(q[:, :, a:b], [own] if pk is None else [(pk, pv, None), own]))
+                return join(out, 2)
 
             h = layer(h, positions, attend, layer.layer_scalar)
         h = self.model.decoder.norm(h)
-        return self.logits(h)
+        logits = self.logits(h)
+        return [logits[:, a:b] for a, b, _ in spans] if len(spans) > 1 else [logits]
 
     def denoise_batch(self, canvases: Sequence[mx.array], caches: Sequence[PromptCache],
                       self_conditioning: Sequence[mx.array | None],

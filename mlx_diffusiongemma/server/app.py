@@ -52,7 +52,7 @@ class ServerConfig:
     prompt_cache_bytes: int | None = None  # the prompt-cache store's own bound (the memory budget bounds it too)
     chat_template_args: dict[str, Any] = field(default_factory=dict)
     disconnect_poll_s: float = 0.25
-    default_mode: str = "exact"  # a request's "mode" when it sends none ("exact" or "fast")
+    default_mode: str = P.DEFAULT_MODE  # a request's "mode" when it sends none ("exact" or "fast")
     header_timeout_s: float = 10.0  # a request's head must arrive within this (serving.py)
     body_timeout_s: float = 30.0  # and its body within this after the head (408)
     render_threads: int = 2  # chat templates rendered at once (each under the renderer's time limit)

@@ -88,6 +88,7 @@ async def attach_plan(server: Server, body: dict, params: P.Params) -> None:
     if params.in_canvas:
         raise P.bad("in-canvas streaming is not available with a suffix or a JSON schema (the reply is "
                     "pinned text and holes)", param="stream_options")
+    exact_unless_asked(body, params)
     options = params.options.updated(max_tokens=None)
     param = "suffix" if suffix else "response_format"
     try:
@@ -103,6 +104,13 @@ async def attach_plan(server: Server, body: dict, params: P.Params) -> None:
         raise P.bad(f"{param}: {e}", param=param, code=code) from None
     params.plan = plan
     params.options = params.options.updated(max_tokens=plan.request.max_tokens)
+
+
+def exact_unless_asked(body: dict, params: P.Params) -> None:
+    """A canvas verb runs the exact path unless its request sends a "mode", as the Python API's
+    verbs do: their accuracy is measured there (docs/editing.md), not on fast mode's instruments."""
+    if body.get("mode") is None:
+        params.options = params.options.updated(mode="exact")
 
 
 def _built(build: Callable, *args, **kwargs):
@@ -220,6 +228,7 @@ def routes(server: Server) -> list[Route]:
         if params.stream:
             raise P.bad("'stream' is not supported on /v1/edits (the edit is one canvas verb)", param="stream")
         params.stop = []
+        exact_unless_asked(body, params)
         prompt = edit_prompt(instruction, text, include_text)
         try:
             params.prompt_ids = await run_in_threadpool(prompt_ids, server.tokenizer, prompt, params.options.thinking)

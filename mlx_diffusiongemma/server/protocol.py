@@ -16,6 +16,7 @@ from typing import Any
 
 from ..diffusion.options import (
     GENERATION_KNOBS,
+    DEFAULT_MODE,
     MODES,
     FastOptions,
     GenerationOptions,
@@ -178,9 +179,9 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 
 
 def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int,
-                 default_mode: str = "exact", served_model: str = "default_model") -> Params:
+                 default_mode: str = DEFAULT_MODE, served_model: str = "default_model") -> Params:
     """The fields shared by chat and completions (everything but the prompt); a request without a
-    "mode" runs in `default_mode` (`dgemma serve --fast`). `model` may be left out: one model is
+    "mode" runs in `default_mode` (fast mode; `dgemma serve --exact` makes it the exact path). `model` may be left out: one model is
     served (`served_model`), as mlx_lm.server's documented requests assume."""
     model = body.get("model")
     if model is None:

@@ -8,9 +8,9 @@ Scheduling: up to `max_active` jobs are admitted in arrival order, each only whi
 fits beside the running ones' (memory_budget.py; the prompt-cache store yields first). The rest
 wait in order; more than `max_queue` waiting: `QueueFull`, HTTP 503. Each round advances every admitted job to its next
 decoder pass (the engine runs with `external_decoder=True` and yields the pass it needs there);
-the round's passes run through `block.run_calls`, which puts the passes the engine marks
-batchable (the exact path's) into ONE batched decoder pass and runs the others (fast mode's,
-over each request's own live rows) one by one; each job gets its logits back. The sampler, stop
+the round's passes run through `block.run_calls`, which runs the exact path's whole-canvas
+passes as ONE batched decoder pass and fast mode's passes (over each request's own live rows)
+as another; each job gets its logits back. The sampler, stop
 test, commit and encoder passes stay per request, in the engine's own code, so a request gives
 the same tokens alone or in a batch. A job whose block stops simply leaves the round (no row is
 computed for it), a job still prefilling takes one prompt chunk per round and joins when it is
@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from ..diffusion.block import DecoderCall, run_calls
+from ..diffusion.block import DecoderCall, batches, run_calls
 from ..diffusion.engine import Request, run
 from ..diffusion.events import BlockEvent, GenerationResult, StepEvent
 from ..prompts.labels import TokenLabels
@@ -184,8 +184,8 @@ class Worker:
             job.reserved = 0
 
     def _round(self, running: list["_Running"]) -> None:
-        """Advance every job to its next decoder pass, then run the round's passes (the batchable
-        ones as one batch)."""
+        """Advance every job to its next decoder pass, then run the round's passes (at most two
+        batched passes: the exact path's and fast mode's)."""
         calls: list[tuple[_Running, DecoderCall]] = []
         for entry in running:
             call = self._advance(entry)
@@ -193,9 +193,8 @@ class Worker:
                 calls.append((entry, call))
         if not calls:
             return
-        batched = sum(c.batchable for _, c in calls)
-        for size in ([batched] if batched else []) + [1] * (len(calls) - batched):
-            self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+        for batch in batches([c for _, c in calls]):
+            self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
         try:
             logits = run_calls(self.model, [c for _, c in calls])
         except Exception as e:
