@@ -66,12 +66,13 @@ def stream_generate(
     Options (see `GenerationOptions`): `max_tokens` (default: the checkpoint's `max_new_tokens`,
     256 when it has none), `seed`, `thinking`, the sampler's knobs (`max_denoising_steps`,
     `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`: they
-    override the checkpoint's generation_config.json for this call), `mode="fast"` (fewer decoder
-    rows per committed token, see docs/fast-mode.md; `fast` takes a `FastOptions` to switch its
-    techniques one by one) or `mode="exact"` (the reference sampler, the default),
-    `stop_check_interval` (k > 1 reads the stop decision every k steps: same tokens, fewer host
-    synchronisations, up to k - 1 wasted passes per block), `self_conditioning_top_k` (the
-    cheaper approximate self-conditioning), `prefill_chunk`. An unknown option is a TypeError.
+    override the checkpoint's generation_config.json for this call), `mode="fast"` (the default:
+    fewer decoder rows per committed token, see docs/fast-mode.md; `fast` takes a `FastOptions`
+    to switch its techniques one by one) or `mode="exact"` (the reference sampler, token for
+    token), `prefill_chunk`; with `mode="exact"` also `stop_check_interval` (k > 1 reads the
+    stop decision every k steps: same tokens, fewer host synchronisations, up to k - 1 wasted
+    passes per block) and `self_conditioning_top_k` (the cheaper approximate self-conditioning),
+    which fast mode refuses. An unknown option is a TypeError.
     `images` (file paths, bytes, PIL images or uint8 arrays) go at the start of the user
     message; messages may also carry `{"type": "image", "image": ...}` content parts. Bad images
     raise `ImageError` before any model work. Close the generator to cancel."""

@@ -88,6 +88,11 @@ def test_options_from_keywords():
     assert opts.updated(seed=5).sampler.max_denoising_steps == 4
     assert GenerationOptions(fast=custom).updated(mode="fast").fast == custom
     assert opts.updated(mode="exact").fast is None
+    # The exact path's own knobs are refused in fast mode rather than ignored.
+    for knob in ({"stop_check_interval": 4}, {"self_conditioning_top_k": 16}):
+        with pytest.raises(ValueError, match="add mode='exact'"):
+            GenerationOptions.from_kwargs(**knob)
+        assert GenerationOptions.from_kwargs(mode="exact", **knob).mode == "exact"
     with pytest.raises(TypeError, match="temperature"):
         GenerationOptions.from_kwargs(temperature=0.5)
     with pytest.raises(KnobError, match="mode must be 'exact' or 'fast'"):

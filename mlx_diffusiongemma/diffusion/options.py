@@ -263,6 +263,11 @@ class GenerationOptions:
             raise TypeError(f"sampler must be a SamplerOptions, got {type(self.sampler).__name__}")
         if self.fast is not None and not isinstance(self.fast, FastOptions):
             raise TypeError(f"fast must be a FastOptions (or None for the exact path), got {self.fast!r}")
+        if self.fast is not None and (self.stop_check_interval != 1 or self.self_conditioning_top_k is not None):
+            # Fast mode reads its live rows every step and sets its own self-conditioning
+            # (FastOptions.top_k): refused rather than silently ignored.
+            raise ValueError("stop_check_interval and self_conditioning_top_k apply to the exact path: "
+                             "add mode='exact' (fast mode is the default)")
 
     @property
     def mode(self) -> str:
