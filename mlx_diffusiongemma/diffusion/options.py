@@ -168,8 +168,8 @@ class FastOptions:
                                       above=0)
     stop_mean_over_canvas: bool = knob(True, bool, "The stop test's mean counts frozen positions as certain.")
     # The turbo engine's techniques (mlx-vlm's diffusion_turbo): measured on the many-step
-    # instrument (docs/fast-mode.md), none paid at equal validity there but the refreshed forward
-    # set, which is on with the bound window below.
+    # instrument (docs/fast-mode.md), none paid alone at equal validity there; the refreshed
+    # forward set is on with the bound window below (they were measured together).
     monotone: bool = knob(False, bool, "Monotone commit: a position the entropy bound accepts is frozen at once "
                           "at its sampled token.")
     refresh_frozen: bool = knob(True, bool, "Positions frozen at a token their K/V were not computed from run "

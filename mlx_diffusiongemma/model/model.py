@@ -413,9 +413,8 @@ class Model(nn.Module):
             index.append(r[None, None, :, None])
             spans.append((start, start + r.shape[0], ids.shape[1]))
             start += r.shape[0]
-        join = (lambda xs, axis: xs[0]) if len(embeds) == 1 else (lambda xs, axis: mx.concatenate(xs, axis=axis))
-        h = self.model.decoder.self_conditioning(join(embeds, 1), join(soft_rows, 1))
-        positions = join(positions, 0)
+        h = self.model.decoder.self_conditioning(_joined(embeds, 1), _joined(soft_rows, 1))
+        positions = _joined(positions, 0)
         for i, layer in enumerate(self.layers):
             views = [cache.layers[i].view() for cache in caches]
 
@@ -428,7 +427,7 @@ class Model(nn.Module):
                     kv.keys[i], kv.values[i] = ck, cv
                     own = (ck[:, :, :c], cv[:, :, :c], None)
                     out.append(split_attention(q[:, :, a:b], [own] if pk is None else [(pk, pv, None), own]))
-                return join(out, 2)
+                return _joined(out, 2)
 
             h = layer(h, positions, attend, layer.layer_scalar)
         h = self.model.decoder.norm(h)
@@ -511,6 +510,11 @@ class Model(nn.Module):
             if new is not None:
                 out[new] = value
         return out
+
+
+def _joined(parts: list[mx.array], axis: int) -> mx.array:
+    """The parts concatenated along `axis`; one part as it is (one request's pass: no copy)."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
 
 def _as_ids(token_ids: Any) -> mx.array:

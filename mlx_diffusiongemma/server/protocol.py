@@ -181,8 +181,9 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 def parse_common(body: dict, kind: str, *, default_max_tokens: int, max_tokens_limit: int,
                  default_mode: str = DEFAULT_MODE, served_model: str = "default_model") -> Params:
     """The fields shared by chat and completions (everything but the prompt); a request without a
-    "mode" runs in `default_mode` (fast mode; `dgemma serve --exact` makes it the exact path). `model` may be left out: one model is
-    served (`served_model`), as mlx_lm.server's documented requests assume."""
+    "mode" runs in `default_mode` (fast mode; `dgemma serve --exact` makes it the exact path).
+    `model` may be left out: one model is served (`served_model`), as mlx_lm.server's documented
+    requests assume."""
     model = body.get("model")
     if model is None:
         model = served_model
