@@ -29,17 +29,20 @@ The fast denoiser runs the same block loop (`block.py`), the same entropy-bound 
 - `commit_gap`: Prophet-style early commit: when every live row's top-2 gap of processed
   logits is at least this, the canvas is committed now; with `freeze`, a single row whose
   gap reaches it (and whose input already holds its argmax) is frozen without waiting for
-  the argmax to repeat. Default 1.5, chosen on a tuning draw of held-out prompts (not the
-  evaluation set): the smallest gap tried (1, 1.5, 2, 3) whose per-family counts stay within
-  one prompt of the larger gaps' (gap 1 lost 3 sudoku prompts of 40; docs/performance.md).
-  None: off.
+  the argmax to repeat. Default 3 (with the bound window and thaw below): 1.5 was chosen on the
+  demo, where canvases settle in a few steps (the smallest gap tried, 1, 1.5, 2, 3, whose
+  per-family counts stayed within one prompt of the larger gaps'; `FastOptions.few_steps()`), and
+  lost 2 and 4 `pick_long` answers of 50 on two draws of the many-step instrument against the
+  window without early commit, where 3 lost none (docs/fast-mode.md). None: off.
 - `stop_mean_over_canvas`: the stop test's mean entropy divides by every position the request did
   not pin, frozen ones counting as certain (entropy 0), as a settled row adds ~0 to the
   reference's whole-canvas mean. Off: it divides by the rows computed at the step, so once a tail
   is frozen the few answer rows alone must get below the threshold.
 
-The turbo engine's techniques (mlx-vlm's opt-in canvas denoiser), off by default; measured on the
-many-step instrument (scripts/bench_manystep.py, docs/fast-mode.md):
+The turbo engine's techniques (mlx-vlm's opt-in canvas denoiser), measured on the many-step
+instrument (scripts/bench_manystep.py, docs/fast-mode.md), and what holds that regime; on by
+default: `refresh_frozen`, `bound_window` (4) and `thaw` (setting C, measured together), the
+others off:
 
 - `monotone`: monotone commit: a position the entropy-bound rule accepts is frozen at once at its
   sampled token (the settle rule waits for the argmax to repeat on an input that holds it).
