@@ -12,10 +12,9 @@ the round's passes run through `block.run_calls`, which runs the exact path's wh
 passes as ONE batched decoder pass and fast mode's passes (over each request's own live rows)
 as another; each job gets its logits back. The sampler, stop test, commit and encoder passes
 stay per request, in the engine's own code, so a request gives the same tokens alone or in a
-batch. A job whose block stops simply leaves the round (no row is
-computed for it), a job still prefilling takes one prompt chunk per round and joins when it is
-ready. A job whose client went away is closed at its next turn (its generator is closed, which
-stops the engine mid-block).
+batch. A job whose block stops simply leaves the round (no row is computed for it), a job still
+prefilling takes one prompt chunk per round and joins when it is ready. A job whose client went
+away is closed at its next turn (its generator is closed, which stops the engine mid-block).
 """
 
 from __future__ import annotations
